@@ -1,0 +1,111 @@
+"""``fedbip similarity`` and ``fedbip merge``: the engine on adapter folders, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import (
+    JsonOption,
+    err_console,
+    handle_errors,
+    matrix_table,
+    out_console,
+    print_json,
+)
+from fedbip_hub.similarity import GRANULARITIES, MODEL_KEY, Granularity
+from fedbip_hub.strategies import METHODS, Strategy
+
+AdapterDirs = Annotated[list[Path], typer.Argument(
+    help="Adapter folders (adapter_config.json + adapter_model.safetensors).",
+    exists=False)]
+
+
+@handle_errors
+def similarity(
+    dirs: AdapterDirs,
+    granularity: Annotated[str, typer.Option(
+        help=f"Granularity of the printed table: {'|'.join(GRANULARITIES)}.")] = "model",
+    space: Annotated[str, typer.Option(
+        help="delta: exact ΔW cosines; params: paper-literal (A, B) cosines.")] = "delta",
+    plot: Annotated[Path | None, typer.Option(help="Write a heatmap PNG here.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Task-vector cosine similarity between adapters, per model, layer or module."""
+    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.offline import folder_similarity
+
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"unknown granularity {granularity!r}.",
+                          hint=f"Use one of {', '.join(GRANULARITIES)}.")
+    if space not in ("delta", "params"):
+        raise ConfigError(f"unknown space {space!r}.", hint="Use delta or params.")
+    report = folder_similarity([str(d) for d in dirs], space=space)  # type: ignore[arg-type]
+    chosen: Granularity = granularity  # type: ignore[assignment]
+    if plot is not None:
+        from fedbip_hub.plotting import save_heatmap
+
+        panels = {"model": report.model_cosine()}
+        if chosen != "model":
+            panels.update(report.cosines(chosen))
+        save_heatmap(panels, report.clients, plot)
+    if json_output:
+        payload = report.to_json(modules=chosen == "module")
+        payload["granularity"] = chosen
+        if plot is not None:
+            payload["plot"] = str(plot)
+        print_json(payload)
+        return
+    for key, matrix in report.cosines(chosen).items():
+        title = "model-level cosine" if key == MODEL_KEY else key
+        out_console.print(matrix_table(title, report.clients, matrix.tolist()))
+    if plot is not None:
+        err_console.print(f"Heatmap written to {plot}")
+
+
+@handle_errors
+def merge(
+    dirs: AdapterDirs,
+    target: Annotated[int, typer.Option("--for", help="Index (input order) of the client "
+                                        "to personalize.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the personalized adapter to.")],
+    strategy: Annotated[str, typer.Option(
+        help=f"Merge method: {', '.join(METHODS)}.")] = "fedbip-l",
+    rank: Annotated[int | None, typer.Option(
+        help="Output rank (default: the target's r).")] = None,
+    refactor: Annotated[str, typer.Option(
+        help="svd: best rank-R approximation; cat: exact, the rank grows.")] = "svd",
+    rule: Annotated[str, typer.Option(help="normalize | softmax | zscore.")] = "normalize",
+    keep_negative: Annotated[bool, typer.Option(
+        "--keep-negative", help="Subtract conflicting peers (paper-literal).")] = False,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature.")] = 0.1,
+    top_k: Annotated[int | None, typer.Option(help="Only the k most similar peers.")] = None,
+    self_floor: Annotated[float | None, typer.Option(help="Minimum self weight.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Merge first-round adapters into one client's personalized adapter (PEFT-loadable)."""
+    from fedbip_hub.offline import merge_folders
+
+    chosen = Strategy.parse(strategy, rank=rank, refactor=refactor, rule=rule,
+                            clip_negative=not keep_negative, temperature=temperature,
+                            top_k=top_k, self_floor=self_floor)
+    result = merge_folders([str(d) for d in dirs], target, chosen, out)
+    rows = {key: [round(float(x), 6) for x in matrix[target]]
+            for key, matrix in result.weights.matrices.items()}
+    if json_output:
+        print_json({"ok": True, "output": str(result.output), "target": result.target,
+                    "clients": result.clients, "strategy": chosen.model_dump(),
+                    "weights": rows,
+                    "max_discarded_energy": result.merged.max_discarded_energy})
+        return
+    out_console.print(matrix_table(f"{chosen.method} weights of {result.target}",
+                                   result.clients, list(rows.values()), row_labels=list(rows)))
+    out_console.print(f"Personalized adapter for {result.target} written to {result.output} "
+                      f"(max discarded energy {result.merged.max_discarded_energy:.2e}).")
+
+
+def register_engine_commands(app: typer.Typer) -> None:
+    app.command()(similarity)
+    app.command()(merge)

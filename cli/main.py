@@ -1,0 +1,24 @@
+"""The ``fedbip`` command: thin typer wrappers over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from cli.engine import register_engine_commands
+
+app = typer.Typer(
+    name="fedbip",
+    help="Personalized federated LoRA fine-tuning through the Hugging Face Hub (FedBip).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+register_engine_commands(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

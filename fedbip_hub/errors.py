@@ -1,0 +1,68 @@
+"""Errors that tell the user what went wrong, for whom, and what to do next."""
+
+from __future__ import annotations
+
+
+class FedbipError(Exception):
+    """Base class of every error fedbip-hub raises on purpose.
+
+    Args:
+        message: what went wrong.
+        hint: what the user should do next.
+        client: the federation member concerned, when there is one.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None, client: str | None = None):
+        self.message = message
+        self.hint = hint
+        self.client = client
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        prefix = f"[{self.client}] " if self.client else ""
+        text = f"{prefix}{self.message}"
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "client": self.client,
+        }
+
+
+class AdapterError(FedbipError):
+    """An adapter folder or file is missing, malformed, unsupported or unsafe."""
+
+
+class IncompatibleAdaptersError(FedbipError):
+    """Adapters that cannot be combined: different modules, shapes or ranks."""
+
+
+class ConfigError(FedbipError):
+    """A federation, strategy or command option is invalid."""
+
+    exit_code = 2
+
+
+class StoreError(FedbipError):
+    """A storage backend (Hub or local folder) failed."""
+
+
+class NotFoundError(StoreError):
+    """A repo, revision or file does not exist."""
+
+
+class AuthError(StoreError):
+    """The token is missing, revoked or lacks the rights for this repo."""
+
+
+class ConflictError(StoreError):
+    """A write lost an optimistic-concurrency race (the branch moved)."""
+
+
+class RoundInProgressError(FedbipError):
+    """Another server job holds the round lease."""

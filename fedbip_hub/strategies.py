@@ -1,0 +1,169 @@
+"""Merge methods (FedBip, FedBip-L, FedAvg, FedIT, …) and the strategy config.
+
+A method declares how it weighs peers, at which granularity, and in which space it
+merges; the engine does the rest, so every baseline runs through the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedbip_hub.errors import ConfigError
+from fedbip_hub.layers import layer_of
+from fedbip_hub.similarity import MODEL_KEY, Granularity, SimilarityReport
+from fedbip_hub.task_vectors import Space
+from fedbip_hub.weighting import (
+    RuleName,
+    WeightOptions,
+    group_weights,
+    local_weights,
+    similarity_weights,
+    size_weights,
+    uniform_weights,
+)
+
+Weighting = Literal["similarity", "size", "uniform", "local", "oracle"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    description: str
+    weighting: Weighting
+    granularity: Granularity | None = None
+    merge_space: Space = "delta"
+
+
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("fedbip", "FedBip: one weight matrix from model-level task-vector cosines",
+                "similarity", "model"),
+    MergeMethod("fedbip-l", "FedBip-L: a weight matrix per transformer block",
+                "similarity", "layer"),
+    MergeMethod("fedbip-m", "FedBip per module (each LoRA-adapted linear layer)",
+                "similarity", "module"),
+    MergeMethod("fedavg", "FedAvg in ΔW space: data-size weights, exact", "size"),
+    MergeMethod("fedit", "FedIT: data-size weights, A and B averaged separately", "size",
+                merge_space="params"),
+    MergeMethod("uniform", "uniform weights 1/K over all clients", "uniform"),
+    MergeMethod("local", "local only: each client keeps its own update", "local"),
+    MergeMethod("oracle", "uniform within the true task group (benchmarks only)", "oracle"),
+)}
+
+
+class Strategy(BaseModel):
+    """Everything that decides how a round personalizes. Round-trips through JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "fedbip-l"
+    rule: RuleName = "normalize"
+    clip_negative: bool = True
+    temperature: float = Field(0.1, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    self_floor: float | None = Field(None, ge=0, le=1)
+    self_share: float = Field(0.5, ge=0, le=1)
+    granularity: Granularity | None = Field(
+        None, description="Override the method's similarity granularity.")
+    similarity_space: Space = "delta"
+    include_dense_in_similarity: bool = True
+    rank: int | None = Field(None, gt=0, description="Output rank; default: the federation's r.")
+    refactor: Literal["svd", "cat"] = "svd"
+    staleness_beta: float = Field(0.5, ge=0)
+    personal_heads: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
+        return value
+
+    @property
+    def spec(self) -> MergeMethod:
+        return METHODS[self.method]
+
+    @property
+    def effective_granularity(self) -> Granularity | None:
+        if self.spec.weighting != "similarity":
+            return None
+        return self.granularity or self.spec.granularity
+
+    @property
+    def weight_options(self) -> WeightOptions:
+        return WeightOptions(rule=self.rule, clip_negative=self.clip_negative,
+                             temperature=self.temperature, top_k=self.top_k,
+                             self_floor=self.self_floor, self_share=self.self_share)
+
+    @classmethod
+    def parse(cls, method: str, **options: object) -> Strategy:
+        """Build from CLI-style input, turning validation failures into ConfigError."""
+        try:
+            return cls(method=method, **options)
+        except ValueError as exc:
+            raise ConfigError(f"invalid strategy: {exc}",
+                              hint=f"Methods: {', '.join(sorted(METHODS))}.") from exc
+
+
+@dataclass
+class WeightTable:
+    """Personalized weights: one K×K matrix per similarity key (model, layer or module)."""
+
+    granularity: Granularity | None
+    matrices: dict[str, torch.Tensor]
+
+    def for_module(self, module: str) -> torch.Tensor:
+        if self.granularity in (None, "model"):
+            return self.matrices[MODEL_KEY]
+        if self.granularity == "layer":
+            return self.matrices[layer_of(module)]
+        return self.matrices[module]
+
+    def to_json(self) -> dict[str, list[list[float]]]:
+        return {k: [[round(float(x), 6) for x in row] for row in v]
+                for k, v in self.matrices.items()}
+
+
+def compute_weights(
+    strategy: Strategy,
+    *,
+    k: int,
+    report: SimilarityReport | None = None,
+    n_examples: Sequence[float] | None = None,
+    allowed: torch.Tensor | None = None,
+    groups: Sequence[str] | None = None,
+) -> WeightTable:
+    """Weights for every client under a strategy.
+
+    Args:
+        k: the number of clients.
+        report: similarity (needed by similarity-weighted methods).
+        n_examples: per-client data sizes (FedAvg, FedIT); missing means equal.
+        allowed: K×K bool, which peers each row may draw from.
+        groups: true task groups (the oracle only).
+    """
+    weighting = strategy.spec.weighting
+    if weighting == "similarity":
+        if report is None:
+            raise ConfigError(f"{strategy.method} needs task-vector similarities.")
+        granularity = strategy.effective_granularity or "model"
+        cosines = report.cosines(granularity)
+        return WeightTable(granularity, {
+            key: similarity_weights(cos, strategy.weight_options, allowed)
+            for key, cos in cosines.items()})
+    if weighting == "size":
+        matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed)
+    elif weighting == "uniform":
+        matrix = uniform_weights(k, allowed)
+    elif weighting == "local":
+        matrix = local_weights(k)
+    else:
+        if groups is None:
+            raise ConfigError("the oracle method needs the true task groups.",
+                              hint="The oracle exists for benchmarks, where groups are known.")
+        matrix = group_weights(groups, allowed)
+    return WeightTable(None, {MODEL_KEY: matrix})

@@ -1,0 +1,1 @@
+"""Test helpers: a local, Hugging Face Hub-compatible server (see `hub_server`)."""

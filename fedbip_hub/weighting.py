@@ -1,0 +1,182 @@
+"""Turn cosines into personalized aggregation weights.
+
+Each rule maps one client's row of cosines to weights over the peers it may draw from
+(the self term always included). Rules are registered by name; merge methods (FedBip,
+FedAvg, …) are declared in ``fedbip_hub.strategies``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+RuleName = Literal["normalize", "softmax", "zscore"]
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """How cosines become weights.
+
+    Attributes:
+        rule: "normalize" is the paper's p_ik = c_ik/Σ_j c_ij; "softmax" uses exp(c/T);
+            "zscore" gives self a fixed share and splits the rest by row-standardised
+            cosines (clipped at 0).
+        clip_negative: conflicting peers (c < 0) weigh nothing instead of being subtracted.
+        temperature: T of the softmax rule.
+        top_k: keep only the k most similar peers (self always kept).
+        self_floor: the self weight is raised to at least this.
+        self_share: the self weight of the zscore rule.
+    """
+
+    rule: RuleName = "normalize"
+    clip_negative: bool = True
+    temperature: float = 0.1
+    top_k: int | None = None
+    self_floor: float | None = None
+    self_share: float = 0.5
+
+
+RowRule = Callable[[torch.Tensor, int, torch.Tensor, WeightOptions], torch.Tensor]
+_RULES: dict[str, RowRule] = {}
+
+
+def register_rule(name: str) -> Callable[[RowRule], RowRule]:
+    def decorate(fn: RowRule) -> RowRule:
+        _RULES[name] = fn
+        return fn
+    return decorate
+
+
+def rule_names() -> list[str]:
+    return sorted(_RULES)
+
+
+def _self_only(row: torch.Tensor, i: int) -> torch.Tensor:
+    out = torch.zeros_like(row)
+    out[i] = 1.0
+    return out
+
+
+@register_rule("normalize")
+def _normalize(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
+               ) -> torch.Tensor:
+    scores = row.clamp_min(0) if opts.clip_negative else row.clone()
+    scores = torch.where(mask, scores, torch.zeros_like(scores))
+    total = scores.sum()
+    return scores / total if total > 1e-12 else _self_only(row, i)
+
+
+@register_rule("softmax")
+def _softmax(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
+             ) -> torch.Tensor:
+    keep = mask & (row >= 0) if opts.clip_negative else mask.clone()
+    keep[i] = True
+    logits = torch.where(keep, row / opts.temperature, torch.full_like(row, float("-inf")))
+    return torch.softmax(logits, dim=0)
+
+
+@register_rule("zscore")
+def _zscore(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
+            ) -> torch.Tensor:
+    peers = mask.clone()
+    peers[i] = False
+    out = _self_only(row, i)
+    if peers.sum() == 0:
+        return out
+    values = row[peers]
+    spread = values.std(unbiased=False) if values.numel() > 1 else values.new_tensor(0.0)
+    z = (values - values.mean()) / spread if spread > 1e-12 else values.clone()
+    if opts.clip_negative:
+        z = torch.where(values > 0, z, torch.zeros_like(z))
+    z = z.clamp_min(0)
+    if z.sum() <= 1e-12:
+        return out
+    out[peers] = (1.0 - opts.self_share) * z / z.sum()
+    out[i] = opts.self_share
+    return out
+
+
+def _top_k_mask(row: torch.Tensor, i: int, mask: torch.Tensor, k: int) -> torch.Tensor:
+    peer_scores = torch.where(mask, row, torch.full_like(row, float("-inf")))
+    peer_scores[i] = float("-inf")
+    n_peers = int(mask.sum()) - int(mask[i])
+    keep = torch.zeros_like(mask)
+    if k > 0 and n_peers > 0:
+        keep[torch.topk(peer_scores, min(k, n_peers)).indices] = True
+    keep[i] = True
+    return keep
+
+
+def _apply_self_floor(weights: torch.Tensor, i: int, floor: float) -> torch.Tensor:
+    if weights[i] >= floor:
+        return weights
+    peers = weights.clone()
+    peers[i] = 0
+    rest = peers.sum()
+    out = peers * ((1.0 - floor) / rest) if rest > 0 else peers
+    out[i] = floor if rest > 0 else 1.0
+    return out
+
+
+def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
+                       allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-stochastic K×K weights from a K×K cosine matrix.
+
+    Args:
+        cos: cosines; the diagonal is taken as 1 whatever it holds.
+        opts: the rule and its options.
+        allowed: K×K bool, which peers row i may draw from (the diagonal is forced on).
+    """
+    k = cos.shape[0]
+    cos = cos.to(torch.float64).clone()
+    cos.fill_diagonal_(1.0)
+    allowed = _with_diagonal(allowed, k)
+    rule = _RULES[opts.rule]
+    rows = []
+    for i in range(k):
+        mask = allowed[i]
+        if opts.top_k is not None:
+            mask = _top_k_mask(cos[i], i, mask, opts.top_k)
+        weights = rule(cos[i], i, mask, opts)
+        if opts.self_floor is not None:
+            weights = _apply_self_floor(weights, i, opts.self_floor)
+        rows.append(weights)
+    return torch.stack(rows)
+
+
+def _with_diagonal(allowed: torch.Tensor | None, k: int) -> torch.Tensor:
+    mask = torch.ones(k, k, dtype=torch.bool) if allowed is None else allowed.clone().bool()
+    mask.fill_diagonal_(True)
+    return mask
+
+
+def size_weights(n_examples: Sequence[float], allowed: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """FedAvg weights p_ik = n_k / Σ_j n_j over the allowed peers (the same for every row)."""
+    n = torch.tensor([float(x) for x in n_examples], dtype=torch.float64).clamp_min(0)
+    mask = _with_diagonal(allowed, n.numel())
+    scores = torch.where(mask, n.expand(n.numel(), -1), torch.zeros(1, dtype=torch.float64))
+    totals = scores.sum(dim=1, keepdim=True)
+    uniform = mask.to(torch.float64) / mask.sum(dim=1, keepdim=True)
+    return torch.where(totals > 0, scores / totals.clamp_min(1e-300), uniform)
+
+
+def uniform_weights(k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """p_ik = 1/|allowed_i| (the paper's uniform ablation)."""
+    mask = _with_diagonal(allowed, k).to(torch.float64)
+    return mask / mask.sum(dim=1, keepdim=True)
+
+
+def local_weights(k: int) -> torch.Tensor:
+    """p_ii = 1: every client keeps only its own update."""
+    return torch.eye(k, dtype=torch.float64)
+
+
+def group_weights(groups: Sequence[str], allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle: uniform within each client's true task group (benchmarks only)."""
+    k = len(groups)
+    same = torch.tensor([[a == b for b in groups] for a in groups], dtype=torch.bool)
+    return uniform_weights(k, _with_diagonal(allowed, k) & same)
