@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.engine import register_engine_commands
+from cli.federation import register_federation_commands
 
 app = typer.Typer(
     name="fedbip",
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 register_engine_commands(app)
+register_federation_commands(app)
 
 
 def main() -> None:

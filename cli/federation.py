@@ -1,0 +1,168 @@
+"""``fedbip init|join|push|pull|status``: the member's side of a federation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import JsonOption, handle_errors, matrix_table, out_console, print_json
+
+FedArg = Annotated[str, typer.Argument(
+    help="Federation: org/name on the Hub, or a local folder path.")]
+ClientOption = Annotated[str, typer.Option(
+    "--client", envvar="FEDBIP_CLIENT", help="Your member name (env FEDBIP_CLIENT).")]
+TokenOption = Annotated[str | None, typer.Option(
+    "--token", envvar="HF_TOKEN", show_envvar=True, show_default=False,
+    help="Hub token (default: HF_TOKEN or `hf auth login`).")]
+
+
+def _fed(address: str, token: str | None):
+    from fedbip_hub.federation import Federation
+
+    return Federation.at(address, token=token)
+
+
+@handle_errors
+def init(
+    fed: FedArg,
+    base_model: Annotated[str, typer.Option(help="Base model id or local path.")],
+    base_revision: Annotated[str | None, typer.Option(help="Pin the base model revision.")
+                             ] = None,
+    task: Annotated[str, typer.Option(help="seq-cls or causal-lm.")] = "seq-cls",
+    num_labels: Annotated[int, typer.Option(help="Labels (seq-cls).")] = 2,
+    r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")
+                              ] = "q_proj,v_proj",
+    rslora: Annotated[bool, typer.Option(help="Use rsLoRA scaling.")] = False,
+    strategy: Annotated[str, typer.Option(help="Merge method (fedbip-l, fedbip, ...).")
+                        ] = "fedbip-l",
+    strategy_options: Annotated[str | None, typer.Option(
+        help='Strategy options as JSON, e.g. \'{"rule": "zscore", "self_share": 0.5}\'.')
+                                ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial adapter.")] = 0,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a federation: config, initial adapter and dashboard in one private repo."""
+    from fedbip_hub.client import init_federation
+    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.strategies import Strategy
+
+    task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+    if task not in task_types:
+        raise ConfigError(f"unknown task {task!r}.", hint="Use seq-cls or causal-lm.")
+    try:
+        options = json.loads(strategy_options) if strategy_options else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--strategy-options is not JSON ({exc}).",
+                          hint='Pass e.g. \'{"rule": "zscore"}\'.') from exc
+    chosen = Strategy.parse(strategy, **options)
+    config = FederationConfig(
+        name=fed.rstrip("/").split("/")[-1],
+        base_model=base_model, base_revision=base_revision, task_type=task_types[task],
+        num_labels=num_labels if task == "seq-cls" else None,
+        lora=LoraSpec(r=r, alpha=alpha, use_rslora=rslora,
+                      target_modules=[t.strip() for t in target_modules.split(",") if t]),
+        strategy=chosen.model_dump(mode="json", exclude_defaults=True) | {
+            "method": chosen.method},
+        seed=seed)
+    federation = init_federation(fed, config, token=token)
+    if json_output:
+        print_json({"ok": True, "federation": fed, "store": federation.store.describe(),
+                    "config": config.model_dump(mode="json")})
+        return
+    out_console.print(f"Created federation [bold]{config.name}[/] on "
+                      f"{federation.store.describe()} ({chosen.method}).")
+    out_console.print(f"Next: members run `fedbip join {fed} --client NAME`.")
+
+
+@handle_errors
+def join(fed: FedArg, client: ClientOption,
+         repo: Annotated[str | None, typer.Option(help="Your repo (default: derived).")] = None,
+         token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Join a federation: create your private repo and record your membership."""
+    from fedbip_hub.client import join as join_federation
+
+    member = join_federation(_fed(fed, token), client, repo_id=repo)
+    if json_output:
+        print_json({"ok": True, **member.model_dump(mode="json")})
+        return
+    out_console.print(f"{client} is a member of {fed}; your repo is {member.repo_id}.")
+
+
+@handle_errors
+def push(fed: FedArg, client: ClientOption,
+         adapter: Annotated[Path, typer.Option(help="Adapter folder to upload.")],
+         n_examples: Annotated[int | None, typer.Option(help="Training examples used.")] = None,
+         start_revision: Annotated[str | None, typer.Option(
+             help="Personalized revision you trained from (default: recorded by pull).")
+                                   ] = None,
+         token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Validate your adapter against the federation, then upload it in one commit."""
+    from fedbip_hub.client import push as push_upload
+
+    result = push_upload(_fed(fed, token), client, adapter, n_examples=n_examples,
+                         start_revision=start_revision)
+    if json_output:
+        print_json({"ok": True, "client": client, "repo_id": result.repo_id,
+                    "commit": result.commit,
+                    "metadata": result.metadata.model_dump(mode="json")})
+        return
+    out_console.print(f"Pushed {adapter} to {result.repo_id} @ {result.commit[:12]} "
+                      f"(start {(result.metadata.start_revision or 'init')[:12]}).")
+
+
+@handle_errors
+def pull(fed: FedArg, client: ClientOption,
+         out: Annotated[Path, typer.Option(help="Where to write the adapter.")] = Path(
+             "personalized"),
+         token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Fetch your latest personalized adapter (PEFT-loadable) and note its revision."""
+    from fedbip_hub.client import pull as pull_adapter
+
+    result = pull_adapter(_fed(fed, token), client, out)
+    if json_output:
+        print_json({"ok": True, "client": client, "revision": result.revision,
+                    "folder": str(result.folder)})
+        return
+    out_console.print(f"Personalized adapter @ {result.revision[:12]} written to {out}.")
+
+
+@handle_errors
+def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Members, last uploads, staleness, the last round and a similarity summary."""
+    from rich.table import Table
+
+    from fedbip_hub.status import federation_status
+
+    report = federation_status(_fed(fed, token))
+    if json_output:
+        print_json(report)
+        return
+    config = report["config"]
+    out_console.print(f"[bold]{config['name']}[/] on {report['store']} — base "
+                      f"{config['base_model']}, round {report['round']}"
+                      f"{' (a round is in progress)' if report['round_in_progress'] else ''}")
+    table = Table("member", "repo", "last upload", "pending", "versions", "staleness")
+    for m in report["members"]:
+        upload = m.get("last_upload") or {}
+        table.add_row(m["name"], m["repo_id"], str(upload.get("uploaded_at", "–")),
+                      "refused" if m.get("refused") else ("yes" if m.get("pending") else "no"),
+                      str(m["personalized_versions"]), str(m.get("staleness", "–")))
+    out_console.print(table)
+    last = report["last_round"]
+    if last and last.get("model_cosine"):
+        out_console.print(matrix_table(f"round {last['round']}: model-level cosine",
+                                       last["clients"], last["model_cosine"]))
+
+
+def register_federation_commands(app: typer.Typer) -> None:
+    for command in (init, join, push, pull, status):
+        app.command()(command)
+
+

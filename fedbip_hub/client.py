@@ -1,0 +1,227 @@
+"""What one member does: create or join a federation, push an upload, pull its result."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedbip_hub import __version__
+from fedbip_hub.adapter_config import CONFIG_NAME
+from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError
+from fedbip_hub.federation import (
+    FEDERATION_FILE,
+    INIT_DIR,
+    MEMBERS_DIR,
+    PERSONALIZED_DIR,
+    STATE_FILE,
+    Federation,
+    FederationConfig,
+    FederationState,
+    Member,
+    dump_json,
+    utc_now,
+)
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.validation import validate_upload
+
+PUBLISH_TITLE = "fedbip: personalized adapter"
+UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME)
+START_FILE = "fedbip_start.json"
+_COMMIT_RETRIES = 8
+
+
+def commit_with_retry(fed: Federation, repo_id: str, build: callable, message: str) -> str:
+    """Commit files computed from the current head, re-reading it on a lost race.
+
+    ``build(head)`` returns the files to write given the head it saw.
+    """
+    for _ in range(_COMMIT_RETRIES):
+        head = fed.store.head(repo_id)
+        try:
+            return fed.store.commit(repo_id, build(head), message=message, parent=head)
+        except ConflictError:
+            continue
+    raise ConflictError(f"{repo_id} kept moving; gave up after {_COMMIT_RETRIES} tries.",
+                        hint="Retry in a moment.")
+
+
+def init_federation(address: str, config: FederationConfig, *, token: str | None = None
+                    ) -> Federation:
+    """Create the federation repo with its config and initial adapter, in one commit.
+
+    Raises:
+        ConfigError: a federation already exists at this address.
+    """
+    from fedbip_hub.modelcard import dashboard_card
+    from fedbip_hub.models import build_initial_adapter
+
+    fed = Federation.at(address, token=token)
+    if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
+            fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
+        raise ConfigError(f"a federation already exists at {address}.",
+                          hint="Pick another name, or inspect it with `fedbip status`.")
+    config.created_by = config.created_by or fed.store.whoami()
+    fed.store.create_repo(fed.repo_id, private=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR)
+        files: dict = {f"{INIT_DIR}/{p.name}": p.read_bytes() for p in init_dir.iterdir()
+                       if p.is_file() and p.name != "README.md"}
+    state = FederationState()
+    files[FEDERATION_FILE] = dump_json(config)
+    files[STATE_FILE] = dump_json(state)
+    files["README.md"] = dashboard_card(config, {}, state, None).encode()
+    fed.store.commit(fed.repo_id, files, message=f"fedbip: create federation {config.name}",
+                     parent=fed.store.head(fed.repo_id))
+    return fed
+
+
+def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
+    """Create the member's private repo and record the membership in the federation repo.
+
+    Joining is idempotent; joining under a name already taken by another repo is refused.
+    """
+    _check_name(client)
+    head = fed.head()
+    fed.config(head)
+    members = fed.members(head)
+    repo_id = repo_id or fed.default_client_repo(client)
+    if client in members:
+        if members[client].repo_id != repo_id:
+            raise ConfigError(f"{client} already joined with repo {members[client].repo_id}.",
+                              hint="Pick another client name.", client=client)
+        fed.store.create_repo(repo_id, private=True)
+        return members[client]
+    fed.store.create_repo(repo_id, private=True)
+    member = Member(name=client, repo_id=repo_id, joined_by=fed.store.whoami())
+    commit_with_retry(fed, fed.repo_id,
+                      lambda _head: {f"{MEMBERS_DIR}/{client}.json": dump_json(member)},
+                      f"fedbip: {client} joins ({repo_id})")
+    return member
+
+
+def _check_name(client: str) -> None:
+    if not client or not all(c.isalnum() or c in "-_." for c in client):
+        raise ConfigError(f"invalid client name {client!r}.",
+                          hint="Use letters, digits, '-', '_' and '.'.")
+
+
+@dataclass
+class PushResult:
+    client: str
+    repo_id: str
+    commit: str
+    metadata: UploadMetadata
+
+
+def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: int | None = None,
+         start_revision: str | None = None, task: str | None = None) -> PushResult:
+    """Validate an adapter against the federation, then upload it in one commit.
+
+    The start revision defaults to the one ``fedbip pull`` (or ``fedbip train``) recorded
+    in the adapter folder, so the server can compute the task vector from it.
+    """
+    adapter_dir = Path(adapter_dir)
+    head = fed.head()
+    config = fed.config(head)
+    member = fed.member(client, head)
+    init = LoraAdapter(fed.init_folder(head), label="federation init")
+    previous = UploadMetadata.read(adapter_dir, label=client) if (
+        adapter_dir / UPLOAD_METADATA_NAME).is_file() else None
+    recorded = read_start_revision(adapter_dir)
+    metadata = UploadMetadata(
+        start_revision=start_revision or recorded or (previous.start_revision if previous
+                                                      else None),
+        n_examples=n_examples if n_examples is not None else (
+            previous.n_examples if previous else 1),
+        base_model=config.base_model, base_revision=config.base_revision,
+        task=task or (previous.task if previous else None), fedbip_version=__version__,
+        uploaded_at=utc_now(), upload_nonce=uuid.uuid4().hex,
+    )
+    if metadata.start_revision is not None:
+        _check_start(fed, member, metadata.start_revision)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            source = adapter_dir / name
+            if source.is_file():
+                shutil.copyfile(source, staged / name)
+        for stray in adapter_dir.iterdir():  # let the gate see (and refuse) pickles
+            if stray.suffix.lower() in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+                shutil.copyfile(stray, staged / stray.name)
+        metadata.write(staged)
+        validate_upload(staged, config, init, label=client)
+        files = {name: (staged / name).read_bytes() for name in UPLOAD_FILES}
+    commit = commit_with_retry(
+        fed, member.repo_id, lambda _head: files,
+        f"fedbip push: {client} upload ({metadata.n_examples} examples, start "
+        f"{(metadata.start_revision or 'init')[:8]})")
+    return PushResult(client, member.repo_id, commit, metadata)
+
+
+def _check_start(fed: Federation, member: Member, revision: str) -> None:
+    path = f"{PERSONALIZED_DIR}/{WEIGHTS_NAME}"
+    try:
+        ok = fed.store.file_exists(member.repo_id, path, revision)
+    except NotFoundError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"start revision {revision[:12]} holds no personalized adapter in "
+            f"{member.repo_id}.", client=member.name,
+            hint="Pass the revision `fedbip pull` printed, or omit it for a first round.")
+
+
+def read_start_revision(adapter_dir: Path) -> str | None:
+    import json
+
+    path = Path(adapter_dir) / START_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("start_revision")
+
+
+def latest_personalized_revision(fed: Federation, repo_id: str) -> str | None:
+    """The commit that published the member's newest personalized adapter, if any."""
+    for commit in fed.store.history(repo_id):
+        if commit.title.startswith(PUBLISH_TITLE):
+            return commit.id
+    return None
+
+
+@dataclass
+class PullResult:
+    client: str
+    revision: str
+    folder: Path
+
+
+def pull(fed: Federation, client: str, dest: str | Path) -> PullResult:
+    """Copy the member's latest personalized adapter into ``dest``, noting its revision.
+
+    Raises:
+        NotFoundError: no round has personalized this member yet.
+    """
+    member = fed.member(client)
+    revision = latest_personalized_revision(fed, member.repo_id)
+    if revision is None:
+        raise NotFoundError(f"no personalized adapter for {client} yet.", client=client,
+                            hint="Push an upload, then wait for (or run) `fedbip-server run`.")
+    source = fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, dest / path.name)
+    (dest / START_FILE).write_text(
+        f'{{"start_revision": "{revision}", "repo_id": "{member.repo_id}"}}\n')
+    return PullResult(client, revision, dest)
+
+
+def upload_id(metadata_bytes: bytes) -> str:
+    """An upload's identity: the hash of its metadata (which carries a nonce per push)."""
+    return hashlib.sha256(metadata_bytes).hexdigest()

@@ -1,0 +1,207 @@
+"""What a federation is: its config, members and state, kept in the federation repo.
+
+Federation repo layout: ``federation.json`` (config), ``members/<name>.json`` (one file
+per member, so joins never collide and the history audits them), ``init/`` (the initial
+adapter every first round starts from), ``state.json``, ``rounds/NNNNNN.json``, and a
+``README.md`` dashboard. Client repos hold uploads at the root; the server writes only
+under ``personalized/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedbip_hub import __version__
+from fedbip_hub.errors import ConfigError, NotFoundError
+from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
+
+FEDERATION_FILE = "federation.json"
+STATE_FILE = "state.json"
+INIT_DIR = "init"
+MEMBERS_DIR = "members"
+ROUNDS_DIR = "rounds"
+PERSONALIZED_DIR = "personalized"
+MERGE_RECORD = "fedbip_merge.json"
+LOCAL_FEDERATION_REPO = "federation"
+
+TaskType = Literal["SEQ_CLS", "CAUSAL_LM"]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class LoraSpec(BaseModel):
+    """The LoRA every member trains with (clients may differ in rank, never in modules)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class Limits(BaseModel):
+    """What the server accepts from a client upload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_rank: int = Field(256, gt=0)
+    max_adapter_mb: float = Field(4096, gt=0)
+
+
+class FederationConfig(BaseModel):
+    """``federation.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base_model: str
+    base_revision: str | None = None
+    task_type: TaskType = "SEQ_CLS"
+    num_labels: int | None = None
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    strategy: dict = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    lease_minutes: float = Field(120, gt=0)
+    seed: int = 0
+    created_at: str = Field(default_factory=utc_now)
+    created_by: str | None = None
+    fedbip_version: str = __version__
+
+    def strategy_obj(self):
+        from fedbip_hub.strategies import Strategy
+
+        return Strategy.model_validate(self.strategy)
+
+
+class Member(BaseModel):
+    """``members/<name>.json``: one member and the repo it pushes to."""
+
+    name: str
+    repo_id: str
+    joined_at: str = Field(default_factory=utc_now)
+    joined_by: str | None = None
+
+
+class ClientState(BaseModel):
+    """What the server remembers about one member between rounds."""
+
+    consumed_upload: str | None = None
+    consumed_commit: str | None = None
+    consumed_start: str | None = None
+    consumed_n_examples: int = 1
+    refused_upload: str | None = None
+    personalized_history: list[str] = Field(default_factory=list)
+    last_round: int | None = None
+
+
+class FederationState(BaseModel):
+    """``state.json``: the last completed round, the round in progress, per-client state."""
+
+    round: int = 0
+    in_progress: dict | None = None
+    clients: dict[str, ClientState] = Field(default_factory=dict)
+
+    def client(self, name: str) -> ClientState:
+        return self.clients.setdefault(name, ClientState())
+
+
+def dump_json(model: BaseModel | dict) -> bytes:
+    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+class Federation:
+    """A federation addressed by ``org/name`` (the Hub) or a folder (local).
+
+    Args:
+        store: where its repos live.
+        repo_id: the federation repo.
+        address: how the user named it (for messages).
+    """
+
+    def __init__(self, store: Store, repo_id: str, address: str):
+        self.store = store
+        self.repo_id = repo_id
+        self.address = address
+
+    @classmethod
+    def at(cls, address: str, *, token: str | None = None, cache_dir: Path | None = None
+           ) -> Federation:
+        """Resolve an address to a store and a federation repo (which may not exist yet)."""
+        cache = cache_dir or _env_path("FEDBIP_CACHE")
+        if is_hub_address(address):
+            return cls(HubStore(token=token, cache_dir=cache), address, address)
+        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO, address)
+
+    # -- reads -------------------------------------------------------------------------
+    def head(self) -> str:
+        try:
+            return self.store.head(self.repo_id)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"no federation at {self.address} ({exc.message})",
+                hint="Check the address, or create one with `fedbip init "
+                f"{self.address} --base-model ...`.") from exc
+
+    def _json(self, path: str, revision: str) -> dict:
+        try:
+            return json.loads(self.store.read_bytes(self.repo_id, path, revision))
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"{self.address} is not a fedbip federation (no {path}).",
+                hint=f"Create it with `fedbip init {self.address} --base-model ...`.") from exc
+
+    def config(self, revision: str | None = None) -> FederationConfig:
+        revision = revision or self.head()
+        try:
+            return FederationConfig.model_validate(self._json(FEDERATION_FILE, revision))
+        except ValidationError as exc:
+            raise ConfigError(f"{FEDERATION_FILE} of {self.address} is invalid: {exc}",
+                              hint="Fix the file in the federation repo.") from exc
+
+    def state(self, revision: str | None = None) -> FederationState:
+        revision = revision or self.head()
+        if not self.store.file_exists(self.repo_id, STATE_FILE, revision):
+            return FederationState()
+        return FederationState.model_validate(self._json(STATE_FILE, revision))
+
+    def members(self, revision: str | None = None) -> dict[str, Member]:
+        revision = revision or self.head()
+        members = {}
+        for path in self.store.list_files(self.repo_id, revision):
+            if path.startswith(f"{MEMBERS_DIR}/") and path.endswith(".json"):
+                member = Member.model_validate(self._json(path, revision))
+                members[member.name] = member
+        return dict(sorted(members.items()))
+
+    def member(self, name: str, revision: str | None = None) -> Member:
+        members = self.members(revision)
+        if name not in members:
+            raise NotFoundError(f"{name} is not a member of {self.address}.",
+                                hint=f"Join first: `fedbip join {self.address} --client {name}`.",
+                                client=name)
+        return members[name]
+
+    def init_folder(self, revision: str | None = None) -> Path:
+        return self.store.fetch_folder(self.repo_id, revision or self.head(), INIT_DIR)
+
+    def default_client_repo(self, client: str) -> str:
+        if self.store.kind == "local":
+            return f"clients/{client}"
+        namespace, name = self.repo_id.split("/")
+        return f"{namespace}/{name}-{client}"
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None

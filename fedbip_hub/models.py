@@ -1,0 +1,80 @@
+"""Load the federation's base model and build its initial adapter (ALGORITHM.md §7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbip_hub.adapter_config import CONFIG_NAME
+from fedbip_hub.errors import ConfigError
+from fedbip_hub.federation import FederationConfig
+
+
+def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None) -> Any:
+    """The base model for the federation's task (any model id or local path).
+
+    Raises:
+        ConfigError: the model cannot be loaded (names the id and what to check).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"revision": config.base_revision}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        if config.task_type == "SEQ_CLS":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                config.base_model, num_labels=config.num_labels or 2, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load base model {config.base_model!r} "
+            f"(revision {config.base_revision or 'default'}): {str(exc).splitlines()[0]}",
+            hint="Check the model id or path and your access to it; offline, point "
+            "--base-model at a local folder.") from exc
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def lora_config_for(config: FederationConfig, *, inference_mode: bool = False) -> Any:
+    from peft import LoraConfig, TaskType
+
+    spec = config.lora
+    return LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
+        use_rslora=spec.use_rslora, lora_dropout=spec.dropout,
+        task_type=TaskType.SEQ_CLS if config.task_type == "SEQ_CLS" else TaskType.CAUSAL_LM,
+        inference_mode=inference_mode,
+    )
+
+
+def build_initial_adapter(config: FederationConfig, dest: str | Path) -> Path:
+    """Seeded LoRA init (A random, B zero) plus the initial head, saved by PEFT.
+
+    Every client's first round starts here, so first-round task vectors share one zero
+    point and freshly initialised heads stay comparable.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(config.seed)
+    model = load_base_model(config)
+    peft_model = get_peft_model(model, lora_config_for(config))
+    dest = Path(dest)
+    peft_model.save_pretrained(str(dest))
+    stamp_base_model(dest, config)
+    return dest
+
+
+def stamp_base_model(folder: Path, config: FederationConfig) -> None:
+    """Record the federation's base model id and revision in an adapter's config."""
+    path = folder / CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = config.base_model
+    data["revision"] = config.base_revision
+    path.write_text(json.dumps(data, indent=2) + "\n")

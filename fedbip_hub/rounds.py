@@ -1,0 +1,481 @@
+"""One asynchronous server round (ALGORITHM.md §5): plan → collect → validate → task
+vectors → similarity → weights → merge → publish → record.
+
+Crash safety: the plan (every input pinned to a commit) is committed into ``state.json``
+as a lease before any output is written. Each published adapter carries the plan id in
+``personalized/fedbip_merge.json``, so a re-run resumes the same plan, skips clients it
+already published, and never applies an update twice. The round ends with one commit of
+the record and the new state.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
+from fedbip_hub.errors import (
+    ConflictError,
+    FedbipError,
+    RoundInProgressError,
+    StoreError,
+)
+from fedbip_hub.federation import (
+    INIT_DIR,
+    MERGE_RECORD,
+    PERSONALIZED_DIR,
+    ROUNDS_DIR,
+    STATE_FILE,
+    Federation,
+    FederationConfig,
+    FederationState,
+    Member,
+    dump_json,
+    utc_now,
+)
+from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
+from fedbip_hub.similarity import SimilarityReport, compute_similarity
+from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.task_vectors import TaskVector
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.validation import validate_upload
+
+ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
+LogFn = Callable[[str], None]
+
+
+class PinnedInput(BaseModel):
+    """One participant's task vector, pinned: upload commit and the start it came from."""
+
+    client: str
+    repo_id: str
+    commit: str
+    upload_id: str
+    start_revision: str | None = None
+    n_examples: int = 1
+    staleness: int = 0
+    fresh: bool = True
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+class RoundPlan(BaseModel):
+    """Everything a round reads, pinned before it writes anything."""
+
+    plan_id: str
+    round: int
+    job_id: str
+    started_at: str
+    lease_until: str
+    federation_revision: str
+    inputs: dict[str, PinnedInput]
+    latest: dict[str, str | None]
+    skipped: dict[str, str] = Field(default_factory=dict)
+
+    def lease_expired(self) -> bool:
+        return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
+
+
+def staleness_discount(staleness: int, beta: float) -> float:
+    """σ(a) = (1 + a)^(−β), FedAsync's polynomial discount."""
+    return float((1.0 + staleness) ** (-beta))
+
+
+def _quiet_progress(items: Iterable[Any], _description: str) -> Iterable[Any]:
+    return items
+
+
+class RoundRunner:
+    """Runs one round of a federation.
+
+    Args:
+        fed: the federation.
+        dry_run: compute everything, write nothing.
+        takeover: resume a round whose lease has not expired (its job is known dead).
+        progress: wraps iterables with a progress bar.
+        log: receives one line per step.
+        device: where the maths runs ("cpu", "cuda").
+    """
+
+    def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
+                 progress: ProgressFn | None = None, log: LogFn | None = None,
+                 device: str = "cpu"):
+        self.fed = fed
+        self.store = fed.store
+        self.dry_run = dry_run
+        self.takeover = takeover
+        self.progress = progress or _quiet_progress
+        self.log = log or (lambda _msg: None)
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+        self._last_skips: dict[str, str] = {}
+
+    def _lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase] = round(self.timings.get(phase, 0.0) + now - self._clock, 4)
+        self._clock = now
+
+    # -- planning ------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
+        start = time.perf_counter()
+        for _ in range(5):
+            head = self.fed.head()
+            config = self.fed.config(head)
+            state = self.fed.state(head)
+            plan = self._plan_or_resume(head, config, state)
+            if plan is None:
+                self.log("Nothing new since the last round: no commit.")
+                return {"status": "nothing-new", "round": state.round,
+                        "skipped": self._last_skips}
+            if self.dry_run or state.in_progress is not None:
+                break
+            state.in_progress = plan.model_dump(mode="json")
+            try:
+                self.store.commit(self.fed.repo_id, {STATE_FILE: dump_json(state)},
+                                  message=f"fedbip: round {plan.round} started",
+                                  parent=head)
+                break
+            except ConflictError:
+                self.log("The federation repo moved while planning; planning again.")
+        else:
+            raise StoreError("the federation repo kept moving while planning the round.",
+                             hint="Retry in a moment.")
+        self._lap("plan")
+        record = self._execute(plan, config)
+        record["timings"]["total"] = round(time.perf_counter() - start, 4)
+        return record
+
+    def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState
+                        ) -> RoundPlan | None:
+        if state.in_progress is not None:
+            plan = RoundPlan.model_validate(state.in_progress)
+            if not (plan.lease_expired() or self.takeover):
+                raise RoundInProgressError(
+                    f"round {plan.round} is in progress (job {plan.job_id}, started "
+                    f"{plan.started_at}, lease until {plan.lease_until}).",
+                    hint="Wait for it to finish. If that job died, rerun with --takeover "
+                    "(or wait for the lease to expire) to resume the same round.")
+            self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}).")
+            return plan
+        members = self.fed.members(head)
+        inputs, skipped = self._collect(members, state)
+        self._last_skips = skipped
+        if not any(i.fresh for i in inputs.values()):
+            return None
+        now = datetime.now(timezone.utc)
+        latest = {name: (state.client(name).personalized_history or [None])[-1]
+                  for name in inputs}
+        return RoundPlan(
+            plan_id=uuid.uuid4().hex, round=state.round + 1, job_id=uuid.uuid4().hex[:12],
+            started_at=now.isoformat(timespec="seconds"),
+            lease_until=(now + timedelta(minutes=config.lease_minutes)).isoformat(
+                timespec="seconds"),
+            federation_revision=head, inputs=inputs, latest=latest, skipped=skipped)
+
+    def _collect(self, members: dict[str, Member], state: FederationState
+                 ) -> tuple[dict[str, PinnedInput], dict[str, str]]:
+        inputs: dict[str, PinnedInput] = {}
+        skipped: dict[str, str] = {}
+        for name, member in self.progress(list(members.items()), "Checking members"):
+            client_state = state.client(name)
+            previous = _previous_input(name, member, client_state)
+            try:
+                fresh = self._fresh_upload(name, member, client_state)
+            except FedbipError as exc:
+                skipped[name] = _reason(exc)
+                fresh = None
+            if fresh is not None:
+                inputs[name] = fresh
+            elif previous is not None:
+                inputs[name] = previous
+            elif name not in skipped:
+                skipped[name] = "has not pushed an adapter yet"
+        return inputs, skipped
+
+    def _fresh_upload(self, name: str, member: Member, client_state: Any
+                      ) -> PinnedInput | None:
+        head = self.store.head(member.repo_id)
+        files = self.store.list_files(member.repo_id, head)
+        if UPLOAD_METADATA_NAME not in files or WEIGHTS_NAME not in files:
+            return None
+        raw = self.store.read_bytes(member.repo_id, UPLOAD_METADATA_NAME, head)
+        uid = upload_id(raw)
+        if uid in (client_state.consumed_upload, client_state.refused_upload):
+            return None
+        try:
+            metadata = UploadMetadata.model_validate(json.loads(raw))
+        except ValueError as exc:
+            raise FedbipError(f"fedbip_upload.json is malformed ({str(exc).splitlines()[0]})",
+                              hint="Push again with `fedbip push`.", client=name) from exc
+        history = client_state.personalized_history
+        if metadata.start_revision is None:
+            staleness = len(history)
+        elif metadata.start_revision in history:
+            staleness = len(history) - 1 - history.index(metadata.start_revision)
+        else:
+            raise FedbipError(
+                f"start revision {metadata.start_revision[:12]} is not a personalized "
+                "adapter this federation published for it.",
+                hint="Train from `fedbip pull`'s adapter (or from scratch) and push again.",
+                client=name)
+        return PinnedInput(client=name, repo_id=member.repo_id, commit=head, upload_id=uid,
+                           start_revision=metadata.start_revision,
+                           n_examples=metadata.n_examples, staleness=staleness)
+
+    # -- execution -----------------------------------------------------------------------
+    def _execute(self, plan: RoundPlan, config: FederationConfig) -> dict:
+        strategy = config.strategy_obj()
+        skipped = dict(plan.skipped)
+        init_dir = self.store.fetch_folder(self.fed.repo_id, plan.federation_revision,
+                                           INIT_DIR)
+        init = LoraAdapter(init_dir, label="federation init")
+        vectors: list[TaskVector] = []
+        inputs: list[PinnedInput] = []
+        refused: dict[str, str] = {}
+        for pinned in self.progress(list(plan.inputs.values()), "Downloading and validating"):
+            try:
+                vectors.append(self._task_vector(pinned, config, init))
+                inputs.append(pinned)
+            except FedbipError as exc:
+                skipped[pinned.client] = _reason(exc)
+                if pinned.fresh:
+                    refused[pinned.client] = pinned.upload_id
+        self._lap("download_validate")
+        names = [p.client for p in inputs]
+        fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
+        report = None
+        weights = None
+        merged: list[MergedAdapter] = []
+        if bool(fresh.any()):
+            report, weights, merged = self._compute(plan, strategy, config, init, vectors,
+                                                    inputs, fresh)
+        self._lap("compute")
+        outputs = {} if self.dry_run else self._publish_all(plan, config, strategy, names,
+                                                            inputs, report, weights, merged)
+        self._lap("publish")
+        record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
+                              skipped)
+        if not self.dry_run:
+            self._complete(plan, config, record, outputs, inputs, refused, report)
+        self._lap("record")
+        record["timings"] = dict(self.timings)
+        record["bytes"] = {"downloaded": self.store.traffic.downloaded,
+                           "uploaded": self.store.traffic.uploaded}
+        return record
+
+    def _task_vector(self, pinned: PinnedInput, config: FederationConfig,
+                     init: LoraAdapter) -> TaskVector:
+        folder = self.store.fetch_folder(pinned.repo_id, pinned.commit, only=UPLOAD_FILES)
+        pinned.files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        upload, _metadata = validate_upload(folder, config, init, label=pinned.client,
+                                            check_values=pinned.fresh)
+        start = init
+        if pinned.start_revision is not None:
+            start_dir = self.store.fetch_folder(pinned.repo_id, pinned.start_revision,
+                                                PERSONALIZED_DIR)
+            start = LoraAdapter(start_dir, label=f"{pinned.client} start")
+        return TaskVector(upload, start, name=pinned.client)
+
+    def _latest_adapter(self, plan: RoundPlan, name: str, repo_id: str,
+                        init: LoraAdapter) -> LoraAdapter:
+        revision = plan.latest.get(name)
+        if revision is None:
+            return init
+        folder = self.store.fetch_folder(repo_id, revision, PERSONALIZED_DIR)
+        return LoraAdapter(folder, label=f"{name} personalized")
+
+    def _compute(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
+                 init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
+                 fresh: torch.Tensor) -> tuple[SimilarityReport, WeightTable,
+                                               list[MergedAdapter]]:
+        k = len(vectors)
+        self.log(f"Similarity between {k} clients ({int(fresh.sum())} with new uploads).")
+        report = compute_similarity(
+            vectors, space=strategy.similarity_space,
+            include_dense=strategy.include_dense_in_similarity,
+            progress=lambda items: self.progress(items, "Similarity"))
+        allowed = fresh[None, :].expand(k, k).clone()
+        weights = compute_weights(strategy, k=k, report=report,
+                                  n_examples=[p.n_examples for p in inputs], allowed=allowed)
+        contribution = torch.tensor(
+            [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
+             for p in inputs], dtype=torch.float64)
+        latest = [self._latest_adapter(plan, p.client, p.repo_id, init) for p in inputs]
+        merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
+                               latest=latest)
+        merged = personalize(vectors, weights, merge_plan,
+                             rank=strategy.rank or config.lora.r, refactor=strategy.refactor,
+                             space=strategy.spec.merge_space,
+                             personal_heads=strategy.personal_heads,
+                             progress=lambda items: self.progress(items, "Merging"))
+        return report, weights, merged
+
+    def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
+                     names: list[str], inputs: list[PinnedInput],
+                     report: SimilarityReport | None, weights: WeightTable | None,
+                     merged: list[MergedAdapter]) -> dict[str, dict]:
+        from fedbip_hub.modelcard import heatmap_png, personalized_card
+
+        if report is None or weights is None:
+            return {}
+        heatmap = heatmap_png(report)
+        template = LoraAdapter(self.store.fetch_folder(
+            self.fed.repo_id, plan.federation_revision, INIT_DIR)).config
+        outputs: dict[str, dict] = {}
+        for index, name in enumerate(self.progress(names, "Publishing")):
+            pinned = inputs[index]
+            done = self._already_published(plan, pinned.repo_id)
+            if done is not None:
+                outputs[name] = done
+                continue
+            adapter = merged[index]
+            merge_record = {
+                "plan_id": plan.plan_id, "round": plan.round, "client": name,
+                "strategy": strategy.model_dump(mode="json"),
+                "weights": {key: dict(zip(names, [round(float(x), 6) for x in m[index]],
+                                          strict=True))
+                            for key, m in weights.matrices.items()},
+                "inputs": {p.client: {"repo_id": p.repo_id, "commit": p.commit,
+                                      "fresh": p.fresh, "staleness": p.staleness}
+                           for p in inputs},
+                "previous_revision": plan.latest.get(name),
+                "max_discarded_energy": adapter.max_discarded_energy,
+            }
+            card = personalized_card(config, name, plan.round, names, report, weights,
+                                     index, inputs, adapter)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = adapter.save(Path(tmp) / "out", template)
+                files = {f"{PERSONALIZED_DIR}/{p.name}": p.read_bytes()
+                         for p in folder.iterdir() if p.is_file()}
+            files[f"{PERSONALIZED_DIR}/{MERGE_RECORD}"] = dump_json(merge_record)
+            files[f"{PERSONALIZED_DIR}/README.md"] = card.encode()
+            files[f"{PERSONALIZED_DIR}/similarity.png"] = heatmap
+            commit = commit_with_retry(self.fed, pinned.repo_id, lambda _head, f=files: f,
+                                       f"{PUBLISH_TITLE} (round {plan.round})")
+            outputs[name] = {"repo_id": pinned.repo_id, "commit": commit,
+                             "max_discarded_energy": adapter.max_discarded_energy}
+        return outputs
+
+    def _already_published(self, plan: RoundPlan, repo_id: str) -> dict | None:
+        head = self.store.head(repo_id)
+        path = f"{PERSONALIZED_DIR}/{MERGE_RECORD}"
+        if not self.store.file_exists(repo_id, path, head):
+            return None
+        record = json.loads(self.store.read_bytes(repo_id, path, head))
+        if record.get("plan_id") != plan.plan_id:
+            return None
+        from fedbip_hub.client import latest_personalized_revision
+
+        return {"repo_id": repo_id, "commit": latest_personalized_revision(self.fed, repo_id),
+                "max_discarded_energy": record.get("max_discarded_energy", 0.0),
+                "resumed": True}
+
+    def _record(self, plan: RoundPlan, strategy: Strategy, inputs: list[PinnedInput],
+                report: SimilarityReport | None, weights: WeightTable | None,
+                merged: list[MergedAdapter], outputs: dict[str, dict],
+                skipped: dict[str, str]) -> dict:
+        similarity = report.to_json() if report is not None else None
+        return {
+            "status": "dry-run" if self.dry_run else "completed",
+            "round": plan.round, "plan_id": plan.plan_id, "job_id": plan.job_id,
+            "started_at": plan.started_at, "finished_at": utc_now(),
+            "federation_revision": plan.federation_revision,
+            "strategy": strategy.model_dump(mode="json"),
+            "clients": [p.client for p in inputs],
+            "inputs": {p.client: {**p.model_dump(mode="json"),
+                                  "discount": staleness_discount(p.staleness,
+                                                                 strategy.staleness_beta)}
+                       for p in inputs},
+            "cosine": ({"model": similarity["model"], "layers": similarity["layers"]}
+                       if similarity else None),
+            "norms": similarity["norms"] if similarity else None,
+            "weights": weights.to_json() if weights is not None else None,
+            "truncation": {p.client: {"max_discarded_energy": m.max_discarded_energy,
+                                      "per_module": m.discarded_energy}
+                           for p, m in zip(inputs, merged, strict=False)},
+            "outputs": outputs,
+            "skipped": skipped,
+            "timings": {},
+        }
+
+    def _complete(self, plan: RoundPlan, config: FederationConfig, record: dict,
+                  outputs: dict[str, dict], inputs: list[PinnedInput],
+                  refused: dict[str, str], report: SimilarityReport | None) -> None:
+        from fedbip_hub.modelcard import dashboard_card, heatmap_png
+
+        def build(head: str) -> dict:
+            state = self.fed.state(head)
+            current = state.in_progress or {}
+            if current.get("plan_id") != plan.plan_id:
+                raise RoundInProgressError(
+                    f"round {plan.round} was completed or replaced by another job.",
+                    hint="Nothing to do; check `fedbip status`.")
+            for pinned in inputs:
+                client_state = state.client(pinned.client)
+                if pinned.fresh:
+                    client_state.consumed_upload = pinned.upload_id
+                    client_state.consumed_commit = pinned.commit
+                    client_state.consumed_start = pinned.start_revision
+                    client_state.consumed_n_examples = pinned.n_examples
+                output = outputs.get(pinned.client)
+                if output and output.get("commit") and (
+                        output["commit"] not in client_state.personalized_history):
+                    client_state.personalized_history.append(output["commit"])
+                    client_state.last_round = plan.round
+            for name, uid in refused.items():
+                state.client(name).refused_upload = uid
+            state.round = plan.round
+            state.in_progress = None
+            files = {STATE_FILE: dump_json(state),
+                     f"{ROUNDS_DIR}/{plan.round:06d}.json": dump_json(record),
+                     "README.md": dashboard_card(config, self.fed.members(head), state,
+                                                 record).encode()}
+            if report is not None:
+                files["similarity.png"] = heatmap_png(report)
+            return files
+
+        commit_with_retry(self.fed, self.fed.repo_id, build,
+                          f"fedbip: round {plan.round} completed")
+
+
+def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput | None:
+    if client_state.consumed_commit is None or client_state.consumed_upload is None:
+        return None
+    history = client_state.personalized_history
+    start = client_state.consumed_start
+    staleness = len(history) - 1 - history.index(start) if start in history else len(history)
+    return PinnedInput(client=name, repo_id=member.repo_id, commit=client_state.consumed_commit,
+                       upload_id=client_state.consumed_upload, start_revision=start,
+                       n_examples=client_state.consumed_n_examples, staleness=staleness,
+                       fresh=False)
+
+
+def _reason(exc: FedbipError) -> str:
+    text = exc.message
+    return f"{text} (fix: {exc.hint})" if exc.hint else text
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_round(fed: Federation, **options: Any) -> dict:
+    """Run one round; see RoundRunner for the options."""
+    return RoundRunner(fed, **options).run()

@@ -1,0 +1,19 @@
+"""Storage backends: the Hugging Face Hub, or a local folder with the same semantics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedbip_hub.stores.base import CommitInfo, Store, Traffic
+from fedbip_hub.stores.hub import HubStore
+from fedbip_hub.stores.local import LocalStore
+
+__all__ = ["CommitInfo", "HubStore", "LocalStore", "Store", "Traffic", "is_hub_address"]
+
+
+def is_hub_address(address: str) -> bool:
+    """``org/name`` (and not an existing path, nor one that looks like a path) is the Hub."""
+    if address.startswith((".", "/", "~")) or Path(address).exists():
+        return False
+    parts = address.split("/")
+    return len(parts) == 2 and all(parts) and "\\" not in address

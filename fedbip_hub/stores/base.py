@@ -1,0 +1,125 @@
+"""The storage protocol every backend implements: repos of files with commit history."""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+FileContent = bytes | Path
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One commit of a repo's main branch."""
+
+    id: str
+    title: str
+    date: str
+
+
+@dataclass
+class Traffic:
+    """Bytes moved, for round records and benchmarks."""
+
+    downloaded: int = 0
+    uploaded: int = 0
+
+
+class Store(ABC):
+    """Repos addressed by id, each a main branch of commits with 40-hex ids.
+
+    Every read takes a commit id (pinned); writes are single atomic commits that fail with
+    ConflictError when ``parent`` is given and the branch has moved.
+    """
+
+    kind: str = "abstract"
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        self.traffic = Traffic()
+
+    @abstractmethod
+    def whoami(self) -> str:
+        """The user (or bot) this store writes as."""
+
+    @abstractmethod
+    def create_repo(self, repo_id: str, *, private: bool = True) -> None:
+        """Create a repo (private by default); an existing one is left as it is."""
+
+    @abstractmethod
+    def repo_exists(self, repo_id: str) -> bool: ...
+
+    @abstractmethod
+    def head(self, repo_id: str) -> str:
+        """The commit id main points to. Raises NotFoundError for a missing repo."""
+
+    @abstractmethod
+    def commit(self, repo_id: str, files: Mapping[str, FileContent], *, message: str,
+               parent: str | None = None, deletes: Sequence[str] = ()) -> str:
+        """Write files in one atomic commit and return its id.
+
+        A commit that changes nothing returns the current head and makes no commit.
+
+        Raises:
+            ConflictError: ``parent`` is given and main has moved past it.
+        """
+
+    @abstractmethod
+    def list_files(self, repo_id: str, revision: str) -> list[str]: ...
+
+    @abstractmethod
+    def history(self, repo_id: str) -> list[CommitInfo]:
+        """Commits of main, newest first."""
+
+    @abstractmethod
+    def _download(self, repo_id: str, path: str, revision: str, dest: Path) -> None:
+        """Copy one pinned file to ``dest``."""
+
+    def read_bytes(self, repo_id: str, path: str, revision: str) -> bytes:
+        """One file's content at a pinned revision (small files: JSON, metadata)."""
+        target = self._cache_path(repo_id, revision) / path
+        if not target.is_file():
+            self._download_atomic(repo_id, path, revision, target)
+        return target.read_bytes()
+
+    def file_exists(self, repo_id: str, path: str, revision: str) -> bool:
+        return path in self.list_files(repo_id, revision)
+
+    def fetch_folder(self, repo_id: str, revision: str, subfolder: str = "",
+                     *, only: Sequence[str] | None = None) -> Path:
+        """Materialise a pinned folder of a repo in the cache and return its path.
+
+        A revision is a commit id, so the cache never goes stale: an unchanged input is
+        never downloaded twice.
+        """
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        root = self._cache_path(repo_id, revision)
+        wanted = [f for f in self.list_files(repo_id, revision)
+                  if f.startswith(prefix) and "/" not in f[len(prefix):]
+                  and (only is None or f[len(prefix):] in only)]
+        for path in wanted:
+            target = root / path
+            if not target.is_file():
+                self._download_atomic(repo_id, path, revision, target)
+        folder = root / prefix if prefix else root
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _download_atomic(self, repo_id: str, path: str, revision: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        self._download(repo_id, path, revision, partial)
+        self.traffic.downloaded += partial.stat().st_size
+        partial.replace(target)
+
+    def _cache_path(self, repo_id: str, revision: str) -> Path:
+        return self.cache_dir / self.kind / repo_id.replace("/", "--") / revision
+
+    def clear_cache(self) -> None:
+        shutil.rmtree(self.cache_dir / self.kind, ignore_errors=True)
+
+    def describe(self) -> str:
+        return self.kind
