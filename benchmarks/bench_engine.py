@@ -69,8 +69,10 @@ class Config:
     layers: int = 2
     k_sim: int = 32
     k_merge: int = 8
-    groups: int = 4
+    groups_sim: int = 4
+    groups_merge: int = 2
     repeats: int = 3
+    fast_repeats: int = 5
     peft_repeats: int = 1
     seed: int = 0
     threads: int = 1
@@ -89,8 +91,8 @@ class Config:
 Factors = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # module -> K × (B, A)
 
 
-def make_factors(cfg: Config, k: int, seed: int) -> Factors:
-    """K clients' LoRA factors (B d×r, A r×d) per module, in ``cfg.groups`` task groups.
+def make_factors(cfg: Config, k: int, seed: int, groups: int) -> Factors:
+    """K clients' LoRA factors (B d×r, A r×d) per module, client c in task group c % groups.
 
     A client's factors are its group's centre plus noise of 0.7× the centre's size, so
     same-group ΔW cosines are ~0.4 and cross-group ones ~0: a spread like real uploads.
@@ -100,10 +102,10 @@ def make_factors(cfg: Config, k: int, seed: int) -> Factors:
     for module in cfg.modules:
         centres = [(torch.randn(cfg.d, cfg.r, generator=gen) * 0.02,
                     torch.randn(cfg.r, cfg.d, generator=gen) / math.sqrt(cfg.d))
-                   for _ in range(cfg.groups)]
+                   for _ in range(groups)]
         clients = []
         for c in range(k):
-            b0, a0 = centres[c % cfg.groups]
+            b0, a0 = centres[c % groups]
             b = b0 + 0.7 * 0.02 * torch.randn(cfg.d, cfg.r, generator=gen)
             a = a0 + 0.7 / math.sqrt(cfg.d) * torch.randn(cfg.r, cfg.d, generator=gen)
             clients.append((b.contiguous(), a.contiguous()))
@@ -243,13 +245,12 @@ def max_cos_diff(a: SimilarityReport, b: SimilarityReport) -> float:
 def memory_child(cfg: Config, method: str) -> dict:
     """Run in a fresh process: build inputs, warm up, then measure one call's peak RSS."""
     torch.set_num_threads(cfg.threads)
-    deltas = as_deltas(cfg, make_factors(cfg, cfg.k_sim, cfg.seed))
+    deltas = as_deltas(cfg, make_factors(cfg, cfg.k_sim, cfg.seed, cfg.groups_sim))
     clients = [f"c{k}" for k in range(cfg.k_sim)]
     fn = SIM_METHODS[method]
     # Warm-up on tiny shapes: thread pools and BLAS buffers are not the method's memory.
-    tiny = as_deltas(Config(d=64, r=cfg.r, layers=1, groups=cfg.groups),
-                     make_factors(Config(d=64, r=cfg.r, layers=1, groups=cfg.groups),
-                                  cfg.k_sim, cfg.seed))
+    tiny_cfg = Config(d=64, r=cfg.r, layers=1)
+    tiny = as_deltas(tiny_cfg, make_factors(tiny_cfg, cfg.k_sim, cfg.seed, cfg.groups_sim))
     fn(tiny, clients)
     gc.collect()
     rss_before = _proc_status("VmRSS")
@@ -294,11 +295,11 @@ def bench_similarity(cfg: Config, workdir: Path) -> dict:
     print(f"\n(a) similarity: K={cfg.k_sim} clients, {len(cfg.modules)} modules "
           f"{cfg.d}×{cfg.d}, r={cfg.r}, float32, {cfg.repeats} repeats", flush=True)
     clients = [f"c{k}" for k in range(cfg.k_sim)]
-    factors = make_factors(cfg, cfg.k_sim, cfg.seed)
+    factors = make_factors(cfg, cfg.k_sim, cfg.seed, cfg.groups_sim)
     deltas = as_deltas(cfg, factors)
 
     t_ours, ours_times, ours = median_time(lambda: similarity_ours(deltas, clients),
-                                           max(cfg.repeats, 5), warmup=True)
+                                           cfg.fast_repeats, warmup=True)
     print(f"  ours   {fmt_s(t_ours)}", flush=True)
     t_brute, brute_times, brute = median_time(lambda: similarity_brute(deltas, clients),
                                               cfg.repeats)
@@ -314,7 +315,7 @@ def bench_similarity(cfg: Config, workdir: Path) -> dict:
     vectors = [TaskVector(LoraAdapter(f, label=f"c{k}"), name=f"c{k}")
                for k, f in enumerate(folders)]
     t_disk, disk_times, disk = median_time(lambda: compute_similarity(vectors),
-                                           max(cfg.repeats, 5), warmup=True)
+                                           cfg.fast_repeats, warmup=True)
 
     mem_ours = measure_memory(cfg, "ours")
     mem_brute = measure_memory(cfg, "brute")
@@ -349,7 +350,7 @@ def bench_similarity(cfg: Config, workdir: Path) -> dict:
          ["ours: compute_similarity (from disk)", fmt_s(t_disk), "-", "-",
           f"{max_cos_diff(disk, brute):.2e}", f"{max_cos_diff(disk, ref64):.2e}"],
          ["brute force: materialised ΔW", fmt_s(t_brute), fmt_bytes(wb),
-          fmt_bytes(mem_brute["peak_rss_bytes"]), "0", 
+          fmt_bytes(mem_brute["peak_rss_bytes"]), "0",
           f"{result['max_abs_cos_diff_brute_vs_f64']:.2e}"],
          ["ratio brute/ours (in memory)", f"{result['speedup']:.1f}×",
           f"{result['memory_ratio']:.0f}×", "", "", ""]],
@@ -440,7 +441,7 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
     print(f"\n(b) merge: K={cfg.k_merge} adapters → rank {cfg.r}, {len(cfg.modules)} modules "
           f"{cfg.d}×{cfg.d}, float32", flush=True)
     k = cfg.k_merge
-    factors = make_factors(cfg, k, cfg.seed + 1)
+    factors = make_factors(cfg, k, cfg.seed + 1, cfg.groups_merge)
     folders = [write_peft_adapter(workdir / f"merge{c}", cfg, factors, c) for c in range(k)]
     vectors = [TaskVector(LoraAdapter(f, label=f"c{c}"), name=f"c{c}")
                for c, f in enumerate(folders)]
@@ -448,8 +449,6 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
     report = compute_similarity(vectors)
     weights = compute_weights(Strategy(method="fedbip"), k=k, report=report)
     p = weights.for_module(cfg.modules[0])[0].to(torch.float64)
-    plan = MergePlan(targets=[0], contribution=torch.ones(k, dtype=torch.float64),
-                     latest=[None])
     sums, total, optimal_sq = exact_sums(cfg, factors, p)
     optimal = math.sqrt(optimal_sq / total)
 
@@ -470,7 +469,7 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
             out[module] = (res.u, res.v)
         return out
 
-    reps = max(cfg.repeats, 5)
+    reps = cfg.fast_repeats
     t_ours, ours_times, merged = median_time(ours, reps, warmup=True)
     t_mem, mem_times, merged_mem = median_time(ours_in_memory, reps, warmup=True)
     t_all, all_times, _ = median_time(lambda: ours(targets=range(k)), reps, warmup=True)
@@ -511,8 +510,6 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
         pcat_times.append(seconds)
     t_pcat = statistics.median(pcat_times)
     err_pcat = rel_error(pcat_out, sums, total)
-    del model, layers, peft_out, pcat_out
-    gc.collect()
 
     result = {
         "k": k, "modules": len(cfg.modules), "d": cfg.d, "rank_out": cfg.r,
@@ -609,7 +606,7 @@ def summary(sim: dict, merge: dict) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="reduced run (d=1024, one block, 1 repeat): a few seconds")
+                        help="reduced run (d=512, one block, 1 repeat): a few seconds")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON output (default: {DEFAULT_OUT.relative_to(ROOT)} for a "
                         "full run; a --quick run writes nothing unless given)")
@@ -633,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads or (len(os.sched_getaffinity(0))
                                if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    base = Config(d=1024, layers=1, repeats=1) if args.quick else Config()
+    base = Config(d=512, layers=1, repeats=1, fast_repeats=2) if args.quick else Config()
     cfg = Config(**{**asdict(base), "threads": threads,
                     **{k: v for k, v in (("layers", args.layers), ("repeats", args.repeats),
                                          ("peft_repeats", args.peft_repeats))
@@ -642,6 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"torch {info['torch']} ({info['torch_threads']} threads), peft {info['peft']}, "
           f"{info['cpu_count']} CPUs ({info['cpu_model']}), config {asdict(cfg)}")
 
+    load_start = os.getloadavg()
+    if load_start[0] > 0.5:
+        print(f"note: load average {load_start[0]:.2f} before the run: other processes share "
+              "the CPUs, timings of multi-threaded kernels will be noisy")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         sim = bench_similarity(cfg, Path(tmp))
@@ -651,7 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [[r["check"], r["target"], r["measured"], "PASS" if r["pass"] else "FAIL"]
                  for r in rows])
     elapsed = time.perf_counter() - started
-    print(f"\ntotal {elapsed:.0f} s{' (quick run: not the reference figures)' if args.quick else ''}")
+    load_end = os.getloadavg()
+    note = " (quick run: small shapes, not the reference figures)" if args.quick else ""
+    print(f"\ntotal {elapsed:.0f} s{note}")
 
     out = args.out or (None if args.quick else DEFAULT_OUT)
     if out is not None:
@@ -659,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {"benchmark": "engine (issue 2)", "quick": args.quick,
                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
                    "machine": info, "similarity": sim, "merge": merge, "summary": rows,
-                   "total_seconds": elapsed}
+                   "total_seconds": elapsed,
+                   "load_average_start": list(load_start), "load_average_end": list(load_end)}
         out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out}")
     # Quick runs use small shapes, where the targets are not expected to hold.

@@ -15,8 +15,12 @@ from cli._common import (
     out_console,
     print_json,
 )
-from fedbip_hub.similarity import GRANULARITIES, MODEL_KEY, Granularity
-from fedbip_hub.strategies import METHODS, Strategy
+
+# Kept literal so that `fedbip --help` does not import torch; a test checks them against
+# the registries in fedbip_hub.similarity and fedbip_hub.strategies.
+GRANULARITIES = ("model", "layer", "module")
+METHOD_NAMES = ("fedbip", "fedbip-l", "fedbip-m", "fedavg", "fedit", "uniform", "local",
+                "oracle")
 
 AdapterDirs = Annotated[list[Path], typer.Argument(
     help="Adapter folders (adapter_config.json + adapter_model.safetensors).",
@@ -36,6 +40,7 @@ def similarity(
     """Task-vector cosine similarity between adapters, per model, layer or module."""
     from fedbip_hub.errors import ConfigError
     from fedbip_hub.offline import folder_similarity
+    from fedbip_hub.similarity import MODEL_KEY
 
     if granularity not in GRANULARITIES:
         raise ConfigError(f"unknown granularity {granularity!r}.",
@@ -43,7 +48,7 @@ def similarity(
     if space not in ("delta", "params"):
         raise ConfigError(f"unknown space {space!r}.", hint="Use delta or params.")
     report = folder_similarity([str(d) for d in dirs], space=space)  # type: ignore[arg-type]
-    chosen: Granularity = granularity  # type: ignore[assignment]
+    chosen = granularity
     if plot is not None:
         from fedbip_hub.plotting import save_heatmap
 
@@ -72,7 +77,7 @@ def merge(
                                         "to personalize.")],
     out: Annotated[Path, typer.Option(help="Folder to write the personalized adapter to.")],
     strategy: Annotated[str, typer.Option(
-        help=f"Merge method: {', '.join(METHODS)}.")] = "fedbip-l",
+        help=f"Merge method: {', '.join(METHOD_NAMES)}.")] = "fedbip-l",
     rank: Annotated[int | None, typer.Option(
         help="Output rank (default: the target's r).")] = None,
     refactor: Annotated[str, typer.Option(
@@ -87,6 +92,7 @@ def merge(
 ) -> None:
     """Merge first-round adapters into one client's personalized adapter (PEFT-loadable)."""
     from fedbip_hub.offline import merge_folders
+    from fedbip_hub.strategies import Strategy
 
     chosen = Strategy.parse(strategy, rank=rank, refactor=refactor, rule=rule,
                             clip_negative=not keep_negative, temperature=temperature,

@@ -267,10 +267,13 @@ def save_lora_adapter(
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     tensors: dict[str, torch.Tensor] = {}
+    # The most common output rank becomes r, so a uniform merge needs no rank_pattern.
+    ranks = [v.shape[0] for _u, v in modules.values()]
+    config_r = max(set(ranks), key=ranks.count) if ranks else template.r
     for name, (u, v) in modules.items():
         rank = v.shape[0]
         alpha = template.alpha_of(name)
-        if rank != template.r:
+        if rank != config_r:
             rank_pattern[_pattern_key(name)] = rank
         if alpha != template.lora_alpha:
             alpha_pattern[_pattern_key(name)] = alpha
@@ -282,7 +285,7 @@ def save_lora_adapter(
     for name, value in (dense or {}).items():
         tensors[PEFT_PREFIX + name] = value.to(dtype).contiguous()
     config = LoraConfig(
-        r=template.r,
+        r=config_r,
         lora_alpha=template.lora_alpha,
         use_rslora=template.use_rslora,
         rank_pattern=rank_pattern,

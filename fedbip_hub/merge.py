@@ -13,7 +13,14 @@ from fedbip_hub.adapter_config import LoraAdapterConfig
 from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter
 from fedbip_hub.lowrank import refactorize
 from fedbip_hub.strategies import WeightTable
-from fedbip_hub.task_vectors import DenseDelta, LowRankDelta, ParamsDelta, Space, TaskVector
+from fedbip_hub.task_vectors import (
+    DenseDelta,
+    LowRankDelta,
+    ParamsDelta,
+    Space,
+    TaskVector,
+    check_params_ranks,
+)
 
 Refactor = Literal["svd", "cat"]
 
@@ -139,6 +146,7 @@ def personalize(
     for module in progress(names) if progress else names:
         is_dense = module not in vectors[0].upload.modules
         deltas = [v.delta(module, space) for v in vectors]
+        check_params_ranks(module, deltas, [v.name for v in vectors])
         for out, target, latest in zip(outputs, plan.targets, plan.latest, strict=True):
             coeffs = _coefficients(weights, module, target, plan)
             if is_dense:
@@ -147,6 +155,9 @@ def personalize(
                 continue
             base = _latest_factors(latest, module, space, dtype)
             if space == "params":
+                if base is not None:
+                    check_params_ranks(module, [ParamsDelta(base[1], base[0]), deltas[0]],
+                                       [f"latest of {vectors[target].name}", vectors[0].name])
                 out.modules[module] = _merge_params(base, deltas, coeffs)
                 out.discarded_energy[module] = 0.0
             else:

@@ -17,6 +17,7 @@ from fedbip_hub.task_vectors import (
     Space,
     TaskVector,
     check_compatible,
+    check_params_ranks,
 )
 
 Granularity = Literal["model", "layer", "module"]
@@ -108,5 +109,6 @@ def compute_similarity(
     iterator = progress(names) if progress else names
     for module in iterator:
         deltas = [v.delta(module, space) for v in vectors]
+        check_params_ranks(module, deltas, report.clients)
         report.grams[module] = module_gram(deltas).to(torch.float64)
     return report

@@ -154,3 +154,24 @@ def check_compatible(vectors: list[TaskVector]) -> None:
                 hint="Use the federation's modules_to_save for every client.",
                 client=other.name,
             )
+
+
+def check_params_ranks(module: str, deltas: list[ModuleDelta], names: list[str]) -> None:
+    """The params space adds A and B across clients, so their ranks must agree.
+
+    Raises:
+        IncompatibleAdaptersError: naming the first client whose rank differs.
+    """
+    params = [(d, n) for d, n in zip(deltas, names, strict=True) if isinstance(d, ParamsDelta)]
+    if not params:
+        return
+    first, first_name = params[0]
+    for delta, name in params[1:]:
+        if delta.a.shape != first.a.shape or delta.b.shape != first.b.shape:
+            raise IncompatibleAdaptersError(
+                f"{module}: rank {delta.a.shape[0]} differs from {first_name}'s "
+                f"{first.a.shape[0]}; the params space needs equal ranks.",
+                hint="Use the default delta space (e.g. --strategy fedavg instead of fedit), "
+                "which federates any ranks.",
+                client=name,
+            )

@@ -72,6 +72,12 @@ def _normalize(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOption
 @register_rule("softmax")
 def _softmax(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
              ) -> torch.Tensor:
+    peers = mask.clone()
+    peers[i] = False
+    if not bool((row[peers] != 0).any()):
+        # no similarity evidence at all (an all-zero task vector has cosine 0 with everyone):
+        # keep only the self weight, as the other rules do (ALGORITHM §3, degenerate rows)
+        return _self_only(row, i)
     keep = mask & (row >= 0) if opts.clip_negative else mask.clone()
     keep[i] = True
     logits = torch.where(keep, row / opts.temperature, torch.full_like(row, float("-inf")))

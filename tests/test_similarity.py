@@ -269,6 +269,13 @@ def test_params_space_needs_equal_ranks(clients):
         vector.params(Q0)
 
 
+def test_params_space_similarity_refuses_mixed_ranks(clients):
+    folders, _ = clients
+    with pytest.raises(IncompatibleAdaptersError, match="equal ranks") as info:
+        compute_similarity(_vectors(folders), space="params")
+    assert info.value.hint and info.value.client == "c1"
+
+
 def test_params_space_with_start_is_difference_of_params(equal_rank_clients):
     up, start = (LoraAdapter(f) for f in equal_rank_clients[:2])
     vector = TaskVector(up, start, dtype=F64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -109,11 +110,16 @@ class Store(ABC):
         return folder
 
     def _download_atomic(self, repo_id: str, path: str, revision: str, target: Path) -> None:
+        """Download to a private temporary name, then rename: readers (other processes
+        sharing the cache included) never see a partial file."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        self._download(repo_id, path, revision, partial)
-        self.traffic.downloaded += partial.stat().st_size
-        partial.replace(target)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        try:
+            self._download(repo_id, path, revision, partial)
+            self.traffic.downloaded += partial.stat().st_size
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _cache_path(self, repo_id: str, revision: str) -> Path:
         return self.cache_dir / self.kind / repo_id.replace("/", "--") / revision

@@ -115,33 +115,40 @@ class LocalStore(Store):
     def commit(self, repo_id: str, files: Mapping[str, FileContent], *, message: str,
                parent: str | None = None, deletes: Sequence[str] = ()) -> str:
         repo = self._existing(repo_id)
-        blobs = {path: self._store_blob(repo, content) for path, content in files.items()}
+        stored = {path.strip("/"): self._store_blob(repo, content)
+                  for path, content in files.items()}
         with self._locked(repo):
             current = (repo / "HEAD").read_text().strip()
             if parent is not None and parent != current:
                 raise ConflictError(
                     f"{repo_id} moved: expected parent {parent[:8]}, main is {current[:8]}.",
                     hint="Another writer committed first; re-read and retry.")
-            tree = dict(self._commit_record(repo, current)["tree"])
+            before = self._commit_record(repo, current)["tree"]
+            tree = dict(before)
             for path in deletes:
-                prefix = path.rstrip("/") + "/"
+                path = path.strip("/")
+                if not path:
+                    continue
+                prefix = path + "/"
                 for existing in [p for p in tree if p == path or p.startswith(prefix)]:
                     del tree[existing]
-            tree.update(blobs)
-            if tree == self._commit_record(repo, current)["tree"]:
+            tree.update({path: digest for path, (digest, _) in stored.items()})
+            if tree == before:
                 return current
             commit_id = self._write_commit(repo, parent=current, tree=tree, message=message)
             _atomic_write(repo / "HEAD", commit_id.encode())
+        # Like the Hub: only files that change the tree count as uploaded.
+        self.traffic.uploaded += sum(size for path, (digest, size) in stored.items()
+                                     if before.get(path) != digest)
         return commit_id
 
-    def _store_blob(self, repo: Path, content: FileContent) -> str:
+    def _store_blob(self, repo: Path, content: FileContent) -> tuple[str, int]:
         data = content.read_bytes() if isinstance(content, Path) else bytes(content)
         digest = hashlib.sha256(data).hexdigest()
         target = repo / "objects" / digest
         if not target.exists():
             _atomic_write(target, data)
-        self.traffic.uploaded += len(data)
-        return digest
+        return digest, len(data)
 
     def _write_commit(self, repo: Path, *, parent: str | None, tree: dict[str, str],
                       message: str) -> str:

@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench-engine clean
+
+$(STAMP): pyproject.toml .ci/constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build (any other spec pulls the CUDA wheels).
+	$(PY) -m pip install -q -c .ci/constraints.txt torch
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a whole federation on a local folder, offline, with a tiny model.
+demo: $(STAMP)
+	$(VENV)/bin/fedbip demo --dir fedbip-demo
+
+## The test suite (lint first: it takes a second).
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-engine: $(STAMP)
+	$(PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) fedbip-demo .pytest_cache .ruff_cache

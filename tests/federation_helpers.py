@@ -1,0 +1,138 @@
+"""Shared helpers for federation tests: tiny base models, client uploads, CLI runs, and
+an independent reference of ALGORITHM.md §5 computed from PEFT-materialised ΔW."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+
+
+def save_tiny_base(path: Path, *, num_labels: int = 3, seed: int = 0) -> Path:
+    """A 2-layer Llama for sequence classification, built from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(LlamaConfig(**TINY_LLAMA, num_labels=num_labels)
+                                   ).save_pretrained(path)
+    return path
+
+
+def write_upload(start: Path, dest: Path, *, seed: int, group: int, rank: int | None = None,
+                 step: float = 0.2) -> Path:
+    """A client's "trained" adapter: its start adapter moved along a group direction.
+
+    With ``rank`` it is a fresh LoRA of that rank (a first round from the init); without,
+    it keeps the start's factors and perturbs them, as training from a personalized
+    adapter would.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    config = json.loads((start / "adapter_config.json").read_text())
+    tensors = load_file(start / "adapter_model.safetensors")
+    shared = torch.Generator().manual_seed(1000 + group)
+    own = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in sorted(tensors.items()):
+        if rank is not None and ".lora_" in key:
+            shape = (rank, value.shape[1]) if ".lora_A." in key else (value.shape[0], rank)
+            value = torch.zeros(shape)
+        direction = torch.randn(value.shape, generator=shared)
+        noise = torch.randn(value.shape, generator=own)
+        out[key] = (value + step * (direction + 0.3 * noise)).contiguous()
+    if rank is not None:
+        config.update(r=rank, lora_alpha=2 * rank, rank_pattern={}, alpha_pattern={})
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(out, dest / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def run_cli(args: Sequence[str], env: Mapping[str, str], *, server: bool = False,
+            check: bool = True) -> subprocess.CompletedProcess:
+    module = ["-m", "server_job"] if server else ["-m", "cli.main"]
+    result = subprocess.run([sys.executable, *module, *args], cwd=REPO_ROOT,
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result
+
+
+def json_output(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout)
+
+
+# -- the independent reference ---------------------------------------------------------
+_BLOCK = re.compile(r"^(model\.layers\.\d+)\.")
+
+
+def reference_layer(name: str) -> str:
+    match = _BLOCK.match(name)
+    return match.group(1) if match else name.rsplit(".", 1)[0]
+
+
+def peft_delta(base_dir: Path, source: str | Path, **kwargs) -> dict[str, torch.Tensor]:
+    """ΔW of every adapted weight, by PEFT itself: merge_and_unload() minus the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, str(source), **kwargs).merge_and_unload()
+    return {k: (v - reference[k]).double() for k, v in merged.state_dict().items()
+            if re.search(r"(q_proj|v_proj)\.weight$|^score\.weight$", k)}
+
+
+def expected_round(
+    latest: Mapping[str, Mapping[str, torch.Tensor]],
+    task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
+    fresh: Mapping[str, bool],
+    staleness: Mapping[str, int],
+    *, beta: float = 0.5,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """ALGORITHM.md §5 with FedBip-L's clipped row normalisation, written from scratch."""
+    names = list(task_vectors)
+    layers = sorted({reference_layer(m) for m in next(iter(task_vectors.values()))})
+    cos = {}
+    for layer in layers:
+        flat = torch.stack([torch.cat([t.reshape(-1) for m, t in sorted(tv.items())
+                                       if reference_layer(m) == layer])
+                            for tv in task_vectors.values()])
+        norms = flat.norm(dim=1)
+        cos[layer] = (flat @ flat.T) / (norms[:, None] * norms[None, :])
+    out = {}
+    for i, me in enumerate(names):
+        update = {m: t.clone() for m, t in latest[me].items()}
+        for layer in layers:
+            scores = []
+            for k, peer in enumerate(names):
+                allowed = k == i or fresh[peer]
+                value = 1.0 if k == i else max(float(cos[layer][i, k]), 0.0)
+                scores.append(value if allowed else 0.0)
+            total = sum(scores)
+            for k, peer in enumerate(names):
+                if not fresh[peer]:
+                    continue
+                weight = scores[k] / total * (1 + staleness[peer]) ** (-beta)
+                for module, tau in task_vectors[peer].items():
+                    if reference_layer(module) == layer:
+                        update[module] = update[module] + weight * tau
+        out[me] = update
+    return out
+
+
+def copy_tree(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest
