@@ -197,7 +197,7 @@ def test_merge_every_strategy(adapters, tmp_path, method):
     if method == "uniform":
         assert payload["weights"]["model"] == pytest.approx([1 / 3] * 3, abs=1e-6)
     # the human-readable form works too
-    result = CliRunner().invoke(app, args[:-1] + ["--out", str(tmp_path / "table")])
+    result = CliRunner().invoke(app, [*args[:-1], "--out", str(tmp_path / "table")])
     assert result.exit_code == 0, result.output
     assert "written to" in result.stdout
 

@@ -76,7 +76,7 @@ def _flat(ref, modules):
 
 
 def test_fixture_is_not_degenerate(clients):
-    folders, refs = clients
+    _, refs = clients
     ranks = {(k, m): r.ranks[m] for k, r in enumerate(refs) for m in r.ranks}
     assert len(set(ranks.values())) >= 4  # mixed ranks
     cos = brute_cosine([_flat(r, [Q0, V0, Q1, V1]) for r in refs])

@@ -1,0 +1,312 @@
+"""Local training data: load a file or a saved dataset, tokenize it for the federation's task.
+
+Everything here is offline: files are read with ``datasets``' packaged builders (json,
+csv, parquet) and folders with ``load_from_disk``; nothing is fetched from the Hub.
+
+A prepared dataset has exactly two columns:
+
+* ``input_ids``: a list of token ids, at most ``max_length`` long;
+* ``labels``: the class id (SEQ_CLS), or one id per token with ``-100`` where no loss is
+  taken (CAUSAL_LM: prompt tokens of a prompt/completion pair).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbip_hub.errors import ConfigError
+
+IGNORE_INDEX = -100
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",
+           ".parquet": "parquet", ".pq": "parquet"}
+DEFAULT_SPLIT = "train"
+PROMPT_FIELD = "prompt"
+COMPLETION_FIELD = "completion"
+
+
+# -- loading ---------------------------------------------------------------------------
+def load_examples(source: str | Path, *, split: str | None = None) -> Any:
+    """Read local examples into a ``datasets.Dataset``.
+
+    Args:
+        source: a ``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet`` file, a folder written
+            by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``, or a folder of
+            data files named after their split (``train.jsonl``, ``test.csv``...).
+        split: which split of a DatasetDict (or split-named file) to use; default "train".
+            Ignored for a single file or a single saved Dataset.
+
+    Raises:
+        ConfigError: the path is missing, the format unknown, the split absent, the file
+            unreadable, or there are no examples.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"no data at {path}.",
+                          hint="Pass --data a .jsonl/.json/.csv/.parquet file or a folder "
+                          "written by Dataset.save_to_disk.")
+    dataset = _load_folder(path, split) if path.is_dir() else _load_file(path)
+    if len(dataset) == 0:
+        raise ConfigError(f"{path} holds no examples.", hint="Check the file's contents.")
+    return dataset
+
+
+def _load_file(path: Path) -> Any:
+    import datasets
+
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"unknown data format {path.suffix or '(no suffix)'!r} for {path}.",
+                          hint=f"Use one of {', '.join(sorted(FORMATS))}, or a folder "
+                          "written by Dataset.save_to_disk.")
+    readers = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
+               "parquet": datasets.Dataset.from_parquet}
+    kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return readers[kind](str(path), **kwargs)
+    except Exception as exc:  # the builders raise many types (Arrow, JSON, pandas)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read {path} as {kind}: {first}",
+                          hint="JSON Lines: one object per line, e.g. "
+                          '{"text": "...", "label": 1}; CSV: a header row.') from exc
+
+
+def _load_folder(path: Path, split: str | None) -> Any:
+    import datasets
+
+    wanted = split or DEFAULT_SPLIT
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if not saved:
+        files = [p for p in sorted(path.iterdir())
+                 if p.is_file() and p.stem == wanted and p.suffix.lower() in FORMATS]
+        if files:
+            return _load_file(files[0])
+        raise ConfigError(f"{path} is neither a saved dataset nor holds a {wanted} file.",
+                          hint="Save it with Dataset.save_to_disk, or put e.g. "
+                          f"{wanted}.jsonl in it.")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise ConfigError(f"cannot load the saved dataset at {path}: {exc}".splitlines()[0],
+                          hint="Save it again with Dataset.save_to_disk.") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if wanted not in loaded:
+            raise ConfigError(f"{path} has no split {wanted!r} (it has "
+                              f"{', '.join(loaded) or 'none'}).",
+                              hint=f"Pick one with --split {next(iter(loaded), 'train')}.")
+        return loaded[wanted]
+    return loaded
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None) -> Any:
+    """The base model's tokenizer (a Hub id or a local folder).
+
+    Raises:
+        ConfigError: there is none, with a hint to pre-tokenize.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except Exception as exc:  # OSError, ValueError, and tokenizer-specific errors
+        raise ConfigError(
+            f"the base model {name_or_path!r} has no loadable tokenizer "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}).",
+            hint="Give the data a pre-tokenized input_ids column, or add the tokenizer's "
+            "files to the base model (tokenizer.save_pretrained).") from exc
+    if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# -- preparing ---------------------------------------------------------------------------
+def needs_tokenizer(ds: Any, task_type: str, *, text_field: str = "text") -> bool:
+    """Whether preparing ``ds`` for ``task_type`` would tokenize text."""
+    columns = set(ds.column_names)
+    if "input_ids" in columns:
+        return False
+    if task_type == "CAUSAL_LM" and {PROMPT_FIELD, COMPLETION_FIELD} <= columns:
+        sample = ds[0][PROMPT_FIELD]
+        return isinstance(sample, str)
+    return text_field in columns
+
+
+def prepare_dataset(ds: Any, *, task_type: str, tokenizer: Any = None, max_length: int = 128,
+                    text_field: str = "text", label_field: str = "label",
+                    num_labels: int | None = None) -> Any:
+    """Tokenize and label ``ds`` for training or evaluation (see the module docstring).
+
+    SEQ_CLS needs a label column (``label_field``, or ``labels``) holding class ids, and
+    either ``input_ids`` or ``text_field`` plus a tokenizer. CAUSAL_LM takes ``input_ids``
+    (with ``labels`` used as given when present), a ``prompt``/``completion`` pair (loss on
+    the completion only: supervised fine-tuning; strings with a tokenizer, or lists of ids),
+    or ``text_field``. ``input_ids`` may be lists of ints, or strings of them (CSV).
+
+    Raises:
+        ConfigError: a needed column is missing, a label is invalid, or text needs a
+            tokenizer that was not given.
+    """
+    import datasets
+
+    if task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+        raise ConfigError(f"unknown task type {task_type!r}.", hint="Use SEQ_CLS or CAUSAL_LM.")
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, not {max_length}.",
+                          hint="Pass e.g. --max-length 128.")
+    columns = list(ds.column_names)
+    if task_type == "SEQ_CLS":
+        ids = _input_ids(ds, columns, tokenizer, max_length, text_field, task_type)
+        labels = _class_labels(ds, columns, label_field, num_labels)
+    elif "input_ids" in columns:
+        ids = _input_ids(ds, columns, tokenizer, max_length, text_field, task_type)
+        if "labels" in columns:
+            labels = [list(map(int, row))[:max_length] for row in ds["labels"]]
+            for i, (a, b) in enumerate(zip(ids, labels, strict=True)):
+                if len(a) != len(b):
+                    raise ConfigError(f"example {i}: labels and input_ids differ in length.",
+                                      hint="Give one label per token (-100 to skip it).")
+        else:
+            labels = [list(row) for row in ids]
+    elif PROMPT_FIELD in columns and COMPLETION_FIELD in columns:
+        ids, labels = _prompt_completion(ds, tokenizer, max_length)
+    else:
+        ids = _input_ids(ds, columns, tokenizer, max_length, text_field, task_type)
+        labels = [list(row) for row in ids]
+    if task_type == "CAUSAL_LM":
+        keep = [i for i, row in enumerate(labels) if sum(t != IGNORE_INDEX for t in row[1:])]
+        if not keep:
+            raise ConfigError("no example has a token to predict (after truncation).",
+                              hint="Raise --max-length, or check the prompt/completion data.")
+        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "labels": (datasets.Value("int64") if task_type == "SEQ_CLS"
+                   else datasets.Sequence(datasets.Value("int64"))),
+    })
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features)
+
+
+def _missing(what: str, columns: Sequence[str], hint: str) -> ConfigError:
+    return ConfigError(f"the data has no {what} column (it has {', '.join(columns) or 'none'}).",
+                       hint=hint)
+
+
+def _input_ids(ds: Any, columns: list[str], tokenizer: Any, max_length: int, text_field: str,
+               task_type: str) -> list[list[int]]:
+    if "input_ids" in columns:
+        rows = [_parse_ids(row, i) for i, row in enumerate(ds["input_ids"])]
+    elif text_field in columns:
+        if tokenizer is None:
+            raise ConfigError(f"the {text_field!r} column needs a tokenizer.",
+                              hint="Give the base model a tokenizer, or pre-tokenize the data "
+                              "into an input_ids column.")
+        texts = ds[text_field]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ConfigError(f"example {bad}: {text_field!r} is not a string.",
+                              hint="Fill or drop the empty rows.")
+        rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    else:
+        sources = "input_ids or " + repr(text_field)
+        if task_type == "CAUSAL_LM":
+            sources += " or prompt/completion"
+        raise _missing(sources, columns,
+                       f"Name the text column with --text-field (now {text_field!r}), or give "
+                       "pre-tokenized input_ids.")
+    rows = [list(row)[:max_length] for row in rows]
+    empty = next((i for i, row in enumerate(rows) if not row), None)
+    if empty is not None:
+        raise ConfigError(f"example {empty} has no tokens.", hint="Drop empty examples.")
+    return rows
+
+
+def _parse_ids(value: Any, index: int) -> list[int]:
+    if isinstance(value, str):  # CSV cells: "[1, 2, 3]" or "1 2 3"
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"example {index}: cannot parse input_ids {value!r}.",
+                              hint='Write token ids as "[1, 2, 3]" or "1 2 3".') from exc
+    try:
+        return [int(t) for t in value]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"example {index}: input_ids must be token ids, got {value!r}."[:200],
+                          hint="Give a list of integers per example.") from exc
+
+
+def _class_labels(ds: Any, columns: list[str], label_field: str, num_labels: int | None
+                  ) -> list[int]:
+    field = label_field if label_field in columns else (
+        "labels" if "labels" in columns else None)
+    if field is None:
+        raise _missing(repr(label_field), columns,
+                       "Name the label column with --label-field, or add one holding class "
+                       "ids 0..num_labels-1.")
+    labels = []
+    for i, value in enumerate(ds[field]):
+        try:
+            label = int(value)
+            if label != value and not (isinstance(value, str) and value.strip().isdigit()):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"example {i}: label {value!r} is not a class id.",
+                              hint="Labels must be integers 0..num_labels-1; map names to "
+                              "ids first.") from None
+        if label < 0 or (num_labels is not None and label >= num_labels):
+            raise ConfigError(f"example {i}: label {label} is outside 0..{(num_labels or 1) - 1}.",
+                              hint="The federation's num_labels fixes the classes.")
+        labels.append(label)
+    return labels
+
+
+def _prompt_completion(ds: Any, tokenizer: Any, max_length: int
+                       ) -> tuple[list[list[int]], list[list[int]]]:
+    prompts, completions = ds[PROMPT_FIELD], ds[COMPLETION_FIELD]
+    textual = isinstance(prompts[0], str)
+    if textual:
+        if tokenizer is None:
+            raise ConfigError("prompt/completion text needs a tokenizer.",
+                              hint="Give the base model a tokenizer, or give the prompt and "
+                              "completion as lists of token ids.")
+        prompt_ids = tokenizer(list(prompts), truncation=False)["input_ids"]
+        completion_ids = tokenizer(list(completions), add_special_tokens=False,
+                                   truncation=False)["input_ids"]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None:
+            completion_ids = [list(c) + [eos] for c in completion_ids]
+    else:
+        prompt_ids = [_parse_ids(p, i) for i, p in enumerate(prompts)]
+        completion_ids = [_parse_ids(c, i) for i, c in enumerate(completions)]
+    ids, labels = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        prompt, completion = list(prompt), list(completion)
+        # Keep the prompt's end (nearest the completion), and room for the completion.
+        room = max(max_length - len(completion), max_length // 2)
+        prompt = prompt[-room:] if len(prompt) > room else prompt
+        completion = completion[:max_length - len(prompt)]
+        ids.append(prompt + completion)
+        labels.append([IGNORE_INDEX] * len(prompt) + completion)
+    return ids, labels
+
+
+def split_holdout(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """A seeded random split into (train, holdout), holdout ≈ ``fraction`` of ``ds``.
+
+    Both parts keep at least one example when ``0 < fraction < 1``.
+    """
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"holdout fraction must be in [0, 1), not {fraction}.",
+                          hint="Use e.g. 0.2.")
+    n = len(ds)
+    n_holdout = 0 if fraction == 0 else min(max(1, round(n * fraction)), n - 1)
+    if fraction > 0 and n < 2:
+        raise ConfigError(f"cannot hold out from {n} example(s).", hint="Use more data.")
+    order = np.random.default_rng(seed).permutation(n)
+    holdout = sorted(int(i) for i in order[:n_holdout])
+    train = sorted(int(i) for i in order[n_holdout:])
+    return ds.select(train), ds.select(holdout)

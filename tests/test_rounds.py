@@ -1,0 +1,239 @@
+"""Server rounds in-process: concurrency, skipped members, refusals, crash and resume,
+dry runs and the model card (the CLI path is covered by test_federation_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from federation_helpers import save_tiny_base, write_upload
+from safetensors.torch import load_file, save_file
+
+from fedbip_hub.client import (
+    init_federation,
+    join,
+    latest_personalized_revision,
+    pull,
+    push,
+    upload_id,
+)
+from fedbip_hub.errors import NotFoundError, RoundInProgressError
+from fedbip_hub.federation import (
+    PERSONALIZED_DIR,
+    Federation,
+    FederationConfig,
+    LoraSpec,
+    Member,
+    dump_json,
+)
+from fedbip_hub.rounds import RoundRunner, run_round
+
+CLIENTS = {"alice": 0, "bob": 0, "carol": 1}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "base")
+
+
+def _new_federation(root: Path, base_dir: Path, *, push_all: bool = True) -> Federation:
+    config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
+                              lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
+    fed = init_federation(str(root / "fed"), config)
+    for client in CLIENTS:
+        join(fed, client)
+    if push_all:
+        for i, (client, group) in enumerate(CLIENTS.items()):
+            _push_fresh(fed, root, client, seed=i, group=group)
+    return fed
+
+
+def _push_fresh(fed: Federation, root: Path, client: str, *, seed: int, group: int,
+                start: Path | None = None) -> str:
+    source = start or fed.init_folder()
+    upload = write_upload(source, root / f"up-{client}-{seed}", seed=seed, group=group,
+                          rank=None if start else 4)
+    if start is not None and (start / "fedbip_start.json").exists():
+        shutil.copy(start / "fedbip_start.json", upload)
+    return push(fed, client, upload, n_examples=10).commit
+
+
+def _heads(fed: Federation) -> dict[str, str]:
+    repos = [fed.repo_id] + [m.repo_id for m in fed.members().values()]
+    return {r: fed.store.head(r) for r in repos}
+
+
+def _personalized_tensors(fed: Federation, client: str) -> dict[str, torch.Tensor]:
+    repo = fed.member(client).repo_id
+    folder = fed.store.fetch_folder(repo, latest_personalized_revision(fed, repo),
+                                    PERSONALIZED_DIR)
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_a_push_during_a_round_is_neither_lost_nor_consumed_twice(tmp_path, base_dir):
+    fed = _new_federation(tmp_path, base_dir)
+    pushed = {}
+
+    def push_while_publishing(items, description):
+        if description == "Publishing":  # inputs are pinned; alice pushes again now
+            pushed["commit"] = _push_fresh(fed, tmp_path, "alice", seed=50, group=0)
+        return items
+
+    first = RoundRunner(fed, progress=push_while_publishing).run()
+    assert first["inputs"]["alice"]["commit"] != pushed["commit"]
+    state = fed.state()
+    assert state.clients["alice"].consumed_commit == first["inputs"]["alice"]["commit"]
+
+    second = run_round(fed)
+    assert second["round"] == 2
+    assert {c: v["fresh"] for c, v in second["inputs"].items()} == {
+        "alice": True, "bob": False, "carol": False}
+    repo = fed.member("alice").repo_id
+    pushed_id = upload_id(fed.store.read_bytes(repo, "fedbip_upload.json", pushed["commit"]))
+    assert second["inputs"]["alice"]["upload_id"] == pushed_id
+    assert run_round(fed)["status"] == "nothing-new"
+    assert len(fed.state().clients["alice"].personalized_history) == 2
+
+
+def test_missing_member_repo_is_skipped_with_a_reason_and_others_proceed(tmp_path, base_dir):
+    fed = _new_federation(tmp_path, base_dir)
+    shutil.rmtree(tmp_path / "fed" / "repos" / "clients" / "carol")
+    record = run_round(fed)
+    assert sorted(record["outputs"]) == ["alice", "bob"]
+    assert "does not exist" in record["skipped"]["carol"]
+    assert "fix:" in record["skipped"]["carol"]
+
+
+def test_a_refused_upload_is_recorded_and_not_retried(tmp_path, base_dir):
+    fed = _new_federation(tmp_path, base_dir)
+    repo = fed.member("bob").repo_id
+    head = fed.store.head(repo)
+    folder = fed.store.fetch_folder(repo, head)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    poisoned = tmp_path / "poisoned.safetensors"
+    save_file(tensors, poisoned, metadata={"format": "pt"})
+    metadata = json.loads((folder / "fedbip_upload.json").read_text())
+    metadata["upload_nonce"] = "poisoned"
+    fed.store.commit(repo, {"adapter_model.safetensors": poisoned,
+                            "fedbip_upload.json": json.dumps(metadata).encode()},
+                     message="bypass the client-side gate", parent=head)
+    record = run_round(fed)
+    assert "NaN" in record["skipped"]["bob"]
+    assert sorted(record["outputs"]) == ["alice", "carol"]
+    assert run_round(fed)["status"] == "nothing-new"
+
+
+def test_dry_run_writes_nothing(tmp_path, base_dir):
+    fed = _new_federation(tmp_path, base_dir)
+    before = _heads(fed)
+    record = run_round(fed, dry_run=True)
+    assert record["status"] == "dry-run"
+    assert record["weights"] and record["cosine"]["model"]
+    assert _heads(fed) == before
+
+
+def test_personalized_model_card(tmp_path, base_dir):
+    from huggingface_hub import ModelCard
+
+    fed = _new_federation(tmp_path, base_dir)
+    run_round(fed)
+    out = pull(fed, "alice", tmp_path / "pulled")
+    card = ModelCard.load(out.folder / "README.md")
+    assert card.data.base_model == str(base_dir)
+    assert card.data.library_name == "peft"
+    assert "fedbip" in card.data.tags
+    for client in CLIENTS:
+        assert f"| {client}" in card.text
+    assert "![Task-vector cosine similarity](similarity.png)" in card.text
+    assert (out.folder / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_job_during_a_round_exits_cleanly(tmp_path, base_dir):
+    fed = _new_federation(tmp_path, base_dir)
+    errors = []
+
+    def start_a_second_job(items, description):
+        if description == "Publishing":
+            with pytest.raises(RoundInProgressError) as info:
+                run_round(fed)
+            errors.append(str(info.value))
+        return items
+
+    record = RoundRunner(fed, progress=start_a_second_job).run()
+    assert record["status"] == "completed"
+    assert "in progress" in errors[0] and "--takeover" in errors[0]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crash_mid_publish_resumes_to_the_same_result(tmp_path, base_dir):
+    crashed = _new_federation(tmp_path / "a", base_dir)
+    clean = _new_federation(tmp_path / "b", base_dir)
+
+    published = []
+
+    def crash_after_one(items, description):
+        if description != "Publishing":
+            return items
+
+        def generator():
+            for item in items:
+                if published:
+                    raise _Crash
+                published.append(item)
+                yield item
+        return generator()
+
+    with pytest.raises(_Crash):
+        RoundRunner(crashed, progress=crash_after_one).run()
+    assert crashed.state().in_progress is not None
+    with pytest.raises(RoundInProgressError):
+        run_round(crashed)
+    resumed = run_round(crashed, takeover=True)
+    assert resumed["outputs"][published[0]].get("resumed") is True
+    run_round(clean)
+    for client in CLIENTS:
+        assert len(crashed.state().clients[client].personalized_history) == 1
+        ours, theirs = _personalized_tensors(crashed, client), _personalized_tensors(clean,
+                                                                                     client)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key])
+    assert crashed.state().in_progress is None
+
+
+def test_unknown_federation_is_refused_clearly(tmp_path):
+    with pytest.raises(NotFoundError) as info:
+        Federation.at(str(tmp_path / "nowhere")).config()
+    assert "no federation at" in str(info.value)
+    assert "fedbip init" in info.value.hint
+
+
+def test_forbidden_member_repo_on_the_hub_is_skipped(hub, tmp_path, base_dir):
+    fed = _federation_on_hub(base_dir)
+    hub.add_token("hf_other_user_token_123", "someone")
+    hub.create_repo("someone/secret", private=True)
+    fed.store.commit(fed.repo_id, {"members/mallory.json": dump_json(
+        Member(name="mallory", repo_id="someone/secret"))}, message="add mallory")
+    record = run_round(fed)
+    assert "mallory" in record["skipped"]
+    assert "token" in record["skipped"]["mallory"]
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+
+
+def _federation_on_hub(base_dir: Path) -> Federation:
+    config = FederationConfig(name="h", base_model=str(base_dir), num_labels=3,
+                              lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip"})
+    fed = init_federation("fedorg/rounds", config)
+    for i, (client, group) in enumerate(CLIENTS.items()):
+        join(fed, client)
+        upload = write_upload(fed.init_folder(), Path(fed.store.cache_dir) / f"up-{client}",
+                              seed=i, group=group, rank=4)
+        push(fed, client, upload, n_examples=5)
+    return fed
