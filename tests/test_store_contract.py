@@ -88,9 +88,9 @@ def repo(backend: Backend) -> str:
     return REPO
 
 
-def _baseline(store: Store, repo_id: str) -> set[str]:
-    """Files a new repo starts with (the Hub adds .gitattributes)."""
-    return set(store.list_files(repo_id, store.head(repo_id)))
+def _files(store: Store, repo_id: str, revision: str | None = None) -> set[str]:
+    """Files at ``revision`` (default: head); a new Hub repo starts with .gitattributes."""
+    return set(store.list_files(repo_id, revision or store.head(repo_id)))
 
 
 # --------------------------------------------------------------------------- contract
@@ -116,13 +116,8 @@ def test_commit_returns_new_head(backend: Backend, repo: str) -> None:
     new = store.commit(repo, {"a.txt": b"one", "dir/b.bin": b"\x00\x01"}, message="add a\nbody")
     assert HEX40.fullmatch(new) and new != first
     assert store.head(repo) == new
-    assert set(store.list_files(repo, new)) - _baseline_at(store, repo, first) == {
-        "a.txt", "dir/b.bin"}
+    assert _files(store, repo, new) - _files(store, repo, first) == {"a.txt", "dir/b.bin"}
     assert store.read_bytes(repo, "dir/b.bin", new) == b"\x00\x01"
-
-
-def _baseline_at(store: Store, repo_id: str, revision: str) -> set[str]:
-    return set(store.list_files(repo_id, revision))
 
 
 def test_pinned_reads_keep_old_content(backend: Backend, repo: str) -> None:
@@ -139,7 +134,7 @@ def test_pinned_reads_keep_old_content(backend: Backend, repo: str) -> None:
 
 def test_deletes_files_and_folder_prefixes(backend: Backend, repo: str) -> None:
     store = backend.store
-    base = _baseline(store, repo)
+    base = _files(store, repo)
     store.commit(repo, {"a.txt": b"a", "dir/x": b"x", "dir/deep/y": b"y", "dir2/z": b"z",
                         "keep.txt": b"k"}, message="fill")
     head = store.commit(repo, {"new.txt": b"n"}, message="prune",
@@ -154,12 +149,14 @@ def test_commit_that_changes_nothing_makes_no_commit(backend: Backend, repo: str
     head = store.commit(repo, {"a.txt": b"a", "b.txt": b"b"}, message="fill")
     history = store.history(repo)
     posts = backend.commit_posts()
+    uploaded = store.traffic.uploaded
     assert store.commit(repo, {"a.txt": b"a"}, message="same again", parent=head) == head
     assert store.commit(repo, {}, message="nothing", deletes=["absent.txt"]) == head
     assert store.commit(repo, {}, message="empty") == head
     assert store.head(repo) == head
     assert store.history(repo) == history
     assert backend.commit_posts() == posts  # nothing was even sent
+    assert store.traffic.uploaded == uploaded
 
 
 def test_stale_parent_is_a_conflict_and_changes_nothing(backend: Backend, repo: str) -> None:
@@ -413,8 +410,8 @@ def test_commit_retried_after_503_lands_once(hub: HubServer, hub_repo: str,
 def test_commit_whose_reply_is_lost_is_not_applied_twice(hub: HubServer, hub_repo: str,
                                                          tmp_path: Path) -> None:
     # The server applies the commit 0.6 s after receiving it, long after the client's
-    # 0.3 s timeout; the client looks again after its 0.6 s backoff and finds it there.
-    store = _hub_store(hub, tmp_path, timeout=0.3, backoff=0.6)
+    # 0.3 s timeout; the client looks again after its 1 s backoff and finds it there.
+    store = _hub_store(hub, tmp_path, timeout=0.3, backoff=1.0)
     parent = hub.head(hub_repo)
     hub.inject_fault("POST", r"/commit/", status=None, delay=0.6, times=1)
     new = store.commit(hub_repo, {"c.txt": b"c"}, message="slow commit", parent=parent)
