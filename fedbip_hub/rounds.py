@@ -104,11 +104,14 @@ class RoundRunner:
         progress: wraps iterables with a progress bar.
         log: receives one line per step.
         device: where the maths runs ("cpu", "cuda").
+        checkpoint: called with each step's name as the round passes it ("planned",
+            "downloaded", "computed", "published:<client>", "before-record"); fault-
+            injection tests raise from it to simulate a crash there.
     """
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", checkpoint: Callable[[str], None] | None = None):
         self.fed = fed
         self.store = fed.store
         self.dry_run = dry_run
@@ -116,6 +119,7 @@ class RoundRunner:
         self.progress = progress or _quiet_progress
         self.log = log or (lambda _msg: None)
         self.device = device
+        self.checkpoint = checkpoint or (lambda _step: None)
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self._last_skips: dict[str, str] = {}
@@ -152,6 +156,7 @@ class RoundRunner:
             raise StoreError("the federation repo kept moving while planning the round.",
                              hint="Retry in a moment.")
         self._lap("plan")
+        self.checkpoint("planned")
         record = self._execute(plan, config)
         record["timings"]["total"] = round(time.perf_counter() - start, 4)
         return record
@@ -252,6 +257,7 @@ class RoundRunner:
                 if pinned.fresh:
                     refused[pinned.client] = pinned.upload_id
         self._lap("download_validate")
+        self.checkpoint("downloaded")
         names = [p.client for p in inputs]
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         report = None
@@ -261,12 +267,14 @@ class RoundRunner:
             report, weights, merged = self._compute(plan, strategy, config, init, vectors,
                                                     inputs, fresh)
         self._lap("compute")
+        self.checkpoint("computed")
         outputs = {} if self.dry_run else self._publish_all(plan, config, strategy, names,
                                                             inputs, report, weights, merged)
         self._lap("publish")
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
         if not self.dry_run:
+            self.checkpoint("before-record")
             self._complete(plan, config, record, outputs, inputs, refused, report)
         self._lap("record")
         record["timings"] = dict(self.timings)
@@ -365,6 +373,7 @@ class RoundRunner:
                                        f"{PUBLISH_TITLE} (round {plan.round})")
             outputs[name] = {"repo_id": pinned.repo_id, "commit": commit,
                              "max_discarded_energy": adapter.max_discarded_energy}
+            self.checkpoint(f"published:{name}")
         return outputs
 
     def _already_published(self, plan: RoundPlan, repo_id: str) -> dict | None:

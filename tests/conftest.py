@@ -93,3 +93,11 @@ def hub_cache_dir(tmp_path: Path) -> Path:
 def hub_env() -> dict[str, str]:
     """Environment variables a subprocess needs to talk to the local Hub (merge into os.environ)."""
     return dict(_HUB_ENV)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama for 3-way sequence classification, saved once per session."""
+    from federation_helpers import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")

@@ -136,3 +136,36 @@ def expected_round(
 def copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, dirs_exist_ok=True)
     return dest
+
+
+CLIENTS = {"alice": 0, "bob": 0, "carol": 1}  # name → task group
+
+
+def new_local_federation(root: Path, base_dir: Path, *, push_all: bool = True,
+                         method: str = "fedbip-l"):
+    """A local federation of CLIENTS, each with a first-round upload pushed."""
+    from fedbip_hub.client import init_federation, join
+    from fedbip_hub.federation import FederationConfig, LoraSpec
+
+    config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
+                              lora=LoraSpec(r=4, alpha=8), strategy={"method": method})
+    fed = init_federation(str(root / "fed"), config)
+    for client in CLIENTS:
+        join(fed, client)
+    if push_all:
+        for i, (client, group) in enumerate(CLIENTS.items()):
+            push_fresh(fed, root, client, seed=i, group=group)
+    return fed
+
+
+def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
+               start: Path | None = None) -> str:
+    """Push an upload trained (synthetically) from ``start``, or from the init."""
+    from fedbip_hub.client import push
+
+    source = start or fed.init_folder()
+    upload = write_upload(source, root / f"up-{client}-{seed}", seed=seed, group=group,
+                          rank=None if start else 4)
+    if start is not None and (start / "fedbip_start.json").exists():
+        shutil.copy(start / "fedbip_start.json", upload)
+    return push(fed, client, upload, n_examples=10).commit

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import save_tiny_base, write_upload
+from federation_helpers import CLIENTS, new_local_federation, push_fresh, write_upload
 from safetensors.torch import load_file, save_file
 
 from fedbip_hub.client import (
@@ -31,35 +31,6 @@ from fedbip_hub.federation import (
 )
 from fedbip_hub.rounds import RoundRunner, run_round
 
-CLIENTS = {"alice": 0, "bob": 0, "carol": 1}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("base") / "base")
-
-
-def _new_federation(root: Path, base_dir: Path, *, push_all: bool = True) -> Federation:
-    config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
-                              lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
-    fed = init_federation(str(root / "fed"), config)
-    for client in CLIENTS:
-        join(fed, client)
-    if push_all:
-        for i, (client, group) in enumerate(CLIENTS.items()):
-            _push_fresh(fed, root, client, seed=i, group=group)
-    return fed
-
-
-def _push_fresh(fed: Federation, root: Path, client: str, *, seed: int, group: int,
-                start: Path | None = None) -> str:
-    source = start or fed.init_folder()
-    upload = write_upload(source, root / f"up-{client}-{seed}", seed=seed, group=group,
-                          rank=None if start else 4)
-    if start is not None and (start / "fedbip_start.json").exists():
-        shutil.copy(start / "fedbip_start.json", upload)
-    return push(fed, client, upload, n_examples=10).commit
-
 
 def _heads(fed: Federation) -> dict[str, str]:
     repos = [fed.repo_id] + [m.repo_id for m in fed.members().values()]
@@ -73,13 +44,13 @@ def _personalized_tensors(fed: Federation, client: str) -> dict[str, torch.Tenso
     return load_file(folder / "adapter_model.safetensors")
 
 
-def test_a_push_during_a_round_is_neither_lost_nor_consumed_twice(tmp_path, base_dir):
-    fed = _new_federation(tmp_path, base_dir)
+def test_a_push_during_a_round_is_neither_lost_nor_consumed_twice(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
     pushed = {}
 
     def push_while_publishing(items, description):
         if description == "Publishing":  # inputs are pinned; alice pushes again now
-            pushed["commit"] = _push_fresh(fed, tmp_path, "alice", seed=50, group=0)
+            pushed["commit"] = push_fresh(fed, tmp_path, "alice", seed=50, group=0)
         return items
 
     first = RoundRunner(fed, progress=push_while_publishing).run()
@@ -98,8 +69,8 @@ def test_a_push_during_a_round_is_neither_lost_nor_consumed_twice(tmp_path, base
     assert len(fed.state().clients["alice"].personalized_history) == 2
 
 
-def test_missing_member_repo_is_skipped_with_a_reason_and_others_proceed(tmp_path, base_dir):
-    fed = _new_federation(tmp_path, base_dir)
+def test_missing_member_repo_is_skipped_with_a_reason_and_others_proceed(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
     shutil.rmtree(tmp_path / "fed" / "repos" / "clients" / "carol")
     record = run_round(fed)
     assert sorted(record["outputs"]) == ["alice", "bob"]
@@ -107,8 +78,8 @@ def test_missing_member_repo_is_skipped_with_a_reason_and_others_proceed(tmp_pat
     assert "fix:" in record["skipped"]["carol"]
 
 
-def test_a_refused_upload_is_recorded_and_not_retried(tmp_path, base_dir):
-    fed = _new_federation(tmp_path, base_dir)
+def test_a_refused_upload_is_recorded_and_not_retried(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
     repo = fed.member("bob").repo_id
     head = fed.store.head(repo)
     folder = fed.store.fetch_folder(repo, head)
@@ -128,8 +99,8 @@ def test_a_refused_upload_is_recorded_and_not_retried(tmp_path, base_dir):
     assert run_round(fed)["status"] == "nothing-new"
 
 
-def test_dry_run_writes_nothing(tmp_path, base_dir):
-    fed = _new_federation(tmp_path, base_dir)
+def test_dry_run_writes_nothing(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
     before = _heads(fed)
     record = run_round(fed, dry_run=True)
     assert record["status"] == "dry-run"
@@ -137,14 +108,14 @@ def test_dry_run_writes_nothing(tmp_path, base_dir):
     assert _heads(fed) == before
 
 
-def test_personalized_model_card(tmp_path, base_dir):
+def test_personalized_model_card(tmp_path, tiny_base):
     from huggingface_hub import ModelCard
 
-    fed = _new_federation(tmp_path, base_dir)
+    fed = new_local_federation(tmp_path, tiny_base)
     run_round(fed)
     out = pull(fed, "alice", tmp_path / "pulled")
     card = ModelCard.load(out.folder / "README.md")
-    assert card.data.base_model == str(base_dir)
+    assert card.data.base_model == str(tiny_base)
     assert card.data.library_name == "peft"
     assert "fedbip" in card.data.tags
     for client in CLIENTS:
@@ -153,8 +124,8 @@ def test_personalized_model_card(tmp_path, base_dir):
     assert (out.folder / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_second_job_during_a_round_exits_cleanly(tmp_path, base_dir):
-    fed = _new_federation(tmp_path, base_dir)
+def test_a_second_job_during_a_round_exits_cleanly(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
     errors = []
 
     def start_a_second_job(items, description):
@@ -169,45 +140,6 @@ def test_a_second_job_during_a_round_exits_cleanly(tmp_path, base_dir):
     assert "in progress" in errors[0] and "--takeover" in errors[0]
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_a_crash_mid_publish_resumes_to_the_same_result(tmp_path, base_dir):
-    crashed = _new_federation(tmp_path / "a", base_dir)
-    clean = _new_federation(tmp_path / "b", base_dir)
-
-    published = []
-
-    def crash_after_one(items, description):
-        if description != "Publishing":
-            return items
-
-        def generator():
-            for item in items:
-                if published:
-                    raise _Crash
-                published.append(item)
-                yield item
-        return generator()
-
-    with pytest.raises(_Crash):
-        RoundRunner(crashed, progress=crash_after_one).run()
-    assert crashed.state().in_progress is not None
-    with pytest.raises(RoundInProgressError):
-        run_round(crashed)
-    resumed = run_round(crashed, takeover=True)
-    assert resumed["outputs"][published[0]].get("resumed") is True
-    run_round(clean)
-    for client in CLIENTS:
-        assert len(crashed.state().clients[client].personalized_history) == 1
-        ours, theirs = _personalized_tensors(crashed, client), _personalized_tensors(clean,
-                                                                                     client)
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key])
-    assert crashed.state().in_progress is None
-
-
 def test_unknown_federation_is_refused_clearly(tmp_path):
     with pytest.raises(NotFoundError) as info:
         Federation.at(str(tmp_path / "nowhere")).config()
@@ -215,8 +147,8 @@ def test_unknown_federation_is_refused_clearly(tmp_path):
     assert "fedbip init" in info.value.hint
 
 
-def test_forbidden_member_repo_on_the_hub_is_skipped(hub, tmp_path, base_dir):
-    fed = _federation_on_hub(base_dir)
+def test_forbidden_member_repo_on_the_hub_is_skipped(hub, tmp_path, tiny_base):
+    fed = _federation_on_hub(tiny_base)
     hub.add_token("hf_other_user_token_123", "someone")
     hub.create_repo("someone/secret", private=True)
     fed.store.commit(fed.repo_id, {"members/mallory.json": dump_json(
@@ -227,8 +159,8 @@ def test_forbidden_member_repo_on_the_hub_is_skipped(hub, tmp_path, base_dir):
     assert sorted(record["outputs"]) == sorted(CLIENTS)
 
 
-def _federation_on_hub(base_dir: Path) -> Federation:
-    config = FederationConfig(name="h", base_model=str(base_dir), num_labels=3,
+def _federation_on_hub(tiny_base: Path) -> Federation:
+    config = FederationConfig(name="h", base_model=str(tiny_base), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip"})
     fed = init_federation("fedorg/rounds", config)
     for i, (client, group) in enumerate(CLIENTS.items()):

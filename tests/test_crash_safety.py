@@ -1,0 +1,72 @@
+"""A round killed at any step, then re-run, ends exactly like an uninterrupted round:
+no half-written or doubly-updated adapter, every upload consumed once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from federation_helpers import CLIENTS, new_local_federation
+from safetensors.torch import load_file
+
+from fedbip_hub.client import latest_personalized_revision
+from fedbip_hub.errors import RoundInProgressError
+from fedbip_hub.federation import PERSONALIZED_DIR, Federation
+from fedbip_hub.rounds import RoundRunner, run_round
+
+STEPS = ["planned", "downloaded", "computed", "published:alice", "published:bob",
+         "before-record"]
+
+
+class Crash(Exception):
+    """Stands for the job being killed at a step."""
+
+
+def _outputs(fed: Federation) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for client in CLIENTS:
+        repo = fed.member(client).repo_id
+        revision = latest_personalized_revision(fed, repo)
+        folder = fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR)
+        out[client] = load_file(folder / "adapter_model.safetensors")
+    return out
+
+
+def _summary(fed: Federation) -> dict:
+    state = fed.state()
+    return {"round": state.round, "in_progress": state.in_progress,
+            "versions": {c: len(s.personalized_history) for c, s in state.clients.items()},
+            "publish_commits": {c: sum(1 for h in fed.store.history(fed.member(c).repo_id)
+                                       if h.title.startswith("fedbip: personalized"))
+                                for c in CLIENTS}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
+    fed = new_local_federation(tmp_path_factory.mktemp("clean"), tiny_base)
+    run_round(fed)
+    return _outputs(fed), _summary(fed)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_crash_at_any_step_resumes_to_the_uninterrupted_result(step, tmp_path, tiny_base,
+                                                                 uninterrupted):
+    fed = new_local_federation(tmp_path, tiny_base)
+
+    def crash(reached: str) -> None:
+        if reached == step:
+            raise Crash(step)
+
+    with pytest.raises(Crash):
+        RoundRunner(fed, checkpoint=crash).run()
+    with pytest.raises(RoundInProgressError):  # the lease holds until taken over
+        run_round(fed)
+    record = run_round(fed, takeover=True)
+    assert record["status"] == "completed" and record["round"] == 1
+    expected_outputs, expected_summary = uninterrupted
+    assert _summary(fed) == expected_summary
+    for client, tensors in _outputs(fed).items():
+        for key, value in expected_outputs[client].items():
+            torch.testing.assert_close(tensors[key], value)
+    assert run_round(fed)["status"] == "nothing-new"
