@@ -44,6 +44,7 @@ from fedbip_hub.federation import (
     utc_now,
 )
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
+from fedbip_hub.robust import norm_guard
 from fedbip_hub.similarity import SimilarityReport, compute_similarity
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
 from fedbip_hub.task_vectors import TaskVector
@@ -258,14 +259,17 @@ class RoundRunner:
                     refused[pinned.client] = pinned.upload_id
         self._lap("download_validate")
         self.checkpoint("downloaded")
-        names = [p.client for p in inputs]
-        fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
-        report = None
-        weights = None
+        report = weights = None
         merged: list[MergedAdapter] = []
-        if bool(fresh.any()):
-            report, weights, merged = self._compute(plan, strategy, config, init, vectors,
-                                                    inputs, fresh)
+        guard: dict[str, dict] = {}
+        if any(p.fresh for p in inputs):
+            report = self._similarity(strategy, vectors, inputs)
+            report, vectors, inputs, scale, guard = self._norm_guard(
+                strategy, report, vectors, inputs, skipped, refused)
+            if any(p.fresh for p in inputs):
+                weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
+                                              report, scale)
+        names = [p.client for p in inputs]
         self._lap("compute")
         self.checkpoint("computed")
         outputs = {} if self.dry_run else self._publish_all(plan, config, strategy, names,
@@ -273,6 +277,7 @@ class RoundRunner:
         self._lap("publish")
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
+        record["norm_guard"] = guard
         if not self.dry_run:
             self.checkpoint("before-record")
             self._complete(plan, config, record, outputs, inputs, refused, report)
@@ -303,22 +308,58 @@ class RoundRunner:
         folder = self.store.fetch_folder(repo_id, revision, PERSONALIZED_DIR)
         return LoraAdapter(folder, label=f"{name} personalized")
 
-    def _compute(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
-                 init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
-                 fresh: torch.Tensor) -> tuple[SimilarityReport, WeightTable,
-                                               list[MergedAdapter]]:
-        k = len(vectors)
-        self.log(f"Similarity between {k} clients ({int(fresh.sum())} with new uploads).")
-        report = compute_similarity(
+    def _similarity(self, strategy: Strategy, vectors: list[TaskVector],
+                    inputs: list[PinnedInput]) -> SimilarityReport:
+        fresh = sum(p.fresh for p in inputs)
+        self.log(f"Similarity between {len(vectors)} clients ({fresh} with new uploads).")
+        return compute_similarity(
             vectors, space=strategy.similarity_space,
             include_dense=strategy.include_dense_in_similarity,
             progress=lambda items: self.progress(items, "Similarity"))
+
+    def _norm_guard(self, strategy: Strategy, report: SimilarityReport,
+                    vectors: list[TaskVector], inputs: list[PinnedInput],
+                    skipped: dict[str, str], refused: dict[str, str]
+                    ) -> tuple[SimilarityReport, list[TaskVector], list[PinnedInput],
+                               torch.Tensor, dict[str, dict]]:
+        """Clip (scale down) or exclude fresh updates whose norm is a robust outlier."""
+        scale = torch.ones(len(inputs), dtype=torch.float64)
+        if strategy.norm_guard == "off":
+            return report, vectors, inputs, scale, {}
+        result = norm_guard(report.norms(), threshold=strategy.norm_guard_threshold)
+        flagged = [k for k in result.outliers if inputs[k].fresh]
+        details = {inputs[k].client: {"norm": float(result.norms[k]),
+                                      "robust_z": float(result.robust_z[k]),
+                                      "cap": result.cap, "action": strategy.norm_guard}
+                   for k in flagged}
+        for k in flagged:
+            self.log(f"Norm guard ({strategy.norm_guard}): {inputs[k].client}: "
+                     f"{result.explain(k)}.")
+        if strategy.norm_guard == "clip":
+            for k in flagged:
+                scale[k] = result.scale[k]
+            return report, vectors, inputs, scale, details
+        for k in flagged:
+            skipped[inputs[k].client] = (
+                f"{result.explain(k)}; excluded by the norm guard (fix: check the training "
+                "for divergence or a scaling bug, then push again)")
+            refused[inputs[k].client] = inputs[k].upload_id
+        keep = [k for k in range(len(inputs)) if k not in flagged]
+        return (report.subset(keep), [vectors[k] for k in keep], [inputs[k] for k in keep],
+                scale[keep], details)
+
+    def _merge(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
+               init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
+               report: SimilarityReport, scale: torch.Tensor
+               ) -> tuple[WeightTable, list[MergedAdapter]]:
+        k = len(vectors)
+        fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         allowed = fresh[None, :].expand(k, k).clone()
         weights = compute_weights(strategy, k=k, report=report,
                                   n_examples=[p.n_examples for p in inputs], allowed=allowed)
         contribution = torch.tensor(
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
-             for p in inputs], dtype=torch.float64)
+             for p in inputs], dtype=torch.float64) * scale
         latest = [self._latest_adapter(plan, p.client, p.repo_id, init) for p in inputs]
         merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
                                latest=latest)
@@ -327,7 +368,7 @@ class RoundRunner:
                              space=strategy.spec.merge_space,
                              personal_heads=strategy.personal_heads,
                              progress=lambda items: self.progress(items, "Merging"))
-        return report, weights, merged
+        return weights, merged
 
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],

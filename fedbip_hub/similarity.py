@@ -67,6 +67,12 @@ class SimilarityReport:
         """‖τ_k‖_F over the whole model."""
         return self.gram("model")[MODEL_KEY].diagonal().clamp_min(0).sqrt()
 
+    def subset(self, keep: list[int]) -> SimilarityReport:
+        """The same report restricted to some clients (in the given order)."""
+        index = torch.tensor(keep, dtype=torch.long)
+        return SimilarityReport([self.clients[k] for k in keep],
+                                {m: g[index][:, index] for m, g in self.grams.items()})
+
     def to_json(self, *, modules: bool = False) -> dict:
         """JSON view: ``model`` is the K×K cosine, ``layers`` maps block → K×K."""
         out = {

@@ -75,6 +75,8 @@ class Strategy(BaseModel):
     refactor: Literal["svd", "cat"] = "svd"
     staleness_beta: float = Field(0.5, ge=0)
     personal_heads: bool = False
+    norm_guard: Literal["clip", "exclude", "off"] = "clip"
+    norm_guard_threshold: float = Field(3.0, gt=0)
 
     @field_validator("method")
     @classmethod

@@ -1,0 +1,63 @@
+"""A robust guard on task-vector norms: median/MAD outliers are clipped or excluded.
+
+Norms are compared in log space, where a scaled attack (×100) is a shift and honest
+spread is small; FedBip's similarity weighting is the second line of defence (a
+sign-flipped or random update has a non-positive cosine with honest peers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution is 0.6745 σ
+MIN_LOG_SPREAD = 0.1  # ~10%: honest clients' norms are never treated as more alike
+
+
+@dataclass(frozen=True)
+class NormGuardResult:
+    """Per client: robust z of log-norm, the factor its update is scaled by, outliers."""
+
+    norms: torch.Tensor
+    robust_z: torch.Tensor
+    scale: torch.Tensor
+    outliers: list[int]
+    cap: float | None
+
+    def explain(self, index: int) -> str:
+        ratio = float(self.norms[index]) / float(self.norms.median())
+        return (f"task-vector norm {float(self.norms[index]):.3g} is {ratio:.3g}× the "
+                f"round's median (robust z {float(self.robust_z[index]):.1f})")
+
+
+def norm_guard(norms: torch.Tensor, *, threshold: float = 3.0, min_clients: int = 3
+               ) -> NormGuardResult:
+    """Flag norms whose robust z-score of log-norm exceeds ``threshold``.
+
+    Args:
+        norms: ‖τ_k‖ for the K clients of a round.
+        threshold: robust z above which a norm is an outlier (only large norms are).
+        min_clients: below this many non-zero norms the guard does nothing.
+
+    Returns:
+        ``scale[k]`` brings an outlier's norm down to the cap exp(median + threshold·σ);
+        other clients keep 1.
+    """
+    norms = norms.to(torch.float64)
+    ones = torch.ones_like(norms)
+    positive = norms > 0
+    if int(positive.sum()) < min_clients:
+        return NormGuardResult(norms, torch.zeros_like(norms), ones, [], None)
+    logs = torch.where(positive, norms.clamp_min(1e-300).log(), torch.zeros_like(norms))
+    center = logs[positive].median()
+    spread = max(float((logs[positive] - center).abs().median()) * MAD_TO_SIGMA,
+                 MIN_LOG_SPREAD)
+    robust_z = torch.where(positive, (logs - center) / spread, torch.zeros_like(norms))
+    cap = math.exp(float(center) + threshold * spread)
+    outliers = [k for k in range(norms.numel()) if float(robust_z[k]) > threshold]
+    scale = ones.clone()
+    for k in outliers:
+        scale[k] = cap / float(norms[k])
+    return NormGuardResult(norms, robust_z, scale, outliers, cap)
