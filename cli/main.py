@@ -6,6 +6,7 @@ import typer
 
 from cli.engine import register_engine_commands
 from cli.federation import register_federation_commands
+from cli.train import register_training_commands
 
 app = typer.Typer(
     name="fedbip",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 register_engine_commands(app)
 register_federation_commands(app)
+register_training_commands(app)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ A prepared dataset has exactly two columns:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -225,18 +224,14 @@ def _input_ids(ds: Any, columns: list[str], tokenizer: Any, max_length: int, tex
 
 
 def _parse_ids(value: Any, index: int) -> list[int]:
-    if isinstance(value, str):  # CSV cells: "[1, 2, 3]" or "1 2 3"
-        text = value.strip()
-        try:
-            value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"example {index}: cannot parse input_ids {value!r}.",
-                              hint='Write token ids as "[1, 2, 3]" or "1 2 3".') from exc
+    if isinstance(value, str):  # CSV cells: "[1, 2, 3]", "[1 2 3]" (numpy) or "1 2 3"
+        value = value.strip().strip("[]").replace(",", " ").split()
     try:
         return [int(t) for t in value]
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"example {index}: input_ids must be token ids, got {value!r}."[:200],
-                          hint="Give a list of integers per example.") from exc
+                          hint='Give a list of integers per example (CSV: "[1, 2, 3]").'
+                          ) from exc
 
 
 def _class_labels(ds: Any, columns: list[str], label_field: str, num_labels: int | None
@@ -278,7 +273,7 @@ def _prompt_completion(ds: Any, tokenizer: Any, max_length: int
                                    truncation=False)["input_ids"]
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
-            completion_ids = [list(c) + [eos] for c in completion_ids]
+            completion_ids = [[*c, eos] for c in completion_ids]
     else:
         prompt_ids = [_parse_ids(p, i) for i, p in enumerate(prompts)]
         completion_ids = [_parse_ids(c, i) for i, c in enumerate(completions)]
