@@ -84,14 +84,31 @@ def _read_safetensors_header(path: Path, *, label: str | None) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterError(f"{path} has an unreadable safetensors header ({exc}).",
                                client=label, hint="Re-save the adapter.") from exc
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path} has a corrupt safetensors header (not a JSON object).",
+                           client=label,
+                           hint="Re-save the adapter with PeftModel.save_pretrained.")
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
     for key, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not offsets or offsets[1] > data_len:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (_int_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
+                and _int_list(shape)):
+            raise AdapterError(
+                f"{path}: tensor {key!r} has a malformed header entry (it needs a dtype, a "
+                "shape and two data offsets).",
+                client=label, hint="Re-save the adapter with PeftModel.save_pretrained.")
+        if offsets[1] > data_len:
             raise AdapterError(f"{path}: tensor {key!r} points past the end of the file.",
                                client=label, hint="Re-upload the complete adapter file.")
     return header
+
+
+def _int_list(value: object) -> bool:
+    """A JSON list of non-negative integers (bool, a subclass of int, excluded)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 class LoraAdapter:
@@ -251,8 +268,9 @@ def save_lora_adapter(
 ) -> Path:
     """Write an adapter whose module m has ΔW = U·V, for ``modules[m] = (U, V)``.
 
-    The template's r, lora_alpha and use_rslora are kept, so a client can train its next
-    round from the result with the federation's spec. Each module's scale is folded back
+    The template's lora_alpha (and alpha_pattern) and use_rslora are kept, so a client
+    trains its next round from the result with the federation's scaling rule; ``r`` is the
+    most common output rank. Each module's scale is folded back
     out of U evenly (B = U/√s, A = V/√s), or out of U alone (``fold_scale="b"``, which keeps
     A as given: the params-space merge needs that), and a module whose rank differs from
     ``r`` gets an explicit rank_pattern entry.

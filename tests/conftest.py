@@ -47,6 +47,9 @@ _HUB_ENV = {
     "no_proxy": "127.0.0.1,localhost",
 }
 os.environ.update(_HUB_ENV)
+# Tiny models on a shared 2-core machine: one thread is ~30× faster than contended
+# threads, here and in every CLI subprocess (they inherit the environment).
+os.environ["OMP_NUM_THREADS"] = "1"
 for _name in (
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",

@@ -26,10 +26,6 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-# Every tensor in these tests is tiny: an intra-op thread pool only adds synchronisation
-# (on a busy 2-core machine it made a 4×4 Gram matrix take 50 ms instead of 0.5 ms).
-torch.set_num_threads(1)
-
 PREFIX = "base_model.model."
 Kind = Literal["causal", "seqcls"]
 

@@ -115,6 +115,18 @@ def test_lora_factors_are_the_stored_tensors(tmp_path):
     assert torch.equal(a, stored[f"{PREFIX}{V1}.lora_A.weight"])
 
 
+def test_delta_factors_fold_the_scale_into_u(peft_folders):
+    folder = peft_folders["rslora_patterns"]
+    stored = load_file(str(folder / "adapter_model.safetensors"))
+    scalings = peft_reference(folder).scalings
+    adapter = LoraAdapter(folder)
+    for module in (Q0, V0):
+        u, v = adapter.delta_factors(module, torch.float64)
+        torch.testing.assert_close(
+            u, scalings[module] * stored[f"{PREFIX}{module}.lora_B.weight"].double())
+        assert torch.equal(v, stored[f"{PREFIX}{module}.lora_A.weight"].double())
+
+
 def test_header_is_read_without_loading_tensors(tmp_path, monkeypatch):
     folder = write_raw_adapter(tmp_path / "raw", r=4, rank_pattern={"v_proj": 2},
                                dense={"lm_head.weight": torch.randn(64, 32)})
@@ -187,6 +199,18 @@ def test_config_not_json(tmp_path):
     folder = write_raw_adapter(tmp_path / "raw")
     (folder / "adapter_config.json").write_text("{not json", encoding="utf-8")
     _expect_adapter_error(folder, "not valid JSON")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"r": 0}, "r must be positive"),
+    ({"lora_alpha": None}, "lora_alpha"),
+    ({"rank_pattern": {"v_proj": 0}}, "non-positive rank"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+])
+def test_invalid_or_unsupported_config(tmp_path, overrides, match):
+    folder = write_raw_adapter(tmp_path / "raw", config_overrides=overrides)
+    _expect_adapter_error(folder, match)
 
 
 def test_use_dora_is_refused(tmp_path):
