@@ -5,7 +5,11 @@ It serves what `huggingface_hub.HfApi`, `hf_hub_download`, `snapshot_download` a
 creation and deletion, repo info, preupload (every file is "regular": no LFS, no Xet),
 ndjson commits with `parentCommit` checks (HTTP 412), pull-request commits, refs,
 commit history, branches, tags, tree listings, paths-info, `list_models(author=...)`
-and `resolve` downloads (HEAD and GET, with Range).
+and `resolve` downloads (HEAD and GET, with Range). It also keeps the Jobs and webhooks
+APIs that `HfApi` calls (`run_job`, `create_scheduled_job`, `list_scheduled_jobs`,
+`inspect_scheduled_job`, `suspend|resume|trigger|delete_scheduled_job`,
+`create|list|get|update|enable|disable|delete_webhook`): nothing ever runs, the server
+only records what was asked.
 
 State lives in memory. Every commit is a full snapshot (path -> bytes) with its parent,
 so any old commit id stays downloadable. Tests drive it from Python:
@@ -17,9 +21,14 @@ so any old commit id stays downloadable. Tests drive it from Python:
     server.requests  # [(method, path, status), ...]
     server.create_repo("fedorg/x", files={"a.txt": "a"})  # set-up without HTTP
     server.head("fedorg/x"), server.files("fedorg/x"), server.commits("fedorg/x")
+    server.scheduled_jobs, server.jobs, server.webhooks  # stored state, secrets included
+    server.api_calls  # [ApiCall(method, path, query, body)] for the Jobs/webhooks routes
     server.stop()
 
 It uses the standard library only. Tokens are never logged or stored in the request log.
+`api_calls` keeps the JSON bodies of Jobs and webhooks requests exactly as sent, secret
+values included (that is where a test checks a token went only where it should); the
+server's replies name secrets but never echo their values, as the real Hub does.
 Run it by hand with `python -m fedbip_hub.testing.hub_server --port 8765`.
 """
 
@@ -53,6 +62,7 @@ __all__ = [
     "DEFAULT_TOKEN",
     "DEFAULT_USER",
     "INVALID_CREDENTIALS",
+    "ApiCall",
     "Commit",
     "Fault",
     "HubServer",
@@ -159,6 +169,15 @@ class _TokenInfo:
 
     def owns(self, namespace: str) -> bool:
         return namespace == self.user or namespace in self.orgs
+
+
+class ApiCall(NamedTuple):
+    """One Jobs or webhooks request: method, path, query string and JSON body as sent."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: Any
 
 
 class RequestRecord(NamedTuple):
@@ -372,7 +391,57 @@ _GLOBAL_ROUTES: list[_Route] = [
     ("POST", re.compile(r"/api/validate-yaml"), "_validate_yaml"),
     ("GET", re.compile(r"/api/agent-harnesses"), "_agent_harnesses"),
     ("GET", re.compile(r"/api/(?P<kind>models|datasets|spaces)"), "_list_repos"),
+    # Jobs (nothing runs: jobs are recorded with stage RUNNING)
+    ("POST", re.compile(r"/api/jobs/(?P<ns>[^/]+)"), "_run_job"),
+    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)"), "_list_jobs"),
+    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"), "_get_job"),
+    # Scheduled jobs
+    ("POST", re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)"), "_create_scheduled_job"),
+    ("GET", re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)"), "_list_scheduled_jobs"),
+    (
+        "GET",
+        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"),
+        "_get_scheduled_job",
+    ),
+    (
+        "DELETE",
+        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"),
+        "_delete_scheduled_job",
+    ),
+    (
+        "POST",
+        re.compile(
+            r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/(?P<action>suspend|resume)"
+        ),
+        "_suspend_scheduled_job",
+    ),
+    (
+        "POST",
+        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/run"),
+        "_trigger_scheduled_job",
+    ),
+    (
+        "POST",
+        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/schedule"),
+        "_reschedule_job",
+    ),
+    # Webhooks
+    ("GET", re.compile(r"/api/settings/webhooks"), "_list_webhooks"),
+    ("POST", re.compile(r"/api/settings/webhooks"), "_create_webhook"),
+    ("GET", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_get_webhook"),
+    ("POST", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_update_webhook"),
+    ("DELETE", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_delete_webhook"),
+    (
+        "POST",
+        re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)/(?P<action>enable|disable)"),
+        "_toggle_webhook",
+    ),
 ]
+_API_CALL_PATH = re.compile(r"/api/(jobs|scheduled-jobs|settings/webhooks)(/.*)?")
+#: What HF Jobs accepts as a schedule: a macro or a five-field cron expression.
+_SCHEDULE_MACROS = ("@annually", "@yearly", "@monthly", "@weekly", "@daily", "@hourly")
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?-]+")
+_WATCH_TYPES = ("bucket", "dataset", "model", "org", "space", "user")
 
 
 class HubServer:
@@ -408,6 +477,10 @@ class HubServer:
         self._tokens: dict[str, _TokenInfo] = {}
         self._faults: list[Fault] = []
         self._log: deque[RequestRecord] = deque(maxlen=_MAX_LOG)
+        self._api_calls: deque[ApiCall] = deque(maxlen=_MAX_LOG)
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._scheduled: dict[str, dict[str, Any]] = {}
+        self._webhooks: dict[str, dict[str, Any]] = {}
         self._errors: list[str] = []
         self._counter = itertools.count()
         self._httpd: _HTTPServer | None = None
@@ -465,6 +538,10 @@ class HubServer:
         with self._lock:
             self._repos.clear()
             self._log.clear()
+            self._api_calls.clear()
+            self._jobs.clear()
+            self._scheduled.clear()
+            self._webhooks.clear()
             self._errors.clear()
             self._reset_tokens()
         self.clear_faults()
@@ -544,6 +621,34 @@ class HubServer:
     def clear_requests(self) -> None:
         with self._lock:
             self._log.clear()
+            self._api_calls.clear()
+
+    @property
+    def api_calls(self) -> list[ApiCall]:
+        """Jobs and webhooks requests (method, path, query, JSON body), oldest first.
+
+        Bodies are kept as sent, secret values included; see the module docstring.
+        """
+        with self._lock:
+            return list(self._api_calls)
+
+    @property
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        """Jobs started with `run_job` (or by triggering a scheduled job), by id."""
+        with self._lock:
+            return json.loads(json.dumps(self._jobs))
+
+    @property
+    def scheduled_jobs(self) -> dict[str, dict[str, Any]]:
+        """Scheduled jobs by id: namespace, schedule, suspend, concurrency, spec, last job."""
+        with self._lock:
+            return json.loads(json.dumps(self._scheduled))
+
+    @property
+    def webhooks(self) -> dict[str, dict[str, Any]]:
+        """Webhooks by id: owner, watched, domains, secret, job source and job secrets."""
+        with self._lock:
+            return json.loads(json.dumps(self._webhooks))
 
     @property
     def errors(self) -> list[str]:
@@ -630,6 +735,15 @@ class HubServer:
 
     def _serve(self, request: _Request) -> _Response | None:
         """Answer one request (None: drop the connection). Logs before replying."""
+        if _API_CALL_PATH.fullmatch(request.raw_path):
+            try:
+                body = json.loads(request.body) if request.body else None
+            except ValueError:
+                body = request.body.decode("utf-8", "replace")
+            with self._lock:
+                self._api_calls.append(
+                    ApiCall(request.method, request.path, dict(request.query), body)
+                )
         fault = self._take_fault(request.method, request.path)
         if fault is not None:
             if fault.delay > 0:
@@ -1275,6 +1389,332 @@ class HubServer:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             return _Response(206, data[start : end + 1], headers)
         return _Response(200, data, headers)
+
+    # ------------------------------------------------------------------ jobs and webhooks
+
+    def _job_owner(self, request: _Request, namespace: str) -> dict[str, str]:
+        caller = request.caller
+        if caller is None:
+            raise _HubError(401, "You must be authenticated to use Jobs")
+        if caller.role != "write" or not caller.owns(namespace):
+            raise _HubError(
+                403, f'You don\'t have the rights to use Jobs under the namespace "{namespace}"'
+            )
+        return {
+            "id": hashlib.sha1(namespace.encode()).hexdigest()[:24],
+            "name": namespace,
+            "type": "user" if namespace == caller.user else "org",
+        }
+
+    @staticmethod
+    def _check_job_spec(spec: Any) -> dict[str, Any]:
+        if not isinstance(spec, dict):
+            raise _HubError(400, "The job spec must be a JSON object")
+        command = spec.get("command")
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(part, str) for part in command)
+        ):
+            raise _HubError(400, "jobSpec.command must be a non-empty list of strings")
+        if not (spec.get("dockerImage") or spec.get("spaceId")):
+            raise _HubError(400, "jobSpec needs a dockerImage or a spaceId")
+        for key in ("environment", "secrets"):
+            value = spec.get(key) or {}
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
+            ):
+                raise _HubError(400, f"jobSpec.{key} must map names to strings")
+        return json.loads(json.dumps(spec))
+
+    @staticmethod
+    def _public_spec(
+        spec: Mapping[str, Any], secrets: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A job spec as the Hub shows it: secret names, never their values."""
+        public = {k: v for k, v in spec.items() if k != "secrets"}
+        public["secrets"] = sorted(secrets if secrets is not None else spec.get("secrets") or {})
+        if "timeoutSeconds" in spec:
+            public.setdefault("timeout", spec["timeoutSeconds"])
+        return public
+
+    def _new_id(self, kind: str) -> str:
+        seed = f"{kind}/{next(self._counter)}/{_now().isoformat()}"
+        return hashlib.sha1(seed.encode()).hexdigest()[:24]
+
+    def _start_job(
+        self,
+        namespace: str,
+        owner: dict[str, str],
+        spec: dict[str, Any],
+        scheduled_job_id: str | None = None,
+    ) -> dict[str, Any]:
+        job = {
+            "id": self._new_id("job"),
+            "namespace": namespace,
+            "owner": owner,
+            "createdAt": _iso(_now()),
+            "spec": spec,
+            "stage": "RUNNING",
+            "scheduledJobId": scheduled_job_id,
+        }
+        with self._lock:
+            self._jobs[job["id"]] = job
+        return job
+
+    def _job_payload(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            **self._public_spec(job["spec"]),
+            "id": job["id"],
+            "createdAt": job["createdAt"],
+            "owner": job["owner"],
+            "status": {"stage": job["stage"], "message": None},
+        }
+
+    def _run_job(self, request: _Request, ns: str) -> _Response:
+        owner = self._job_owner(request, ns)
+        job = self._start_job(ns, owner, self._check_job_spec(request.json()))
+        return _json_response(self._job_payload(job))
+
+    def _list_jobs(self, request: _Request, ns: str) -> _Response:
+        self._job_owner(request, ns)
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j["namespace"] == ns]
+        return _json_response([self._job_payload(j) for j in jobs])
+
+    def _get_job(self, request: _Request, ns: str, job_id: str) -> _Response:
+        self._job_owner(request, ns)
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None or job["namespace"] != ns:
+            raise _HubError(404, f"Job not found: {job_id}")
+        return _json_response(self._job_payload(job))
+
+    @staticmethod
+    def _check_schedule(schedule: Any) -> str:
+        if isinstance(schedule, str):
+            if schedule in _SCHEDULE_MACROS:
+                return schedule
+            fields = schedule.split()
+            if len(fields) == 5 and all(_CRON_FIELD.fullmatch(f) for f in fields):
+                return schedule
+        raise _HubError(400, f"Invalid schedule: {schedule!r}")
+
+    def _scheduled_payload(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "id": record["id"],
+            "createdAt": record["createdAt"],
+            "jobSpec": self._public_spec(record["spec"]),
+            "schedule": record["schedule"],
+            "suspend": record["suspend"],
+            "concurrency": record["concurrency"],
+            "status": {"lastJob": record["lastJob"], "nextJobRunAt": None},
+            "owner": record["owner"],
+        }
+
+    def _scheduled_or_404(self, request: _Request, ns: str, job_id: str) -> dict[str, Any]:
+        self._job_owner(request, ns)
+        with self._lock:
+            record = self._scheduled.get(job_id)
+        if record is None or record["namespace"] != ns:
+            raise _HubError(404, f"Scheduled job not found: {job_id}")
+        return record
+
+    def _create_scheduled_job(self, request: _Request, ns: str) -> _Response:
+        owner = self._job_owner(request, ns)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise _HubError(400, "The body must be a JSON object")
+        record = {
+            "id": self._new_id("scheduled-job"),
+            "namespace": ns,
+            "owner": owner,
+            "createdAt": _iso(_now()),
+            "schedule": self._check_schedule(body.get("schedule")),
+            "suspend": bool(body.get("suspend", False)),
+            "concurrency": bool(body.get("concurrency", False)),
+            "spec": self._check_job_spec(body.get("jobSpec")),
+            "lastJob": None,
+        }
+        with self._lock:
+            self._scheduled[record["id"]] = record
+        return _json_response(self._scheduled_payload(record))
+
+    def _list_scheduled_jobs(self, request: _Request, ns: str) -> _Response:
+        self._job_owner(request, ns)
+        label = request.query.get("label", [""])[-1]
+        key, _, value = label.partition("=")
+        with self._lock:
+            records = [r for r in self._scheduled.values() if r["namespace"] == ns]
+        if key:
+            records = [r for r in records if (r["spec"].get("labels") or {}).get(key) == value]
+        return _json_response([self._scheduled_payload(r) for r in records])
+
+    def _get_scheduled_job(self, request: _Request, ns: str, job_id: str) -> _Response:
+        return _json_response(self._scheduled_payload(self._scheduled_or_404(request, ns, job_id)))
+
+    def _delete_scheduled_job(self, request: _Request, ns: str, job_id: str) -> _Response:
+        self._scheduled_or_404(request, ns, job_id)
+        with self._lock:
+            self._scheduled.pop(job_id, None)
+        return _json_response({})
+
+    def _suspend_scheduled_job(
+        self, request: _Request, ns: str, job_id: str, action: str
+    ) -> _Response:
+        record = self._scheduled_or_404(request, ns, job_id)
+        with self._lock:
+            record["suspend"] = action == "suspend"
+        return _json_response({})
+
+    def _reschedule_job(self, request: _Request, ns: str, job_id: str) -> _Response:
+        record = self._scheduled_or_404(request, ns, job_id)
+        schedule = self._check_schedule(request.json().get("schedule"))
+        with self._lock:
+            record["schedule"] = schedule
+        return _json_response(self._scheduled_payload(record))
+
+    def _trigger_scheduled_job(self, request: _Request, ns: str, job_id: str) -> _Response:
+        record = self._scheduled_or_404(request, ns, job_id)
+        job = self._start_job(ns, record["owner"], record["spec"], scheduled_job_id=job_id)
+        with self._lock:
+            record["lastJob"] = {"id": job["id"], "at": job["createdAt"]}
+        return _json_response(self._job_payload(job))
+
+    def _webhook_payload(self, hook: Mapping[str, Any]) -> dict[str, Any]:
+        job = hook.get("job")
+        return {
+            "id": hook["id"],
+            "watched": hook["watched"],
+            "domains": hook["domains"],
+            "secret": hook.get("secret"),
+            "url": hook.get("url"),
+            "job": self._public_spec(job, hook.get("secrets") or {}) if job else None,
+            "disabled": hook["disabled"],
+        }
+
+    def _webhook_or_404(self, request: _Request, webhook_id: str) -> dict[str, Any]:
+        caller = request.caller
+        if caller is None:
+            raise _HubError(401, "You must be authenticated to manage webhooks")
+        with self._lock:
+            hook = self._webhooks.get(webhook_id)
+        if hook is None or hook["owner"] != caller.user:
+            raise _HubError(404, f"Webhook not found: {webhook_id}")
+        return hook
+
+    def _apply_webhook_fields(
+        self, request: _Request, hook: dict[str, Any], body: Mapping[str, Any]
+    ) -> None:
+        if "watched" in body:
+            watched = body["watched"]
+            if (
+                not isinstance(watched, list)
+                or not watched
+                or not all(
+                    isinstance(w, dict)
+                    and w.get("type") in _WATCH_TYPES
+                    and isinstance(w.get("name"), str)
+                    and w["name"]
+                    for w in watched
+                )
+            ):
+                raise _HubError(400, "watched must be a non-empty list of {type, name}")
+            hook["watched"] = [{"type": w["type"], "name": w["name"]} for w in watched]
+        if "domains" in body:
+            domains = body["domains"]
+            if not isinstance(domains, list) or not set(domains) <= {"repo", "discussion"}:
+                raise _HubError(400, "domains must be a list of 'repo' and 'discussion'")
+            hook["domains"] = list(domains)
+        if "secret" in body:
+            hook["secret"] = body["secret"]
+        if body.get("url") is not None and body.get("jobSourceId") is not None:
+            raise _HubError(400, "Set url or jobSourceId, not both")
+        if body.get("url") is not None:
+            hook.update(url=str(body["url"]), jobSourceId=None, job=None, secrets={})
+        if body.get("jobSourceId") is not None:
+            source = str(body["jobSourceId"])
+            with self._lock:
+                found = self._jobs.get(source) or self._scheduled.get(source)
+            if found is None:
+                raise _HubError(404, f"Job not found: {source}")
+            self._job_owner(request, found["namespace"])
+            hook.update(
+                url=None,
+                jobSourceId=source,
+                job={k: v for k, v in found["spec"].items() if k != "secrets"},
+            )
+        if "secrets" in body:
+            secrets = body["secrets"]
+            if not hook.get("jobSourceId"):
+                raise _HubError(400, "secrets can only be set on a webhook that runs a job")
+            if not isinstance(secrets, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in secrets.items()
+            ):
+                raise _HubError(400, "secrets must map names to strings")
+            hook["secrets"] = dict(secrets)
+
+    def _create_webhook(self, request: _Request) -> _Response:
+        caller = request.caller
+        if caller is None:
+            raise _HubError(401, "You must be authenticated to create a webhook")
+        body = request.json()
+        if not isinstance(body, dict) or "watched" not in body:
+            raise _HubError(400, "A webhook needs watched items")
+        if body.get("url") is None and body.get("jobSourceId") is None:
+            raise _HubError(400, "A webhook needs a url or a jobSourceId")
+        hook: dict[str, Any] = {
+            "id": self._new_id("webhook"),
+            "owner": caller.user,
+            "watched": [],
+            "domains": ["repo", "discussion"],
+            "secret": None,
+            "url": None,
+            "jobSourceId": None,
+            "job": None,
+            "secrets": {},
+            "disabled": False,
+        }
+        self._apply_webhook_fields(request, hook, body)
+        with self._lock:
+            self._webhooks[hook["id"]] = hook
+        return _json_response({"webhook": self._webhook_payload(hook)})
+
+    def _list_webhooks(self, request: _Request) -> _Response:
+        caller = request.caller
+        if caller is None:
+            raise _HubError(401, "You must be authenticated to list webhooks")
+        with self._lock:
+            hooks = [h for h in self._webhooks.values() if h["owner"] == caller.user]
+        return _json_response([self._webhook_payload(h) for h in hooks])
+
+    def _get_webhook(self, request: _Request, webhook_id: str) -> _Response:
+        return _json_response(
+            {"webhook": self._webhook_payload(self._webhook_or_404(request, webhook_id))}
+        )
+
+    def _update_webhook(self, request: _Request, webhook_id: str) -> _Response:
+        hook = self._webhook_or_404(request, webhook_id)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise _HubError(400, "The body must be a JSON object")
+        updated = json.loads(json.dumps(hook))
+        self._apply_webhook_fields(request, updated, body)
+        with self._lock:
+            self._webhooks[webhook_id] = updated
+        return _json_response({"webhook": self._webhook_payload(updated)})
+
+    def _toggle_webhook(self, request: _Request, webhook_id: str, action: str) -> _Response:
+        hook = self._webhook_or_404(request, webhook_id)
+        with self._lock:
+            hook["disabled"] = action == "disable"
+        return _json_response({"webhook": self._webhook_payload(hook)})
+
+    def _delete_webhook(self, request: _Request, webhook_id: str) -> _Response:
+        self._webhook_or_404(request, webhook_id)
+        with self._lock:
+            self._webhooks.pop(webhook_id, None)
+        return _json_response({})
 
 
 # --------------------------------------------------------------------------- CLI
