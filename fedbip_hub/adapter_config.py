@@ -98,24 +98,36 @@ class LoraAdapterConfig:
                 f"{source} has r={r}, lora_alpha={alpha}; r must be positive, alpha finite.",
                 hint="Re-save the adapter with a valid LoraConfig.",
             )
-        rank_pattern = dict(data.get("rank_pattern") or {})
-        alpha_pattern = dict(data.get("alpha_pattern") or {})
-        if any(int(v) <= 0 for v in rank_pattern.values()):
+        try:  # hostile or hand-edited configs must fail as AdapterError, never crash
+            rank_pattern = {str(k): int(v) for k, v in dict(data.get("rank_pattern") or {}
+                                                             ).items()}
+            alpha_pattern = {str(k): float(v) for k, v in dict(data.get("alpha_pattern") or {}
+                                                                ).items()}
+            for key in (*rank_pattern, *alpha_pattern):
+                re.compile(key)
+            modules_to_save = tuple(str(m) for m in data.get("modules_to_save") or ())
+        except (TypeError, ValueError, re.error) as exc:
+            raise AdapterError(
+                f"{source} has a malformed rank_pattern, alpha_pattern or modules_to_save "
+                f"({exc}).",
+                hint="Re-save the adapter with PeftModel.save_pretrained.",
+            ) from exc
+        if any(v <= 0 for v in rank_pattern.values()):
             raise AdapterError(
                 f"{source} has a non-positive rank in rank_pattern.",
                 hint="Every rank_pattern entry must be a positive integer.",
             )
         targets = data.get("target_modules")
         if isinstance(targets, list):
-            targets = tuple(sorted(targets))
+            targets = tuple(sorted(map(str, targets)))
         return cls(
             r=r,
             lora_alpha=alpha,
             use_rslora=bool(data.get("use_rslora", False)),
-            rank_pattern={str(k): int(v) for k, v in rank_pattern.items()},
-            alpha_pattern={str(k): float(v) for k, v in alpha_pattern.items()},
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             target_modules=targets,
-            modules_to_save=tuple(data.get("modules_to_save") or ()),
+            modules_to_save=modules_to_save,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             base_model_revision=data.get("revision"),
             task_type=data.get("task_type"),

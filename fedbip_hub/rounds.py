@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
+from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
     ConflictError,
     FedbipError,
@@ -45,11 +46,13 @@ from fedbip_hub.federation import (
 )
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
 from fedbip_hub.robust import norm_guard
-from fedbip_hub.similarity import SimilarityReport, compute_similarity
+from fedbip_hub.similarity import SimilarityReport
+from fedbip_hub.sketch import round_similarity
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.streaming import DEFAULT_DOWNLOAD_WORKERS, OrderedMap, StagingArea
 from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
-from fedbip_hub.validation import validate_upload
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, describe_error
+from fedbip_hub.validation import check_upload_listing, validate_upload
 
 ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
 LogFn = Callable[[str], None]
@@ -104,15 +107,26 @@ class RoundRunner:
         takeover: resume a round whose lease has not expired (its job is known dead).
         progress: wraps iterables with a progress bar.
         log: receives one line per step.
-        device: where the maths runs ("cpu", "cuda").
+        device: where the maths runs ("cpu", "cuda", or "auto": cuda when available).
         checkpoint: called with each step's name as the round passes it ("planned",
             "downloaded", "computed", "published:<client>", "before-record"); fault-
             injection tests raise from it to simulate a crash there.
+        groups: client → true task group, for the "oracle" method (benchmarks only).
+
+    Class attributes (set on an instance to change them): ``streaming`` spills merged
+    modules to disk and publishes one adapter at a time (False: the in-memory path,
+    same results); ``download_workers`` is the download/validate thread pool's size.
     """
+
+    streaming: bool = True
+    download_workers: int = DEFAULT_DOWNLOAD_WORKERS
+    _similarity_info: dict | None = None
+    _staging: StagingArea | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
-                 device: str = "cpu", checkpoint: Callable[[str], None] | None = None):
+                 device: str = "cpu", checkpoint: Callable[[str], None] | None = None,
+                 groups: Mapping[str, str] | None = None):
         self.fed = fed
         self.store = fed.store
         self.dry_run = dry_run
@@ -121,6 +135,7 @@ class RoundRunner:
         self.log = log or (lambda _msg: None)
         self.device = device
         self.checkpoint = checkpoint or (lambda _step: None)
+        self.groups = dict(groups) if groups is not None else None
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self._last_skips: dict[str, str] = {}
@@ -134,6 +149,7 @@ class RoundRunner:
     def run(self) -> dict:
         """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
         start = time.perf_counter()
+        resolve_device(self.device)  # a bad --device fails before any lease is taken
         for _ in range(5):
             head = self.fed.head()
             config = self.fed.config(head)
@@ -206,14 +222,17 @@ class RoundRunner:
             elif previous is not None:
                 inputs[name] = previous
             elif name not in skipped:
-                skipped[name] = "has not pushed an adapter yet"
+                skipped[name] = ("its last upload was refused (the round that refused it "
+                                 "says why); push a corrected one"
+                                 if client_state.refused_upload else
+                                 "has not pushed an adapter yet")
         return inputs, skipped
 
     def _fresh_upload(self, name: str, member: Member, client_state: Any
                       ) -> PinnedInput | None:
         head = self.store.head(member.repo_id)
         files = self.store.list_files(member.repo_id, head)
-        if UPLOAD_METADATA_NAME not in files or WEIGHTS_NAME not in files:
+        if not check_upload_listing(files, label=name):
             return None
         raw = self.store.read_bytes(member.repo_id, UPLOAD_METADATA_NAME, head)
         uid = upload_id(raw)
@@ -222,7 +241,7 @@ class RoundRunner:
         try:
             metadata = UploadMetadata.model_validate(json.loads(raw))
         except ValueError as exc:
-            raise FedbipError(f"fedbip_upload.json is malformed ({str(exc).splitlines()[0]})",
+            raise FedbipError(f"fedbip_upload.json is malformed ({describe_error(exc)})",
                               hint="Push again with `fedbip push`.", client=name) from exc
         history = client_state.personalized_history
         if metadata.start_revision is None:
@@ -249,11 +268,14 @@ class RoundRunner:
         vectors: list[TaskVector] = []
         inputs: list[PinnedInput] = []
         refused: dict[str, str] = {}
-        for pinned in self.progress(list(plan.inputs.values()), "Downloading and validating"):
-            try:
-                vectors.append(self._task_vector(pinned, config, init))
+        fetched = OrderedMap(lambda p: self._task_vector(p, config, init),
+                             list(plan.inputs.values()), catch=(FedbipError,),
+                             workers=self.download_workers if self.streaming else 1)
+        for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
+            if exc is None:
+                vectors.append(vector)
                 inputs.append(pinned)
-            except FedbipError as exc:
+            else:
                 skipped[pinned.client] = _reason(exc)
                 if pinned.fresh:
                     refused[pinned.client] = pinned.upload_id
@@ -278,6 +300,7 @@ class RoundRunner:
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
         record["norm_guard"] = guard
+        record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
             self._complete(plan, config, record, outputs, inputs, refused, report)
@@ -312,10 +335,22 @@ class RoundRunner:
                     inputs: list[PinnedInput]) -> SimilarityReport:
         fresh = sum(p.fresh for p in inputs)
         self.log(f"Similarity between {len(vectors)} clients ({fresh} with new uploads).")
-        return compute_similarity(
-            vectors, space=strategy.similarity_space,
-            include_dense=strategy.include_dense_in_similarity,
+        report, self._similarity_info = round_similarity(
+            vectors, strategy, seed_material=[f"{p.client}@{p.commit}" for p in inputs],
+            device=resolve_device(self.device), dtype=resolve_dtype(strategy.compute_dtype),
             progress=lambda items: self.progress(items, "Similarity"))
+        return report
+
+    def _compute_record(self, strategy: Strategy) -> dict:
+        """Device, precision, similarity mode (sketch seed) and staging traffic; closes
+        the staging area (everything is published by now)."""
+        staging = self._staging
+        if staging is not None:
+            staging.close()
+        return {"device": str(resolve_device(self.device)),
+                "dtype": strategy.compute_dtype, "similarity": self._similarity_info,
+                "streaming": self.streaming,
+                "staging": staging.stats.to_json() if staging is not None else None}
 
     def _norm_guard(self, strategy: Strategy, report: SimilarityReport,
                     vectors: list[TaskVector], inputs: list[PinnedInput],
@@ -355,20 +390,28 @@ class RoundRunner:
         k = len(vectors)
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         allowed = fresh[None, :].expand(k, k).clone()
+        groups = ([self.groups.get(p.client, p.client) for p in inputs]
+                  if self.groups is not None else None)
         weights = compute_weights(strategy, k=k, report=report,
-                                  n_examples=[p.n_examples for p in inputs], allowed=allowed)
+                                  n_examples=[p.n_examples for p in inputs], allowed=allowed,
+                                  groups=groups)
         contribution = torch.tensor(
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
              for p in inputs], dtype=torch.float64) * scale
         latest = [self._latest_adapter(plan, p.client, p.repo_id, init) for p in inputs]
         merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
                                latest=latest)
+        staging = self._staging = (StagingArea(k, space=strategy.spec.merge_space)
+                                   if self.streaming else None)
         merged = personalize(vectors, weights, merge_plan,
                              rank=strategy.rank or config.lora.r, refactor=strategy.refactor,
                              space=strategy.spec.merge_space,
                              personal_heads=strategy.personal_heads,
-                             progress=lambda items: self.progress(items, "Merging"))
-        return weights, merged
+                             progress=lambda items: self.progress(items, "Merging"),
+                             dtype=resolve_dtype(strategy.compute_dtype),
+                             device=resolve_device(self.device), sink=staging)
+        # Streaming: adapters staged on disk, assembled one at a time when published.
+        return weights, (staging.adapters if staging is not None else merged)  # type: ignore[return-value]
 
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],

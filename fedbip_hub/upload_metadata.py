@@ -46,7 +46,7 @@ class UploadMetadata(BaseModel):
             return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
             raise AdapterError(
-                f"{path} is malformed: {exc}".splitlines()[0],
+                f"{path} is malformed: {describe_error(exc)}",
                 hint="Push again with `fedbip push`, which writes this file for you.",
                 client=label,
             ) from exc
@@ -56,3 +56,13 @@ class UploadMetadata(BaseModel):
         path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n",
                         encoding="utf-8")
         return path
+
+
+def describe_error(exc: Exception) -> str:
+    """One line saying what is wrong: the field and the rule for a validation error."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "the file"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"{where}: {first.get('msg', 'invalid')}{more}"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
