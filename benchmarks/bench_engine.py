@@ -14,8 +14,13 @@ projections, 4096×4096, LoRA rank 16, float32):
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_engine.py            # full run, ~3-4 min on 2 cores
-    .venv/bin/python benchmarks/bench_engine.py --quick    # d=1024, a few seconds
+    .venv/bin/python benchmarks/bench_engine.py            # full run, ~2 min on 2 idle cores
+    .venv/bin/python benchmarks/bench_engine.py --quick    # d=512, ~10 s
+
+The full run uses one Llama-7B block (4 modules): PEFT's svd merge costs ~13 s per module
+on 2 idle cores (a full 4096×4096 SVD each), and every ratio here is per module, so more
+blocks (``--layers 2``) only lengthen the run. On a shared machine, expect several times
+longer: 2-thread BLAS kernels slow down badly when other processes take the cores.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class Config:
     d: int = 4096
     r: int = 16
     alpha: float = 32.0
-    layers: int = 2
+    layers: int = 1
     k_sim: int = 32
     k_merge: int = 8
     groups_sim: int = 4
@@ -135,18 +140,24 @@ def write_peft_adapter(folder: Path, cfg: Config, factors: Factors, client: int)
 
 
 # ----------------------------------------------------------------------------- helpers
-def median_time(fn: Callable[[], object], repeats: int, warmup: bool = False
-                ) -> tuple[float, list[float], object]:
-    if warmup:
-        fn()
-    times, result = [], None
-    for _ in range(repeats):
-        result = None
-        gc.collect()
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+def interleaved(methods: dict[str, tuple[Callable[[], object], int]], rounds: int
+                ) -> dict[str, tuple[list[float], object]]:
+    """Time several methods in alternation: each round runs every method its per-round
+    count of times, so that a load change on a shared machine hits all of them alike.
+
+    Returns, per method, every timing and its last result.
+    """
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, object] = {}
+    for _ in range(rounds):
+        for name, (fn, per_round) in methods.items():
+            for _ in range(per_round):
+                results[name] = None
+                gc.collect()
+                start = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: (times[name], results[name]) for name in methods}
 
 
 def _proc_status(field: str) -> int | None:
@@ -171,7 +182,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
@@ -263,7 +276,10 @@ def memory_child(cfg: Config, method: str) -> dict:
     hwm_after = _proc_status("VmHWM")
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del report
-    peak = hwm_after if (reset and hwm_after is not None) else maxrss_after
+    if reset and hwm_after is not None:
+        peak = hwm_after
+    else:  # ru_maxrss cannot be reset: it only says something if the call raised it
+        peak = maxrss_after if maxrss_after > maxrss_before else None
     return {
         "method": method,
         "rss_before_bytes": rss_before,
@@ -271,7 +287,7 @@ def memory_child(cfg: Config, method: str) -> dict:
         "peak_rss_bytes": peak,
         "ru_maxrss_before_bytes": maxrss_before,
         "ru_maxrss_after_bytes": maxrss_after,
-        "working_bytes": (peak - rss_before) if rss_before is not None else None,
+        "working_bytes": (peak - rss_before) if None not in (peak, rss_before) else None,
         "seconds": seconds,
     }
 
@@ -284,8 +300,9 @@ def measure_memory(cfg: Config, method: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {method} failed:\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Cross-check: the largest peak RSS of any child waited for so far (imports and inputs
-    # included). The ours child runs first, so each reading is that child's own peak.
+    # Recorded, not used: on Linux a child's ru_maxrss (and so RUSAGE_CHILDREN) starts at
+    # the parent's RSS when it forked, which here holds the brute-force buffers. The
+    # child's own VmHWM, reset just before the call, is what the working memory uses.
     result["rusage_children_maxrss_bytes"] = (
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
     return result
@@ -298,24 +315,29 @@ def bench_similarity(cfg: Config, workdir: Path) -> dict:
     factors = make_factors(cfg, cfg.k_sim, cfg.seed, cfg.groups_sim)
     deltas = as_deltas(cfg, factors)
 
-    t_ours, ours_times, ours = median_time(lambda: similarity_ours(deltas, clients),
-                                           cfg.fast_repeats, warmup=True)
-    print(f"  ours   {fmt_s(t_ours)}", flush=True)
-    t_brute, brute_times, brute = median_time(lambda: similarity_brute(deltas, clients),
-                                              cfg.repeats)
-    print(f"  brute  {fmt_s(t_brute)}", flush=True)
-
     # float64 low-rank reference, to say which float32 result is closer to the truth.
     ref64 = similarity_ours({m: [LowRankDelta(d.u.double(), d.v.double()) for d in ds]
                              for m, ds in deltas.items()}, clients)
-
     # Engine path from disk: compute_similarity over TaskVectors of PEFT adapter folders.
     folders = [write_peft_adapter(workdir / f"sim{k}", cfg, factors, k)
                for k in range(cfg.k_sim)]
     vectors = [TaskVector(LoraAdapter(f, label=f"c{k}"), name=f"c{k}")
                for k, f in enumerate(folders)]
-    t_disk, disk_times, disk = median_time(lambda: compute_similarity(vectors),
-                                           cfg.fast_repeats, warmup=True)
+
+    similarity_ours(deltas, clients)  # warm-up of the fast paths
+    compute_similarity(vectors)
+    per_round = math.ceil(cfg.fast_repeats / cfg.repeats)
+    timed = interleaved({
+        "ours": (lambda: similarity_ours(deltas, clients), per_round),
+        "disk": (lambda: compute_similarity(vectors), per_round),
+        "brute": (lambda: similarity_brute(deltas, clients), 1),
+    }, rounds=cfg.repeats)
+    (ours_times, ours), (disk_times, disk), (brute_times, brute) = (
+        timed["ours"], timed["disk"], timed["brute"])
+    t_ours, t_disk, t_brute = (statistics.median(t) for t in (ours_times, disk_times,
+                                                               brute_times))
+    print(f"  ours {fmt_s(t_ours)}, from disk {fmt_s(t_disk)}, brute {fmt_s(t_brute)}",
+          flush=True)
 
     mem_ours = measure_memory(cfg, "ours")
     mem_brute = measure_memory(cfg, "brute")
@@ -331,7 +353,9 @@ def bench_similarity(cfg: Config, workdir: Path) -> dict:
         "memory_ours": mem_ours, "memory_brute": mem_brute,
         "working_ours_bytes": mem_ours["working_bytes"],
         "working_brute_bytes": mem_brute["working_bytes"],
-        "memory_ratio": mem_brute["working_bytes"] / max(mem_ours["working_bytes"], 1),
+        "memory_ratio": (mem_brute["working_bytes"] / max(mem_ours["working_bytes"], 1)
+                         if None not in (mem_ours["working_bytes"], mem_brute["working_bytes"])
+                         else float("nan")),
         "max_abs_cos_diff": cos_diff,
         "max_abs_cos_diff_ours_vs_f64": max_cos_diff(ours, ref64),
         "max_abs_cos_diff_brute_vs_f64": max_cos_diff(brute, ref64),
@@ -469,47 +493,63 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
             out[module] = (res.u, res.v)
         return out
 
-    reps = cfg.fast_repeats
-    t_ours, ours_times, merged = median_time(ours, reps, warmup=True)
-    t_mem, mem_times, merged_mem = median_time(ours_in_memory, reps, warmup=True)
-    t_all, all_times, _ = median_time(lambda: ours(targets=range(k)), reps, warmup=True)
-    t_ocat, ocat_times, merged_cat = median_time(lambda: ours("cat"), reps, warmup=True)
+    model, layers = build_peft_model(cfg, factors, k)
+    names = [f"c{c}" for c in range(k)]
+    peft_weights = [float(x) for x in p]
+    created: list[str] = []
+
+    def peft_merge(kind: str) -> str:
+        name = f"merged_{kind}{len(created)}"
+        created.append(name)
+        kwargs = {"svd_rank": cfg.r} if kind == "svd" else {}
+        model.add_weighted_adapter(names, peft_weights, name, combination_type=kind, **kwargs)
+        return name
+
+    def peft_result(name: str) -> tuple[dict[str, torch.Tensor], int]:
+        with torch.no_grad():
+            out = {m: layers[m].get_delta_weight(name).double() for m in cfg.modules}
+        return out, layers[cfg.modules[0]].r[name]
+
+    # The fast methods run in two interleaved halves, before and after PEFT's slow svd
+    # merge, so that all of them see the same spread of machine load.
+    fast = {
+        "ours": (ours, 1),
+        "mem": (ours_in_memory, 1),
+        "all": (lambda: ours(targets=range(k)), 1),
+        "ocat": (lambda: ours("cat"), 1),
+        "pcat": (lambda: peft_merge("cat"), 1),
+    }
+    for fn, _ in fast.values():  # warm-up
+        fn()
+    halves = [math.ceil(cfg.fast_repeats / 2), cfg.fast_repeats // 2 or 1]
+    first = interleaved(fast, rounds=halves[0])
+    peft_times, last_svd = [], None
+    for _ in range(cfg.peft_repeats):
+        gc.collect()
+        start = time.perf_counter()
+        last_svd = peft_merge("svd")
+        peft_times.append(time.perf_counter() - start)
+        print(f"  peft svd: {fmt_s(peft_times[-1])}", flush=True)
+    second = interleaved(fast, rounds=halves[1])
+    times = {name: first[name][0] + second[name][0] for name in fast}
+    t_ours, t_mem, t_all, t_ocat, t_pcat = (statistics.median(times[n])
+                                            for n in ("ours", "mem", "all", "ocat", "pcat"))
+    t_peft = statistics.median(peft_times)
+    ours_times, mem_times, all_times, ocat_times, pcat_times = (
+        times[n] for n in ("ours", "mem", "all", "ocat", "pcat"))
+
+    merged, merged_mem, merged_cat = (second[n][1] for n in ("ours", "mem", "ocat"))
     err_ours = rel_error({m: merged[0].delta_weight(m) for m in sums}, sums, total)
     err_mem = rel_error({m: u.double() @ v.double() for m, (u, v) in merged_mem.items()},
                         sums, total)
     err_ocat = rel_error({m: merged_cat[0].delta_weight(m) for m in sums}, sums, total)
     ocat_ranks = sorted({v.shape[0] for _, v in merged_cat[0].modules.values()})
-    print(f"  ours   {fmt_s(t_ours)}  err {err_ours:.6f} (optimal {optimal:.6f})", flush=True)
-
-    model, layers = build_peft_model(cfg, factors, k)
-    names = [f"c{c}" for c in range(k)]
-    peft_weights = [float(x) for x in p]
-
-    def peft_merge(kind: str, name: str) -> tuple[float, dict[str, torch.Tensor], int]:
-        gc.collect()
-        start = time.perf_counter()
-        kwargs = {"svd_rank": cfg.r} if kind == "svd" else {}
-        model.add_weighted_adapter(names, peft_weights, name, combination_type=kind, **kwargs)
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            out = {m: layers[m].get_delta_weight(name).double() for m in cfg.modules}
-        rank = layers[cfg.modules[0]].r[name]
-        model.delete_adapter(name)
-        return seconds, out, rank
-
-    peft_times, peft_out, peft_rank = [], None, None
-    for i in range(cfg.peft_repeats):
-        seconds, peft_out, peft_rank = peft_merge("svd", f"merged_svd{i}")
-        peft_times.append(seconds)
-        print(f"  peft svd run {i}: {fmt_s(seconds)}", flush=True)
-    t_peft = statistics.median(peft_times)
+    peft_out, peft_rank = peft_result(last_svd)
     err_peft = rel_error(peft_out, sums, total)
-    pcat_times, pcat_out, pcat_rank = [], None, None
-    for i in range(reps):
-        seconds, pcat_out, pcat_rank = peft_merge("cat", f"merged_cat{i}")
-        pcat_times.append(seconds)
-    t_pcat = statistics.median(pcat_times)
+    pcat_out, pcat_rank = peft_result(second["pcat"][1])
     err_pcat = rel_error(pcat_out, sums, total)
+    print(f"  ours {fmt_s(t_ours)}, err {err_ours:.6f}; PEFT err {err_peft:.6f}; "
+          f"optimal {optimal:.6f}", flush=True)
 
     result = {
         "k": k, "modules": len(cfg.modules), "d": cfg.d, "rank_out": cfg.r,
@@ -611,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"JSON output (default: {DEFAULT_OUT.relative_to(ROOT)} for a "
                         "full run; a --quick run writes nothing unless given)")
     parser.add_argument("--layers", type=int, default=None,
-                        help="transformer blocks (4 modules each; default 2, quick 1)")
+                        help="transformer blocks, 4 modules each (default 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats of the slow methods (default 3, quick 1)")
     parser.add_argument("--peft-repeats", type=int, default=None,
