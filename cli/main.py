@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cli.demo import register_demo_commands
 from cli.engine import register_engine_commands
 from cli.federation import register_federation_commands
 from cli.train import register_training_commands
@@ -18,6 +19,7 @@ app = typer.Typer(
 register_engine_commands(app)
 register_federation_commands(app)
 register_training_commands(app)
+register_demo_commands(app)
 
 
 def main() -> None:

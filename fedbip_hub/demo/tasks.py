@@ -1,12 +1,16 @@
 """Synthetic conflicting tasks: the same token sequences, labelled by different rules.
 
-Every task reads a sequence of ``SEQ_LEN`` content tokens and answers a yes/no question
-about it. The rules are independent of one another, so on the same inputs two groups'
+Every task reads a start token and ``SEQ_LEN`` content tokens and answers a yes/no
+question about them: "do most tokens have attribute X?", each task with its own hidden
+attribute of tokens. The attributes are independent, so on the same inputs two groups'
 labels disagree about half of the time: averaging across groups hurts, averaging within a
 group helps. That is the situation FedBip is built for.
 
-Token ids: 0 is padding, 1 the start token clients put first, 2.. the task tokens the base
-model sees during pre-training (one per rule), and ``FIRST_CONTENT``.. the content tokens.
+The base model is pre-trained on the mixture (all attributes at once, multi-label), so its
+features carry every task, as a foundation model's do; a client still has to learn, from
+a few noisy examples, which one its labels follow.
+
+Token ids: 0 is padding, 1 the start token, ``FIRST_CONTENT``.. the content tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import torch
 
 PAD_ID = 0
 START_ID = 1
-FIRST_TASK_ID = 2
 FIRST_CONTENT = 16
 VOCAB_SIZE = 256
 N_CONTENT = VOCAB_SIZE - FIRST_CONTENT
@@ -32,30 +35,30 @@ def _values(tokens: torch.Tensor) -> torch.Tensor:
     return tokens - FIRST_CONTENT
 
 
-def _majority(tokens: torch.Tensor) -> torch.Tensor:
-    """More than half of the tokens come from the lower half of the content vocabulary."""
-    low = (_values(tokens) < N_CONTENT // 2).sum(dim=1)
-    return (low * 2 > tokens.shape[1]).long()
+def _marks(seed: int) -> torch.Tensor:
+    """A fixed, seeded half of the content vocabulary (a hidden attribute of tokens)."""
+    order = torch.randperm(N_CONTENT, generator=torch.Generator().manual_seed(seed))
+    marked = torch.zeros(N_CONTENT, dtype=torch.bool)
+    marked[order[: N_CONTENT // 2]] = True
+    return marked
 
 
-def _order(tokens: torch.Tensor) -> torch.Tensor:
-    """The first token is larger than the last one."""
-    values = _values(tokens)
-    return (values[:, 0] > values[:, -1]).long()
+# Each task asks "do most tokens have attribute X?" for its own attribute of tokens. The
+# attributes are independent of each other, so the labels of two tasks on the same inputs
+# are independent: groups conflict on about half of the examples.
+ATTRIBUTES: dict[str, torch.Tensor] = {
+    "low": torch.arange(N_CONTENT) < N_CONTENT // 2,
+    "even": torch.arange(N_CONTENT) % 2 == 0,
+    "marked": _marks(1),
+    "tagged": _marks(2),
+}
 
 
-# 11 keywords out of 240: P(a 15-token sequence holds none) = (229/240)^15 ≈ 0.50.
-KEYWORDS = torch.arange(7, N_CONTENT, 22)[:11]
-
-
-def _keyword(tokens: torch.Tensor) -> torch.Tensor:
-    """The sequence contains one of the keywords."""
-    return torch.isin(_values(tokens), KEYWORDS).any(dim=1).long()
-
-
-def _middle_even(tokens: torch.Tensor) -> torch.Tensor:
-    """The middle token's value is even."""
-    return (_values(tokens)[:, tokens.shape[1] // 2] % 2 == 0).long()
+def majority_of(attribute: torch.Tensor) -> Rule:
+    def rule(tokens: torch.Tensor) -> torch.Tensor:
+        hits = attribute[_values(tokens)].sum(dim=1)
+        return (hits * 2 > tokens.shape[1]).long()
+    return rule
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,14 @@ class Task:
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("majority", "most tokens come from the lower half of the vocabulary", _majority),
-    Task("order", "the first token is larger than the last", _order),
-    Task("keyword", "the sequence contains a keyword", _keyword),
-    Task("middle", "the middle token is even", _middle_even),
+    Task("low", "most tokens come from the lower half of the vocabulary",
+         majority_of(ATTRIBUTES["low"])),
+    Task("even", "most tokens are even", majority_of(ATTRIBUTES["even"])),
+    Task("marked", "most tokens carry a hidden mark", majority_of(ATTRIBUTES["marked"])),
+    Task("tagged", "most tokens carry a second hidden mark",
+         majority_of(ATTRIBUTES["tagged"])),
 )}
 TASK_NAMES = tuple(TASKS)
-
-
-def task_token(task: str) -> int:
-    """The token that names a task to the base model during pre-training."""
-    return FIRST_TASK_ID + TASK_NAMES.index(task)
 
 
 def sample_tokens(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -155,12 +155,7 @@ def make_clients(groups: Sequence[str], *, n_train: int | Sequence[int], n_test:
 
 def pretraining_batch(n: int, generator: torch.Generator, tasks: Sequence[str] = TASK_NAMES
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A mixture of all tasks, each example prefixed by its task token."""
+    """The mixture of all tasks: inputs and an n × len(tasks) matrix of 0/1 targets."""
     tokens = sample_tokens(n, generator)
-    which = torch.randint(0, len(tasks), (n,), generator=generator)
-    labels = torch.empty(n, dtype=torch.long)
-    for index, task in enumerate(tasks):
-        rows = which == index
-        labels[rows] = TASKS[task].labels(tokens[rows])
-    prefixes = torch.tensor([task_token(tasks[int(i)]) for i in which])
-    return with_prefix(tokens, prefixes), labels
+    targets = torch.stack([TASKS[t].labels(tokens) for t in tasks], dim=1)
+    return with_prefix(tokens, START_ID), targets.float()

@@ -1,0 +1,401 @@
+"""One federation run per method, through the real path, on the local-folder backend.
+
+For every method: ``init_federation`` (a folder) → every client ``join``s → rounds of
+``train_adapter`` (start "auto": the latest personalized adapter, else the initial one) →
+``client.push`` → ``rounds.run_round`` (what ``fedbip-server run`` runs) → ... → each
+client's final personalized adapter is pulled and scored on its own held-out test set.
+
+All methods see the same clients, data, seeds and schedule. Round 1 starts every client
+from the same initial adapter, so its uploads are the same for every method; they are
+trained once and pushed to every federation (bit-identical to training them again).
+
+"Late" clients exercise asynchrony: a client late in round r trains from its adapter as
+it was before round r, misses round r (it is compared through its last task vector, and
+contributes nothing new), and its upload lands in round r+1 one version stale.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbip_hub.demo.base_model import BaseModelSpec, ensure_base_model
+from fedbip_hub.demo.metrics import cosine_matrix, group_means, separation
+from fedbip_hub.demo.tasks import TASKS, ClientData, make_clients
+from fedbip_hub.strategies import Strategy
+
+MARKER = ".fedbip-demo"
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the comparison: a label and the strategy its federation runs."""
+
+    label: str
+    strategy: Strategy
+    description: str = ""
+
+
+# The FedBip weighting the demo and the benchmark use, chosen by benchmarks/bench_quality.py
+# (see benchmarks/README.md, "Quality benchmark"): a fixed self share of 0.3, the rest split
+# over peers by z-scored cosines. The paper's row normalisation is run beside it.
+FEDBIP_OPTIONS: dict[str, Any] = {"rule": "zscore", "self_share": 0.3}
+
+
+def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
+                    paper_variant: bool = True) -> list[Method]:
+    """Local, FedIT, FedAvg, uniform, FedBip, FedBip-L (and the paper's normalisation),
+    and the oracle."""
+    options = dict(FEDBIP_OPTIONS if fedbip_options is None else fedbip_options)
+    methods = [
+        Method("local", Strategy(method="local"), "each client keeps its own update"),
+        Method("fedit", Strategy(method="fedit"), "FedAvg of A and B (data-size weights)"),
+        Method("fedavg", Strategy(method="fedavg"), "FedAvg in ΔW space, exact"),
+        Method("uniform", Strategy(method="uniform"), "1/K over all clients"),
+        Method("fedbip", Strategy(method="fedbip", **options), "model-level task vectors"),
+        Method("fedbip-l", Strategy(method="fedbip-l", **options), "per-layer task vectors"),
+    ]
+    if paper_variant and options.get("rule", "normalize") != "normalize":
+        methods.append(Method("fedbip-l-paper", Strategy(method="fedbip-l"),
+                              "per-layer, the paper's row normalisation"))
+    methods.append(Method("oracle", Strategy(method="oracle"),
+                          "uniform within the true task group"))
+    return methods
+
+
+@dataclass
+class ScenarioConfig:
+    """The federation every method runs.
+
+    Attributes:
+        groups: one task per client; clients are named ``<task>-<i>``.
+        n_train: training examples per client (one number, or one per client).
+        n_test: clean held-out test examples per client.
+        label_noise: the fraction of training labels flipped.
+        rounds: asynchronous rounds.
+        late: round → clients whose upload of that round arrives one round late.
+        epochs, learning_rate, batch_size: local training per round.
+        lora_r, lora_alpha, target_modules: the federation's LoRA.
+        seed: data, initial adapter and training seeds all derive from it.
+        base: the base model's architecture and pre-training.
+    """
+
+    groups: tuple[str, ...] = ("low", "low", "low", "even", "even", "marked", "marked")
+    n_train: int | tuple[int, ...] = 64
+    n_test: int = 200
+    label_noise: float = 0.1
+    rounds: int = 4
+    late: dict[int, tuple[str, ...]] = field(
+        default_factory=lambda: {2: ("low-2", "even-2")})
+    epochs: float = 2
+    learning_rate: float = 5e-3
+    batch_size: int = 16
+    lora_r: int = 4
+    lora_alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    seed: int = 0
+    base: BaseModelSpec = field(default_factory=BaseModelSpec)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["late"] = {str(k): list(v) for k, v in self.late.items()}
+        data["base"] = self.base.to_json()
+        return data
+
+    @property
+    def majority_task(self) -> str:
+        counts = {g: self.groups.count(g) for g in self.groups}
+        return max(counts, key=lambda g: (counts[g], -self.groups.index(g)))
+
+
+@dataclass
+class MethodResult:
+    label: str
+    strategy: dict
+    accuracy: dict[str, float]
+    rounds: list[dict]
+    seconds: float
+    uploads: dict[int, dict[str, Path]] = field(default_factory=dict, repr=False)
+    federation: Any = field(default=None, repr=False)
+
+    def to_json(self, groups: Mapping[str, str], shifted: Sequence[str]) -> dict:
+        values = list(self.accuracy.values())
+        shift = [self.accuracy[c] for c in shifted]
+        return {
+            "strategy": self.strategy,
+            "accuracy": sum(values) / len(values),
+            "accuracy_task_shift": sum(shift) / len(shift) if shift else None,
+            "accuracy_per_group": group_means(self.accuracy, groups),
+            "accuracy_per_client": self.accuracy,
+            "rounds": self.rounds,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def prepare_dir(root: Path) -> Path:
+    """The demo folder, with its previous federations removed (only if the demo wrote them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    runs = root / "runs"
+    if runs.exists():
+        if not (runs / MARKER).is_file():
+            from fedbip_hub.errors import ConfigError
+
+            raise ConfigError(f"{runs} exists and was not written by `fedbip demo`.",
+                              hint="Pick another --dir, or remove that folder.")
+        shutil.rmtree(runs)
+    runs.mkdir()
+    (runs / MARKER).write_text("federations written by `fedbip demo`; safe to delete\n")
+    return runs
+
+
+class Scenario:
+    """Runs the methods of a comparison on one scenario config.
+
+    Args:
+        config: the scenario.
+        root: the demo folder (base model cache, federations, results).
+        log: receives progress lines.
+    """
+
+    def __init__(self, config: ScenarioConfig, root: str | Path, *, log: LogFn | None = None):
+        self.config = config
+        self.root = Path(root)
+        self.log = log or (lambda _msg: None)
+        self.clients: list[ClientData] = make_clients(
+            config.groups, n_train=config.n_train, n_test=config.n_test,
+            label_noise=config.label_noise, seed=config.seed)
+        self.groups = {c.name: c.task for c in self.clients}
+        majority = config.majority_task
+        self.shifted = [c.name for c in self.clients if c.task != majority]
+        self._datasets = {c.name: (c.train_dataset(), c.test_dataset()) for c in self.clients}
+        self._first_round: dict[str, Path] = {}
+        self.base_model: Any = None
+        self.base_info = None
+        self.raw_similarity: dict | None = None
+
+    # -- set-up ------------------------------------------------------------------------
+    def load_base(self, cache: Path | None = None) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        _quiet_transformers()
+        self.base_info = ensure_base_model(cache or self.root / "base-model",
+                                           self.config.base, log=self.log)
+        self.base_model = AutoModelForSequenceClassification.from_pretrained(
+            self.base_info.path, num_labels=2)
+        self.base_model.eval()
+
+    def _federation(self, runs: Path, method: Method):
+        from fedbip_hub.client import init_federation, join
+        from fedbip_hub.federation import FederationConfig, LoraSpec
+
+        cfg = self.config
+        config = FederationConfig(
+            name=f"demo-{method.label}", base_model=str(self.base_info.path.resolve()),
+            task_type="SEQ_CLS", num_labels=2,
+            lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                          target_modules=list(cfg.target_modules)),
+            strategy=method.strategy.model_dump(mode="json"), seed=cfg.seed)
+        fed = init_federation(str(runs / method.label), config)
+        for client in self.clients:
+            join(fed, client.name)
+        return fed
+
+    def _training_args(self, client_index: int, round_index: int):
+        from fedbip_hub.training import TrainingArgs
+
+        cfg = self.config
+        return TrainingArgs(epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                            batch_size=cfg.batch_size, device="cpu", precision="fp32",
+                            seed=cfg.seed * 100_003 + round_index * 1_009 + client_index,
+                            measure_examples=0)
+
+    def _train(self, fed, work: Path, index: int, client: ClientData, round_index: int
+               ) -> Path:
+        from fedbip_hub.training import train_adapter
+
+        if round_index == 1 and client.name in self._first_round:
+            return self._first_round[client.name]
+        out = work / client.name / f"round-{round_index}"
+        train_adapter(fed, client.name, self._datasets[client.name][0], out,
+                      args=self._training_args(index, round_index), start="auto",
+                      base_model=self.base_model, progress=False)
+        if round_index == 1:
+            self._first_round[client.name] = out
+        return out
+
+    # -- one method ----------------------------------------------------------------------
+    def run_method(self, runs: Path, method: Method) -> MethodResult:
+        from fedbip_hub.client import push
+        from fedbip_hub.rounds import run_round
+
+        began = time.perf_counter()
+        fed = self._federation(runs, method)
+        work = runs / f"{method.label}-work"
+        pending: dict[str, Path] = {}
+        uploads: dict[int, dict[str, Path]] = {}
+        records = []
+        for r in range(1, self.config.rounds + 1):
+            late = set(self.config.late.get(r, ()))
+            pushed = uploads.setdefault(r, {})
+            for index, client in enumerate(self.clients):
+                if client.name in pending:  # last round's late upload lands now
+                    pushed[client.name] = pending.pop(client.name)
+                    push(fed, client.name, pushed[client.name])
+                    continue
+                folder = self._train(fed, work, index, client, r)
+                if client.name in late and r < self.config.rounds:
+                    pending[client.name] = folder
+                else:
+                    push(fed, client.name, folder)
+                    pushed[client.name] = folder
+            record = run_round(fed, groups=self.groups)
+            records.append(_round_summary(record, self.groups))
+            if r == 1 and self.raw_similarity is None:
+                self.raw_similarity = self._raw_similarity(
+                    [self._first_round[c.name] for c in self.clients])
+        accuracy = self._evaluate(fed, runs / f"{method.label}-eval")
+        return MethodResult(method.label, method.strategy.model_dump(mode="json"),
+                            accuracy, records, time.perf_counter() - began, uploads, fed)
+
+    def cumulative_auc(self, result: MethodResult) -> list[float]:
+        """Per round, the AUC of the uploads' cumulative task vectors (upload − initial
+        adapter: everything the client's model has moved, not just this round's step).
+
+        A diagnostic for the benchmark: the engine weighs by the round's own step."""
+        from fedbip_hub.adapter_io import LoraAdapter
+        from fedbip_hub.similarity import compute_similarity
+        from fedbip_hub.task_vectors import TaskVector
+
+        init = LoraAdapter(result.federation.init_folder(), label="init")
+        out = []
+        for r in sorted(result.uploads):
+            names = list(result.uploads[r])
+            vectors = [TaskVector(LoraAdapter(result.uploads[r][n], label=n), init, name=n)
+                       for n in names]
+            cosine = compute_similarity(vectors).model_cosine()
+            out.append(separation(cosine, [self.groups[n] for n in names])["auc"])
+        return out
+
+    def _peft(self, folder: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(copy.deepcopy(self.base_model), str(folder))
+
+    def _evaluate(self, fed, dest: Path) -> dict[str, float]:
+        from fedbip_hub.client import pull
+        from fedbip_hub.evaluation import evaluate
+
+        out = {}
+        for client in self.clients:
+            folder = pull(fed, client.name, dest / client.name).folder
+            scores = evaluate(self._peft(folder), self._datasets[client.name][1],
+                              task_type="SEQ_CLS", batch_size=256, device="cpu")
+            out[client.name] = float(scores["accuracy"])
+        return out
+
+    @torch.no_grad()
+    def _raw_similarity(self, folders: Sequence[Path]) -> dict:
+        """Cosines of the clients' full fine-tuned parameter vectors (base + ΔW, head)."""
+        vectors = []
+        for folder in folders:
+            merged = self._peft(folder).merge_and_unload()
+            vectors.append(torch.cat([p.detach().reshape(-1).double()
+                                      for p in merged.state_dict().values()
+                                      if p.is_floating_point()]))
+        matrix = cosine_matrix(torch.stack(vectors))
+        names = [c.name for c in self.clients]
+        return {"clients": names, "cosine": matrix.tolist(),
+                **separation(matrix, [self.groups[n] for n in names])}
+
+    # -- all methods ---------------------------------------------------------------------
+    def run(self, methods: Sequence[Method]) -> dict:
+        with warnings.catch_warnings():
+            # transformers' own deprecation notices, raised inside PEFT's save_pretrained
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            return self._run(methods)
+
+    def _run(self, methods: Sequence[Method]) -> dict:
+        began = time.perf_counter()
+        runs = prepare_dir(self.root)
+        if self.base_model is None:
+            self.load_base()
+        results = {}
+        for method in methods:
+            self.log(f"{method.label}: {len(self.clients)} clients, "
+                     f"{self.config.rounds} rounds...")
+            result = self.run_method(runs, method)
+            results[method.label] = result.to_json(self.groups, self.shifted)
+            self.log(f"{method.label}: mean accuracy {results[method.label]['accuracy']:.3f}"
+                     f" ({result.seconds:.1f}s)")
+        return {
+            "config": self.config.to_json(),
+            "clients": [{"name": c.name, "task": c.task, "n_train": len(c.train_labels),
+                         "n_test": len(c.test_labels),
+                         "task_description": TASKS[c.task].description}
+                        for c in self.clients],
+            "majority_task": self.config.majority_task,
+            "task_shift_clients": self.shifted,
+            "base_model": {"path": str(self.base_info.path), "reused": self.base_info.reused,
+                           "pretrain_seconds": round(self.base_info.seconds, 2),
+                           "pretrain_accuracy": self.base_info.pretrain_accuracy},
+            "methods": results,
+            "similarity": self.similarity_summary(results),
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+
+    def similarity_summary(self, results: Mapping[str, dict]) -> dict:
+        """Task-vector AUC per round (of every similarity method) and the raw AUC."""
+        out: dict[str, Any] = {"raw_parameters_round1": self.raw_similarity}
+        per_method = {}
+        for label, result in results.items():
+            rounds = [r for r in result["rounds"] if r.get("task_vector") is not None]
+            if not rounds:
+                continue
+            aucs = [r["task_vector"]["auc"] for r in rounds]
+            per_method[label] = {"round1": {**rounds[0]["task_vector"],
+                                            "round": rounds[0]["round"]},
+                                 "auc_per_round": aucs,
+                                 "auc_mean": sum(aucs) / len(aucs)}
+        out["task_vectors"] = per_method
+        return out
+
+
+def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
+    clients = record.get("clients") or []
+    summary = {
+        "round": record.get("round"), "status": record.get("status"),
+        "fresh": [c for c in clients if record["inputs"][c]["fresh"]] if clients else [],
+        "staleness": {c: record["inputs"][c]["staleness"] for c in clients
+                      if record["inputs"][c]["fresh"] and record["inputs"][c]["staleness"]},
+        "skipped": record.get("skipped", {}),
+        "task_vector": None,
+    }
+    cosine = (record.get("cosine") or {}).get("model")
+    if cosine is not None and len(set(groups[c] for c in clients)) > 1:
+        matrix = torch.tensor(cosine, dtype=torch.float64)
+        summary["task_vector"] = separation(matrix, [groups[c] for c in clients])
+        summary["clients"] = clients
+        summary["cosine"] = cosine
+        summary["layer_cosine"] = record["cosine"].get("layers") or {}
+        summary["layer_auc"] = {
+            layer: separation(torch.tensor(m, dtype=torch.float64),
+                              [groups[c] for c in clients])["auc"]
+            for layer, m in (record["cosine"].get("layers") or {}).items()}
+        summary["weights"] = record.get("weights")
+    return summary
