@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-engine clean
+.PHONY: install demo test lint bench-engine bench-quality clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
+
+bench-quality: $(STAMP)
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) fedbip-demo .pytest_cache .ruff_cache

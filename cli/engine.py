@@ -82,7 +82,10 @@ def merge(
         help="Output rank (default: the target's r).")] = None,
     refactor: Annotated[str, typer.Option(
         help="svd: best rank-R approximation; cat: exact, the rank grows.")] = "svd",
-    rule: Annotated[str, typer.Option(help="normalize | softmax | zscore.")] = "normalize",
+    rule: Annotated[str, typer.Option(
+        help="zscore (fixed self share, z-scored peers) | normalize (the paper's) | "
+        "softmax.")] = "zscore",
+    self_share: Annotated[float, typer.Option(help="Self weight of the zscore rule.")] = 0.3,
     keep_negative: Annotated[bool, typer.Option(
         "--keep-negative", help="Subtract conflicting peers (paper-literal).")] = False,
     temperature: Annotated[float, typer.Option(help="Softmax temperature.")] = 0.1,
@@ -96,7 +99,7 @@ def merge(
 
     chosen = Strategy.parse(strategy, rank=rank, refactor=refactor, rule=rule,
                             clip_negative=not keep_negative, temperature=temperature,
-                            top_k=top_k, self_floor=self_floor)
+                            top_k=top_k, self_floor=self_floor, self_share=self_share)
     result = merge_folders([str(d) for d in dirs], target, chosen, out)
     rows = {key: [round(float(x), 6) for x in matrix[target]]
             for key, matrix in result.weights.matrices.items()}

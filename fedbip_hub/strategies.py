@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedbip_hub.errors import ConfigError
 from fedbip_hub.layers import layer_of
@@ -61,12 +61,15 @@ class Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = "fedbip-l"
-    rule: RuleName = "normalize"
+    # Chosen by benchmarks/bench_quality.py (3 seeds): with few examples per client the
+    # cosines are small and the paper's normalisation leaves most weight on self; a fixed
+    # self share with z-scored peers came 1.1 points closer to the oracle.
+    rule: RuleName = "zscore"
     clip_negative: bool = True
     temperature: float = Field(0.1, gt=0)
     top_k: int | None = Field(None, ge=0)
     self_floor: float | None = Field(None, ge=0, le=1)
-    self_share: float = Field(0.5, ge=0, le=1)
+    self_share: float = Field(0.3, ge=0, le=1)
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
     similarity_space: Space = "delta"
@@ -77,6 +80,16 @@ class Strategy(BaseModel):
     personal_heads: bool = False
     norm_guard: Literal["clip", "exclude", "off"] = "clip"
     norm_guard_threshold: float = Field(3.0, gt=0)
+    # Scale (fedbip_hub.sketch): sketched similarity for large K, compute precision.
+    similarity_mode: Literal["exact", "sketch", "auto"] = Field(
+        "auto", description="auto: exact below sketch_threshold clients, sketched from it.")
+    sketch_size: int = Field(256, gt=0, description="s of the s×d projections.")
+    sketch_threshold: int = Field(256, ge=2, description="K from which auto sketches.")
+    sketch_seed: int | None = Field(
+        None, ge=0, description="Default: derived from the round's pinned inputs.")
+    sketch_kind: Literal["gaussian", "rademacher"] = "gaussian"
+    compute_dtype: Literal["fp32", "fp64"] = Field(
+        "fp32", description="Merge and similarity precision (bf16 inputs are upcast).")
 
     @field_validator("method")
     @classmethod
@@ -84,6 +97,12 @@ class Strategy(BaseModel):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
         return value
+
+    @model_validator(mode="after")
+    def _sketch_needs_delta_space(self) -> Strategy:
+        if self.similarity_mode == "sketch" and self.similarity_space != "delta":
+            raise ValueError('similarity_mode "sketch" needs similarity_space "delta"')
+        return self
 
     @property
     def spec(self) -> MergeMethod:
@@ -117,13 +136,17 @@ class WeightTable:
 
     granularity: Granularity | None
     matrices: dict[str, torch.Tensor]
+    # Model-level weights for modules left out of the similarity (heads, when
+    # include_dense_in_similarity is off), which have no matrix of their own.
+    fallback: torch.Tensor | None = None
 
     def for_module(self, module: str) -> torch.Tensor:
         if self.granularity in (None, "model"):
             return self.matrices[MODEL_KEY]
-        if self.granularity == "layer":
-            return self.matrices[layer_of(module)]
-        return self.matrices[module]
+        key = layer_of(module) if self.granularity == "layer" else module
+        if key not in self.matrices and self.fallback is not None:
+            return self.fallback
+        return self.matrices[key]
 
     def to_json(self) -> dict[str, list[list[float]]]:
         return {k: [[round(float(x), 6) for x in row] for row in v]
@@ -153,10 +176,12 @@ def compute_weights(
         if report is None:
             raise ConfigError(f"{strategy.method} needs task-vector similarities.")
         granularity = strategy.effective_granularity or "model"
-        cosines = report.cosines(granularity)
-        return WeightTable(granularity, {
-            key: similarity_weights(cos, strategy.weight_options, allowed)
-            for key, cos in cosines.items()})
+        options = strategy.weight_options
+        matrices = {key: similarity_weights(cos, options, allowed)
+                    for key, cos in report.cosines(granularity).items()}
+        fallback = (similarity_weights(report.model_cosine(), options, allowed)
+                    if granularity != "model" else None)
+        return WeightTable(granularity, matrices, fallback)
     if weighting == "size":
         matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed)
     elif weighting == "uniform":

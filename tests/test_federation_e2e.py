@@ -92,7 +92,7 @@ def test_three_async_rounds_match_the_reference(backend: Backend, tmp_path: Path
     base = save_tiny_base(tmp_path / "base")
     run_cli(["init", backend.address, "--base-model", str(base), "--num-labels", "3",
              "--r", "4", "--alpha", "8", "--strategy", "fedbip-l",
-             "--strategy-options", '{"rank": 64}'], env)
+             "--strategy-options", '{"rank": 64, "rule": "normalize"}'], env)
     for client in CLIENTS:
         run_cli(["join", backend.address, "--client", client], env)
     fed = _federation(backend, tmp_path)

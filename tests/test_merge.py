@@ -331,3 +331,21 @@ def test_merge_folders_rejects_bad_target(fed, tmp_path):
 
     with pytest.raises(ConfigError, match="out of range"):
         merge_folders(fed["folders"], 3, Strategy.parse("fedbip"), tmp_path / "out")
+
+
+def test_a_head_left_out_of_the_similarity_merges_with_model_level_weights(fed):
+    from fedbip_hub.lowrank import cosine_from_gram
+    from fedbip_hub.weighting import similarity_weights
+
+    strategy = Strategy(method="fedbip-l", include_dense_in_similarity=False, rank=BIG)
+    vectors = _vectors(fed["folders"])
+    report = compute_similarity(vectors, include_dense=False)
+    table = compute_weights(strategy, k=3, report=report)
+    assert HEAD not in report.grams and "lm_head" not in table.matrices
+    (merged,) = personalize(vectors, table, _plan(3, targets=[0]), rank=BIG)
+    flat = torch.stack([torch.cat([_value(r, m).reshape(-1) for m in LORA])
+                        for r in fed["refs"]])
+    brute = cosine_from_gram(flat @ flat.T)
+    model_row = similarity_weights(brute, strategy.weight_options)[0]
+    torch.testing.assert_close(merged.dense[HEAD].double(),
+                               _weighted(fed["refs"], model_row, HEAD), rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ MARKS = ("SECRETtoken", "REVOKEDtoken", "WRONGtoken")
 # Every command of both CLIs; a new command fails test_every_command_is_covered until it
 # is added to the runs below.
 FEDBIP_COMMANDS = {"init", "join", "push", "pull", "status", "similarity", "merge", "train",
-                   "eval"}
+                   "eval", "demo"}
 SERVER_COMMANDS = {"run", "schedule", "webhook"}
 
 
@@ -161,6 +161,7 @@ def world(hub_server: HubServer, hub_env: dict[str, str],
                    "--token", SECRET], None, False),
         "eval": (["eval", FED, "--client", "alice", "--data", str(data), "--adapter",
                   str(root / "up-alice"), "--device", "cpu"], SECRET, False),
+        "demo": (["demo", "--quick", "--dir", str(root / "demo")], SECRET, False),
         "run": (["run", FED], SECRET, True),
         "schedule": (["schedule", FED, "--every", "@hourly"], SECRET, True),
         "webhook": (["webhook", FED], SECRET, True),

@@ -202,7 +202,8 @@ def test_strategy_validation_errors_are_config_errors(options):
 def test_strategy_json_round_trip_and_defaults():
     strategy = Strategy.parse("fedbip", rule="zscore", top_k=2, rank=8, personal_heads=True)
     assert Strategy.model_validate_json(strategy.model_dump_json()) == strategy
-    assert Strategy().method == "fedbip-l" and Strategy().rule == "normalize"
+    assert Strategy().method == "fedbip-l" and Strategy().rule == "zscore"
+    assert Strategy().self_share == 0.3
     assert Strategy().clip_negative is True
     assert Strategy.parse("fedbip-l").effective_granularity == "layer"
     assert Strategy.parse("fedbip").effective_granularity == "model"
@@ -248,8 +249,8 @@ def test_compute_weights_model_and_module():
     table = compute_weights(Strategy.parse("fedbip"), k=3, report=report)
     assert list(table.matrices) == ["model"]
     flat = [torch.cat([vectors[m][k] for m in vectors]) for k in range(3)]
-    torch.testing.assert_close(table.matrices["model"],
-                               similarity_weights(brute_cosine(flat), WeightOptions()))
+    torch.testing.assert_close(table.matrices["model"], similarity_weights(
+        brute_cosine(flat), Strategy.parse("fedbip").weight_options))
     assert table.for_module("model.layers.1.q") is table.matrices["model"]
     table = compute_weights(Strategy.parse("fedbip-m"), k=3, report=report)
     assert set(table.matrices) == set(vectors)
