@@ -34,6 +34,8 @@ from fedbip_hub.strategies import Strategy
 
 MARKER = ".fedbip-demo"
 LogFn = Callable[[str], None]
+# (federation, client, round, trained adapter folder) -> the folder to push instead.
+UploadHook = Callable[[Any, str, int, Path], Path]
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,14 @@ class Scenario:
         config: the scenario.
         root: the demo folder (base model cache, federations, results).
         log: receives progress lines.
+        upload_hook: optional; called with (federation, client, round, trained folder)
+            before each fresh upload is pushed, it returns the folder to push instead (it
+            must not modify the trained folder: round 1's is shared by every method).
+            Used by benchmarks/bench_adversarial.py; the demo passes none.
     """
 
-    def __init__(self, config: ScenarioConfig, root: str | Path, *, log: LogFn | None = None):
+    def __init__(self, config: ScenarioConfig, root: str | Path, *, log: LogFn | None = None,
+                 upload_hook: UploadHook | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log or (lambda _msg: None)
@@ -185,6 +192,7 @@ class Scenario:
         self.shifted = [c.name for c in self.clients if c.task != majority]
         self._datasets = {c.name: (c.train_dataset(), c.test_dataset()) for c in self.clients}
         self._first_round: dict[str, Path] = {}
+        self.upload_hook = upload_hook
         self.base_model: Any = None
         self.base_info = None
         self.raw_similarity: dict | None = None
@@ -259,6 +267,8 @@ class Scenario:
                     push(fed, client.name, pushed[client.name])
                     continue
                 folder = self._train(fed, work, index, client, r)
+                if self.upload_hook is not None:
+                    folder = self.upload_hook(fed, client.name, r, folder)
                 if client.name in late and r < self.config.rounds:
                     pending[client.name] = folder
                 else:

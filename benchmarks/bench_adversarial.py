@@ -1,0 +1,371 @@
+"""Adversarial benchmark: honest clients' personalized accuracy when some clients attack.
+
+The demo's tasks and scenario machinery (``fedbip_hub.demo.scenario``), through the real
+path on the local-folder backend (``train_adapter`` → ``client.push`` →
+``rounds.run_round`` → pull → train again). Besides the demo's 7 honest clients
+(low ×3, even ×2, marked ×2), 2 more clients (22%) attack in every round they upload:
+they train normally, then replace their round's task vector τ = upload − start (start:
+the personalized adapter they trained from, recorded in the upload) by f(τ) and push
+start + f(τ):
+
+* ``scale``: f(τ) = 100·τ;
+* ``flip``: f(τ) = −τ;
+* ``noise``: f(τ) = Gaussian noise with τ's norm, per module and per head tensor (the
+  LoRA modules get rank-r noise ΔW = G₁·G₂, scaled to ‖ΔW_τ‖).
+
+The transforms are exact in ΔW space: module m is written with factors
+U = [s_P·U_P, U_f], V = [V_P; V_f] (rank 2r), so ΔW = ΔW_start + f(ΔW_τ) to float
+precision whatever the start (the round-1 start's B is 0; later starts are not).
+Classifier heads (modules_to_save) get start + f(head − start_head).
+
+Methods: FedBip-L with the norm guard "clip" (the default), "exclude" and "off", FedAvg
+(guard clip, the default for every method, and off) and FedIT (guard clip); the clean run
+(no attack) of each is the reference. FedIT merges in params space (A and B averaged
+separately, equal ranks required), so against it the attackers move the factors
+themselves: (s·B, A) = start + f(upload − start), noise likewise per factor. Reported: the honest
+clients' mean personalized accuracy and its change under each attack.
+
+The model cards' heatmap is stubbed as in bench_quality.py (render time only).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_adversarial.py            # full: 2 seeds
+    .venv/bin/python benchmarks/bench_adversarial.py --quick    # smoke test, 1 seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_quality import stub_heatmaps  # noqa: E402
+from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter  # noqa: E402
+from fedbip_hub.client import START_FILE, read_start_revision  # noqa: E402
+from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
+from fedbip_hub.demo.metrics import mean_std  # noqa: E402
+from fedbip_hub.demo.scenario import (  # noqa: E402
+    FEDBIP_OPTIONS,
+    Method,
+    Scenario,
+    ScenarioConfig,
+    prepare_dir,
+)
+from fedbip_hub.federation import PERSONALIZED_DIR  # noqa: E402
+from fedbip_hub.strategies import Strategy  # noqa: E402
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
+ATTACKS = ("none", "scale", "flip", "noise")
+SCALE = 100.0
+TARGET_DROP = 1.0  # points of honest accuracy FedBip-L (norm guard) may lose
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def methods() -> list[Method]:
+    options = dict(FEDBIP_OPTIONS)
+    return [
+        Method("fedbip-l", Strategy(method="fedbip-l", **options),
+               "FedBip-L, norm guard clip (default)"),
+        Method("fedbip-l-exclude", Strategy(method="fedbip-l", norm_guard="exclude",
+                                            **options), "FedBip-L, norm guard exclude"),
+        Method("fedbip-l-off", Strategy(method="fedbip-l", norm_guard="off", **options),
+               "FedBip-L, no norm guard"),
+        Method("fedavg", Strategy(method="fedavg"), "FedAvg in ΔW space, norm guard clip"),
+        Method("fedavg-off", Strategy(method="fedavg", norm_guard="off"),
+               "FedAvg in ΔW space, no norm guard"),
+        Method("fedit", Strategy(method="fedit"), "FedAvg of A and B, norm guard clip"),
+    ]
+
+
+def config(seed: int, quick: bool) -> tuple[ScenarioConfig, list[str]]:
+    """The demo's scenario plus attackers; returns the config and the attackers' names."""
+    if quick:
+        groups = ("low", "low", "even", "even", "marked", "marked", "low")
+        cfg = ScenarioConfig(groups=groups, n_train=32, n_test=100, rounds=3,
+                             late={2: ("even-2",)}, seed=seed,
+                             base=BaseModelSpec(steps=150, seed=seed))
+        return cfg, ["low-3"]
+    groups = ("low", "low", "low", "even", "even", "marked", "marked", "low", "marked")
+    cfg = ScenarioConfig(groups=groups, seed=seed, base=BaseModelSpec(seed=seed))
+    return cfg, ["low-4", "marked-3"]
+
+
+# -- the attack ----------------------------------------------------------------------------
+def _start_folder(fed, client: str, folder: Path) -> Path:
+    revision = read_start_revision(folder)
+    if revision is None:
+        return fed.init_folder()
+    return fed.store.fetch_folder(fed.member(client).repo_id, revision, PERSONALIZED_DIR)
+
+
+def _noise_like(norm: float, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return noise * (norm / max(float(noise.norm()), 1e-30))
+
+
+def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
+                    gen: torch.Generator, *, params_space: bool = False) -> Path:
+    """Write start + f(upload − start) into ``out`` (exact in ΔW space, or on the factors
+    A and B themselves with ``params_space``); return it."""
+    upload = LoraAdapter(folder, label=client)
+    start = LoraAdapter(_start_folder(fed, client, folder), label=f"{client} start")
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in upload.modules:
+        uu, vu = (t.double() for t in upload.delta_factors(name))
+        us, vs = (t.double() for t in start.delta_factors(name))
+        if params_space:  # same rank and scale: (s·B, A) moved as FedIT averages them
+            if attack == "noise":
+                modules[name] = (
+                    us + _noise_like(float((uu - us).norm()), tuple(uu.shape), gen),
+                    vs + _noise_like(float((vu - vs).norm()), tuple(vu.shape), gen))
+            else:
+                c = SCALE if attack == "scale" else -1.0
+                modules[name] = (us + c * (uu - us), vs + c * (vu - vs))
+        elif attack == "noise":
+            tau = uu @ vu - us @ vs
+            rank = vu.shape[0]
+            g1 = torch.randn((uu.shape[0], rank), generator=gen, dtype=torch.float64)
+            g2 = torch.randn((rank, vu.shape[1]), generator=gen, dtype=torch.float64)
+            g1 = g1 * (float(tau.norm()) / max(float((g1 @ g2).norm()), 1e-30))
+            modules[name] = (torch.cat([us, g1], 1), torch.cat([vs, g2], 0))
+        else:
+            c = SCALE if attack == "scale" else -1.0
+            modules[name] = (torch.cat([(1 - c) * us, c * uu], 1), torch.cat([vs, vu], 0))
+    dense = {}
+    for name in upload.dense:
+        u = upload.dense_tensor(name).double()
+        s = start.dense_tensor(name).double() if name in start.dense else torch.zeros_like(u)
+        if attack == "noise":
+            dense[name] = s + _noise_like(float((u - s).norm()), tuple(u.shape), gen)
+        else:
+            c = SCALE if attack == "scale" else -1.0
+            dense[name] = s + c * (u - s)
+    if out.exists():
+        shutil.rmtree(out)
+    save_lora_adapter(out, {k: (u.float(), v.float()) for k, (u, v) in modules.items()},
+                      upload.config, dense={k: v.float() for k, v in dense.items()},
+                      fold_scale="b" if params_space else "balanced")
+    for extra in (START_FILE, UPLOAD_METADATA_NAME):
+        if (folder / extra).is_file():
+            shutil.copyfile(folder / extra, out / extra)
+    return out
+
+
+def check_exact(fed, client: str, folder: Path, out: Path, attack: str) -> float:
+    """Relative error of ΔW_out − ΔW_start against f(ΔW_upload − ΔW_start) (scale/flip)."""
+    upload, done = LoraAdapter(folder), LoraAdapter(out)
+    start = LoraAdapter(_start_folder(fed, client, folder))
+    c = SCALE if attack == "scale" else -1.0
+    worst = 0.0
+    for name in upload.modules:
+        want = c * (upload.delta_weight(name) - start.delta_weight(name))
+        got = done.delta_weight(name) - start.delta_weight(name)
+        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-30)))
+    return worst
+
+
+def make_hook(attackers: Sequence[str], attack: str, out_root: Path, seed: int,
+              checks: list[float]) -> Callable[[Any, str, int, Path], Path]:
+    def hook(fed, client: str, round_index: int, folder: Path) -> Path:
+        if attack == "none" or client not in attackers:
+            return folder
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 101
+                                            + attackers.index(client))
+        strategy = Strategy.model_validate(fed.config().strategy)
+        params_space = strategy.spec.merge_space == "params"
+        out = out_root / fed.config().name / client / f"round-{round_index}"
+        result = attacked_upload(fed, client, folder, attack, out, gen,
+                                 params_space=params_space)
+        if attack in ("scale", "flip") and not params_space:
+            checks.append(check_exact(fed, client, folder, result, attack))
+        return result
+    return hook
+
+
+# -- runs ----------------------------------------------------------------------------------
+class AdversarialScenario(Scenario):
+    """Scores the honest clients only: a guard may leave an attacker without a
+    personalized adapter (excluded in every round), which is no failure."""
+
+    attackers: Sequence[str] = ()
+
+    def _evaluate(self, fed, dest: Path) -> dict[str, float]:
+        from fedbip_hub.client import pull
+        from fedbip_hub.errors import NotFoundError
+        from fedbip_hub.evaluation import evaluate
+
+        out = {}
+        for client in self.clients:
+            try:
+                folder = pull(fed, client.name, dest / client.name).folder
+            except NotFoundError:
+                if client.name not in self.attackers:
+                    raise
+                continue
+            scores = evaluate(self._peft(folder), self._datasets[client.name][1],
+                              task_type="SEQ_CLS", batch_size=256, device="cpu")
+            out[client.name] = float(scores["accuracy"])
+        return out
+
+
+def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
+    cfg, attackers = config(seed, quick)
+    scenario = AdversarialScenario(cfg, work / f"seed-{seed}")
+    scenario.attackers = attackers
+    scenario.load_base(work / f"base-seed-{seed}")
+    runs = prepare_dir(scenario.root)
+    honest = [c.name for c in scenario.clients if c.name not in attackers]
+    checks: list[float] = []
+    out: dict[str, Any] = {"attackers": attackers, "honest": honest, "runs": {}}
+    for attack in ATTACKS:
+        scenario.upload_hook = make_hook(attackers, attack, work / f"attacked-{seed}",
+                                         seed, checks)
+        for method in methods():
+            began = time.perf_counter()
+            run = Method(f"{method.label}--{attack}", method.strategy, method.description)
+            result = scenario.run_method(runs, run)
+            acc = {c: result.accuracy[c] for c in honest}
+            guard = [{"round": r["round"], "skipped": r.get("skipped")}
+                     for r in result.rounds if r.get("skipped")]
+            out["runs"][f"{method.label}/{attack}"] = {
+                "honest_accuracy": sum(acc.values()) / len(acc),
+                "honest_accuracy_per_client": acc,
+                "attacker_accuracy": {c: result.accuracy.get(c) for c in attackers},
+                "skipped": guard,
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+            console.print(f"  [dim]seed {seed}[/] {method.label:17s} {attack:6s} honest "
+                          f"{100 * out['runs'][f'{method.label}/{attack}']['honest_accuracy']:.1f}%"
+                          f" ({time.perf_counter() - began:.0f}s)", highlight=False)
+            shutil.rmtree(runs / run.label, ignore_errors=True)
+    out["exactness_max_rel_error"] = max(checks) if checks else None
+    shutil.rmtree(runs, ignore_errors=True)
+    return out
+
+
+def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for method in methods():
+        row: dict[str, Any] = {}
+        clean = [s["runs"][f"{method.label}/none"]["honest_accuracy"] for s in per_seed]
+        for attack in ATTACKS:
+            values = [s["runs"][f"{method.label}/{attack}"]["honest_accuracy"]
+                      for s in per_seed]
+            deltas = [v - c for v, c in zip(values, clean, strict=True)]
+            mean, std = mean_std(values)
+            dmean, dstd = mean_std(deltas)
+            row[attack] = {"mean": mean, "std": std, "values": values,
+                           "delta_mean": dmean, "delta_std": dstd, "delta_values": deltas}
+        summary[method.label] = row
+    return summary
+
+
+def table(summary: dict[str, Any], n_seeds: int) -> Table:
+    t = Table(title=f"Honest clients' personalized accuracy (%), mean over {n_seeds} "
+              f"seed(s); Δ vs no attack in points", title_justify="left")
+    t.add_column("method", style="bold", no_wrap=True)
+    for attack in ATTACKS:
+        t.add_column(attack, justify="right")
+    for label, row in summary.items():
+        cells = [f"{100 * row['none']['mean']:.1f}"]
+        for attack in ATTACKS[1:]:
+            d = 100 * row[attack]["delta_mean"]
+            style = "green" if d >= -TARGET_DROP else "red"
+            cells.append(f"{100 * row[attack]['mean']:.1f} [{style}]({d:+.1f})[/]")
+        t.add_row(label, *cells)
+    return t
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1", help="Comma-separated seeds.")
+    parser.add_argument("--quick", action="store_true",
+                        help="The demo's --quick sizes, one seed, one attacker.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"Results JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
+                        "--quick writes nothing unless given).")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="Scratch folder (default: a temporary one, removed).")
+    parser.add_argument("--threads", type=int, default=1, help="Torch CPU threads.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    stub_heatmaps()
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",") if s.strip()]
+    cfg, attackers = config(seeds[0], args.quick)
+    console.print(f"[bold]Adversarial benchmark[/]: {len(cfg.groups)} clients "
+                  f"({len(attackers)} attackers: {', '.join(attackers)}), {cfg.rounds} "
+                  f"rounds, seeds {seeds}, attacks {ATTACKS[1:]}.")
+    began = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedbip-adversarial-"))
+    per_seed = []
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            for seed in seeds:
+                per_seed.append(run_seed(seed, args.quick, work))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - began
+    summary = summarize(per_seed)
+    console.print()
+    console.print(table(summary, len(seeds)))
+    worst = min(summary["fedbip-l"][a]["delta_mean"] for a in ATTACKS[1:])
+    met = -100 * worst <= TARGET_DROP
+    target = {"target": f"FedBip-L (norm guard clip) honest accuracy drop ≤ {TARGET_DROP:g} "
+                        "pts under every attack",
+              "worst_delta_points": round(100 * worst, 2), "met": met}
+    console.print(f"Target: {target['target']}: worst {100 * worst:+.1f} pts → "
+                  f"{'[green]met[/]' if met else '[red]not met[/]'}. Exactness of "
+                  f"the ΔW transforms (max relative error): "
+                  f"{max(s['exactness_max_rel_error'] or 0 for s in per_seed):.1e}. "
+                  f"Total {seconds / 60:.1f} min.")
+    results = {
+        "benchmark": "adversarial", "quick": args.quick, "seeds": seeds,
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_adversarial.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "scenario": cfg.to_json(), "attackers": attackers,
+        "attackers_fraction": len(attackers) / len(cfg.groups),
+        "attacks": {"scale": f"start + {SCALE:g}·τ", "flip": "start − τ",
+                    "noise": "start + Gaussian noise with ‖τ‖ (per module / head tensor)"},
+        "methods": {m.label: {"description": m.description,
+                              "strategy": m.strategy.model_dump(mode="json")}
+                    for m in methods()},
+        "summary": summary, "target": target, "per_seed": per_seed,
+        "seconds": round(seconds, 1),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": args.threads,
+                    "cpus": os.cpu_count()},
+    }
+    out = args.out or (None if args.quick else DEFAULT_OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"Wrote {out}.")
+    return results
+
+
+if __name__ == "__main__":
+    main()
