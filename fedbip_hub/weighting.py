@@ -93,6 +93,10 @@ def _zscore(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
     if peers.sum() == 0:
         return out
     values = row[peers]
+    if opts.clip_negative:
+        # Clip first, then standardise: a strongly conflicting peer must weigh nothing,
+        # not drag the row's mean down and lift other-task peers above it.
+        values = values.clamp_min(0)
     spread = values.std(unbiased=False) if values.numel() > 1 else values.new_tensor(0.0)
     z = (values - values.mean()) / spread if spread > 1e-12 else values.clone()
     if opts.clip_negative:

@@ -68,14 +68,19 @@ def test_softmax_with_temperature(temperature):
 
 
 def test_zscore_gives_self_a_share_and_splits_the_rest_by_standardised_cosines():
-    # row 0 peers: 0.5, -0.2, 0.3 → mean 0.2, z ∝ (0.3, -0.4, 0.1) → clipped (0.3, 0, 0.1)
+    # row 0 peers: 0.5, -0.2, 0.3 → clipped first: 0.5, 0, 0.3 → mean 0.8/3,
+    # z ∝ (0.7/3, -0.8/3, 0.1/3) → positive parts split 7:1
     w = similarity_weights(COS, WeightOptions(rule="zscore", self_share=0.5))
-    _close(w[0], [0.5, 0.375, 0.0, 0.125])
+    _close(w[0], [0.5, 0.4375, 0.0, 0.0625])
     w = similarity_weights(COS, WeightOptions(rule="zscore", self_share=0.7))
-    _close(w[0], [0.7, 0.225, 0.0, 0.075])
+    _close(w[0], [0.7, 0.2625, 0.0, 0.0375])
     # row 3 peers: 0.3, 0.0, 0.4 → mean 0.7/3, z ∝ (0.3-0.2333, -, 0.4-0.2333)
     a, b = 0.3 - 0.7 / 3, 0.4 - 0.7 / 3
     _close(w[3], [0.3 * a / (a + b), 0.0, 0.3 * b / (a + b), 0.7])
+    # without clipping the conflicting peer stays in the statistics: mean 0.2
+    w = similarity_weights(COS, WeightOptions(rule="zscore", self_share=0.5,
+                                              clip_negative=False))
+    _close(w[0], [0.5, 0.375, 0.0, 0.125])
 
 
 def test_zscore_equal_peers_split_evenly_and_no_positive_peer_means_self_only():
