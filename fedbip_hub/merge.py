@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +12,13 @@ import torch
 
 from fedbip_hub.adapter_config import LoraAdapterConfig
 from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter
+from fedbip_hub.compute import delta_to, resolve_device
 from fedbip_hub.lowrank import refactorize
 from fedbip_hub.strategies import WeightTable
 from fedbip_hub.task_vectors import (
     DenseDelta,
     LowRankDelta,
+    ModuleDelta,
     ParamsDelta,
     Space,
     TaskVector,
@@ -49,6 +52,23 @@ class MergedAdapter:
 
 
 @dataclass(frozen=True)
+class MergedModule:
+    """One target's merged module, on the CPU, as a streaming sink receives it.
+
+    ``factors`` is (U, V) for a LoRA module, ``dense`` the full tensor of a dense one.
+    """
+
+    module: str
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    dense: torch.Tensor | None = None
+    discarded_energy: float = 0.0
+
+
+# Receives (target index, merged module) as soon as it is ready; see personalize().
+MergeSink = Callable[[int, MergedModule], None]
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """Who merges what.
 
@@ -75,12 +95,11 @@ def _merge_lowrank(base: tuple[torch.Tensor, torch.Tensor] | None,
                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
     us, vs = [], []
     if base is not None and torch.count_nonzero(base[0]) > 0:
-        us.append(base[0].to(dtype))
-        vs.append(base[1].to(dtype))
-    for coeff, delta in zip(coeffs.tolist(), deltas, strict=True):
-        if coeff != 0.0:
-            us.append(delta.u * coeff)
-            vs.append(delta.v)
+        us.append(base[0].to(device=deltas[0].u.device, dtype=dtype))
+        vs.append(base[1].to(device=deltas[0].v.device, dtype=dtype))
+    for k, coeff in _nonzero(coeffs, len(deltas)):  # O(peers with weight), not O(K)
+        us.append(deltas[k].u * coeff)
+        vs.append(deltas[k].v)
     if not us:  # nothing to add and a zero start: a zero adapter of the requested rank
         first = deltas[0]
         r = rank or 1
@@ -93,13 +112,23 @@ def _merge_lowrank(base: tuple[torch.Tensor, torch.Tensor] | None,
 def _merge_params(base: tuple[torch.Tensor, torch.Tensor] | None,
                   deltas: Sequence[ParamsDelta], coeffs: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    b = base[0].clone() if base is not None else torch.zeros_like(deltas[0].b)
-    a = base[1].clone() if base is not None else torch.zeros_like(deltas[0].a)
-    for coeff, delta in zip(coeffs.tolist(), deltas, strict=True):
-        if coeff != 0.0:
-            b += coeff * delta.b
-            a += coeff * delta.a
+    b = base[0].to(deltas[0].b.device, copy=True) if base is not None else \
+        torch.zeros_like(deltas[0].b)
+    a = base[1].to(deltas[0].a.device, copy=True) if base is not None else \
+        torch.zeros_like(deltas[0].a)
+    for k, coeff in _nonzero(coeffs, len(deltas)):
+        b += coeff * deltas[k].b
+        a += coeff * deltas[k].a
     return b, a
+
+
+def _nonzero(coeffs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """(peer, coefficient) for the non-zero coefficients only: with top-k weights a
+    target's merge touches k peers, not all K."""
+    if coeffs.numel() != k:
+        raise ValueError(f"{coeffs.numel()} coefficients for {k} task vectors")
+    index = torch.nonzero(coeffs).flatten()
+    return list(zip(index.tolist(), coeffs[index].tolist(), strict=True))
 
 
 def _latest_factors(latest: LoraAdapter | None, module: str, space: Space,
@@ -123,11 +152,18 @@ def personalize(
     personal_heads: bool = False,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    device: torch.device | str | None = None,
+    sink: MergeSink | None = None,
+    max_resident: int | None = None,
 ) -> list[MergedAdapter]:
     """Build every target's personalized adapter, streaming module by module.
 
     Each module's task-vector factors are read once for all K clients and merged for
-    every target before the next module is read.
+    every target before the next module is read. Without a ``sink`` the merged factors
+    of all targets accumulate in the returned adapters (in memory); with one, each
+    merged module goes to ``sink(target_index, MergedModule)`` as soon as it is ready
+    and the returned adapters keep only the discarded energies (see
+    ``fedbip_hub.streaming.StagingArea``, which spills them to disk).
 
     Args:
         vectors: the K task vectors (index k matches the weights' columns).
@@ -137,46 +173,126 @@ def personalize(
         refactor: "svd" truncates to ``rank``; "cat" is exact, its rank grows.
         space: "delta" merges ΔW exactly; "params" sums A and B separately (FedIT).
         personal_heads: dense modules (heads) take only the client's own update.
+        dtype: compute dtype (inputs are upcast to it, never narrowed).
+        device: where the QR/SVD maths runs ("cpu", "cuda", "auto"; default: the CPU);
+            merged factors come back to the CPU.
+        sink: receives each merged module instead of the returned adapters.
+        max_resident: read a module's task vectors on demand and keep at most this many
+            in memory (least recently used first out). With sparse (top-k) weights a
+            target reads only its k peers, so memory stops growing with K; the results
+            are the same. None (default): read all K once per module (delta space only;
+            the params space always reads all K).
     """
     outputs = [MergedAdapter(space=space) for _ in plan.targets]
     if not vectors:
         return outputs
+    target_device = resolve_device(device) if device is not None else None
     lora_modules = list(vectors[0].lora_modules)
     names = lora_modules + list(vectors[0].dense_params)
     for module in progress(names) if progress else names:
         is_dense = module not in vectors[0].upload.modules
-        deltas = [v.delta(module, space) for v in vectors]
-        check_params_ranks(module, deltas, [v.name for v in vectors])
-        for out, target, latest in zip(outputs, plan.targets, plan.latest, strict=True):
+        deltas = None  # drop the previous module's K factors before reading this one's
+        deltas = _module_deltas(vectors, module, space, target_device, dtype, max_resident)
+        order = (_locality_order(weights, module, plan) if isinstance(deltas, LazyDeltas)
+                 else range(len(plan.targets)))
+        for index in order:
+            out, target, latest = outputs[index], plan.targets[index], plan.latest[index]
             coeffs = _coefficients(weights, module, target, plan)
             if is_dense:
-                out.dense[module] = _merge_dense(latest, module, deltas, coeffs, target,
-                                                 plan, personal_heads, dtype)
+                value = _merge_dense(latest, module, deltas, coeffs, target, plan,
+                                     personal_heads, dtype)
+                _emit(out, index, MergedModule(module, dense=value.cpu()), sink)
                 continue
             base = _latest_factors(latest, module, space, dtype)
             if space == "params":
                 if base is not None:
                     check_params_ranks(module, [ParamsDelta(base[1], base[0]), deltas[0]],
                                        [f"latest of {vectors[target].name}", vectors[0].name])
-                out.modules[module] = _merge_params(base, deltas, coeffs)
-                out.discarded_energy[module] = 0.0
+                b, a = _merge_params(base, deltas, coeffs)
+                _emit(out, index, MergedModule(module, factors=(b.cpu(), a.cpu())), sink)
             else:
                 u, v, energy = _merge_lowrank(base, deltas, coeffs,
                                               None if refactor == "cat" else rank, dtype)
-                out.modules[module] = (u, v)
-                out.discarded_energy[module] = energy
+                _emit(out, index, MergedModule(module, factors=(u.cpu(), v.cpu()),
+                                               discarded_energy=energy), sink)
     return outputs
+
+
+def _emit(out: MergedAdapter, index: int, result: MergedModule, sink: MergeSink | None
+          ) -> None:
+    if result.factors is not None:
+        out.discarded_energy[result.module] = result.discarded_energy
+    if sink is not None:
+        sink(index, result)
+    elif result.factors is not None:
+        out.modules[result.module] = result.factors
+    else:
+        out.dense[result.module] = result.dense
+
+
+def _module_deltas(vectors: Sequence[TaskVector], module: str, space: Space,
+                   device: torch.device | None, dtype: torch.dtype,
+                   max_resident: int | None) -> Sequence[ModuleDelta]:
+    if max_resident is None or max_resident >= len(vectors) or space == "params":
+        deltas = [delta_to(v.delta(module, space), device, dtype) for v in vectors]
+        check_params_ranks(module, deltas, [v.name for v in vectors])
+        return deltas
+    return LazyDeltas(vectors, module, space, device, dtype, max_resident)
+
+
+def _locality_order(weights: WeightTable, module: str, plan: MergePlan) -> list[int]:
+    """Target positions sorted by their peer sets, so that targets drawing on the same
+    peers run one after another and a bounded cache of factors re-reads few of them
+    (each target's merge does not depend on the order)."""
+    rows = weights.for_module(module).to(torch.float64) * plan.contribution
+    keys = [(tuple(torch.nonzero(rows[target]).flatten().tolist()), index)
+            for index, target in enumerate(plan.targets)]
+    return [index for _, index in sorted(keys)]
+
+
+class LazyDeltas(Sequence[ModuleDelta]):
+    """One module's K task-vector deltas, read on demand, at most ``capacity`` kept (LRU).
+
+    ``reads`` counts the reads from disk (K once each when nothing is evicted).
+    """
+
+    def __init__(self, vectors: Sequence[TaskVector], module: str, space: Space,
+                 device: torch.device | None, dtype: torch.dtype, capacity: int):
+        self._vectors = vectors
+        self._module = module
+        self._space = space
+        self._device = device
+        self._dtype = dtype
+        self._capacity = max(1, capacity)
+        self._cache: OrderedDict[int, ModuleDelta] = OrderedDict()
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __getitem__(self, k):  # type: ignore[override]  (int indices only)
+        cached = self._cache.get(k)
+        if cached is not None:
+            self._cache.move_to_end(k)
+            return cached
+        delta = delta_to(self._vectors[k].delta(self._module, self._space), self._device,
+                         self._dtype)
+        self.reads += 1
+        self._cache[k] = delta
+        if len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return delta
 
 
 def _merge_dense(latest: LoraAdapter | None, name: str, deltas: Sequence[DenseDelta],
                  coeffs: torch.Tensor, target: int, plan: MergePlan, personal_heads: bool,
                  dtype: torch.dtype) -> torch.Tensor:
-    value = (latest.dense_tensor(name, dtype) if latest is not None and name in latest.dense
+    value = (latest.dense_tensor(name, dtype).to(deltas[0].value.device)
+             if latest is not None and name in latest.dense
              else torch.zeros_like(deltas[0].value))
     if personal_heads:
         coeffs = torch.zeros_like(coeffs)
         coeffs[target] = plan.contribution[target]
-    for coeff, delta in zip(coeffs.tolist(), deltas, strict=True):
-        if coeff != 0.0:
-            value = value + coeff * delta.value
+    for k, coeff in _nonzero(coeffs, len(deltas)):
+        value = value + coeff * deltas[k].value
     return value

@@ -36,7 +36,8 @@ def save_heatmap(
     cols = min(len(items), 4)
     rows = (len(items) + cols - 1) // cols
     k = len(labels)
-    cell = max(2.6, 0.45 * k + 1.2)
+    # Capped, so a federation of hundreds of clients still draws a PNG of sane size.
+    cell = min(max(2.6, 0.45 * k + 1.2), 12.0)
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.0, cell * rows + 0.8),
                              squeeze=False)
     image = None
@@ -44,8 +45,9 @@ def save_heatmap(
         values = matrix.detach().to(torch.float64).cpu().numpy()
         image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(name, fontsize=9)
-        ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), labels, fontsize=7)
+        if k <= 48:  # beyond that the names cannot be read anyway
+            ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(k), labels, fontsize=7)
         if k <= 12:
             for i in range(k):
                 for j in range(k):

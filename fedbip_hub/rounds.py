@@ -49,7 +49,12 @@ from fedbip_hub.robust import norm_guard
 from fedbip_hub.similarity import SimilarityReport
 from fedbip_hub.sketch import round_similarity
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
-from fedbip_hub.streaming import DEFAULT_DOWNLOAD_WORKERS, OrderedMap, StagingArea
+from fedbip_hub.streaming import (
+    DEFAULT_DOWNLOAD_WORKERS,
+    OrderedMap,
+    StagingArea,
+    resident_peers,
+)
 from fedbip_hub.task_vectors import TaskVector
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, describe_error
 from fedbip_hub.validation import check_upload_listing, validate_upload
@@ -344,11 +349,12 @@ class RoundRunner:
     def _compute_record(self, strategy: Strategy) -> dict:
         """Device, precision, similarity mode (sketch seed) and staging traffic; closes
         the staging area (everything is published by now)."""
-        staging = self._staging
+        staging, similarity = self._staging, self._similarity_info
+        self._staging = self._similarity_info = None  # a reused runner starts afresh
         if staging is not None:
             staging.close()
         return {"device": str(resolve_device(self.device)),
-                "dtype": strategy.compute_dtype, "similarity": self._similarity_info,
+                "dtype": strategy.compute_dtype, "similarity": similarity,
                 "streaming": self.streaming,
                 "staging": staging.stats.to_json() if staging is not None else None}
 
@@ -409,7 +415,8 @@ class RoundRunner:
                              personal_heads=strategy.personal_heads,
                              progress=lambda items: self.progress(items, "Merging"),
                              dtype=resolve_dtype(strategy.compute_dtype),
-                             device=resolve_device(self.device), sink=staging)
+                             device=resolve_device(self.device), sink=staging,
+                             max_resident=resident_peers(strategy.top_k) if staging else None)
         # Streaming: adapters staged on disk, assembled one at a time when published.
         return weights, (staging.adapters if staging is not None else merged)  # type: ignore[return-value]
 

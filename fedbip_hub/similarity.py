@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from fedbip_hub.compute import CPU, delta_to, resolve_device
 from fedbip_hub.layers import layer_of, layer_sort_key
 from fedbip_hub.lowrank import cosine_from_gram, dense_gram, lowrank_gram
 from fedbip_hub.task_vectors import (
@@ -96,6 +97,8 @@ def compute_similarity(
     space: Space = "delta",
     include_dense: bool = True,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SimilarityReport:
     """Stream over modules: read one module's factors for all K clients, keep its Gram.
 
@@ -104,6 +107,9 @@ def compute_similarity(
         space: "delta" (exact ΔW inner products) or "params" (paper-literal (A, B) deltas).
         include_dense: whether modules_to_save tensors (heads) count towards similarity.
         progress: wraps the module iterator (a tqdm, say).
+        device: where the Gram maths runs ("cpu", "cuda", "auto"; default: where the
+            factors are read, the CPU); the Gram matrices come back to the CPU.
+        dtype: compute dtype; inputs are upcast to it, never narrowed (default: as read).
     """
     check_compatible(list(vectors))
     report = SimilarityReport(clients=[v.name for v in vectors])
@@ -113,8 +119,10 @@ def compute_similarity(
     if include_dense:
         names += vectors[0].dense_params
     iterator = progress(names) if progress else names
+    target = resolve_device(device) if device is not None else None
     for module in iterator:
-        deltas = [v.delta(module, space) for v in vectors]
+        deltas = [delta_to(v.delta(module, space), target, dtype) for v in vectors]
         check_params_ranks(module, deltas, report.clients)
-        report.grams[module] = module_gram(deltas).to(torch.float64)
+        report.grams[module] = module_gram(deltas).to(device=CPU, dtype=torch.float64)
+        del deltas  # one module's K factors in memory at a time, not two
     return report

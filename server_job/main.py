@@ -29,7 +29,9 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Compute everything, write nothing.")] = False,
     takeover: Annotated[bool, typer.Option(
         help="Resume a round whose job died before its lease expired.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="Where the round's maths runs: cpu, cuda or auto (cuda when available).")
+    ] = "cpu",
     token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", show_default=False,
                                               help="Hub token (default: HF_TOKEN).")] = None,
     json_output: JsonOption = False,
@@ -42,6 +44,7 @@ def run(
     other way during another job's round, it says so and exits 0 (status "in-progress").
     """
     from cli._common import progress
+    from fedbip_hub.compute import resolve_device
     from fedbip_hub.errors import RoundInProgressError
     from fedbip_hub.federation import Federation
     from fedbip_hub.webhooks import JobOutcome, payload_from_env, run_job
@@ -50,6 +53,7 @@ def run(
         wrap = progress(description, enabled=not json_output)
         return wrap(items) if wrap else items
 
+    resolve_device(device)  # fail before touching the federation
     fed_obj = Federation.at(fed, token=token)
     try:
         outcome = run_job(fed_obj, payload=payload_from_env(), dry_run=dry_run,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FileContent = bytes | Path
+# Rounds download on a thread pool; byte counters are updated under this lock.
+_TRAFFIC_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,9 @@ class Store(ABC):
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
         try:
             self._download(repo_id, path, revision, partial)
-            self.traffic.downloaded += partial.stat().st_size
+            size = partial.stat().st_size
+            with _TRAFFIC_LOCK:
+                self.traffic.downloaded += size
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)
