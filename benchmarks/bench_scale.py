@@ -51,7 +51,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as engine
-from bench_engine import fmt_bytes, fmt_s, print_table
+from bench_engine import _proc_status, fmt_bytes, fmt_s, print_table
+from bench_engine import _reset_peak_rss as _reset_peak
 
 from fedbip_hub.lowrank import cosine_from_gram, lowrank_gram
 from fedbip_hub.similarity import SimilarityReport
@@ -117,27 +118,6 @@ def quick_config(threads: int) -> ScaleConfig:
 
 
 # ------------------------------------------------------------------------ helpers
-def _proc_status(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def loadavg() -> list[float]:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else []
 
