@@ -21,8 +21,8 @@ projections 4096×4096, LoRA rank 16, float32 on disk):
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_scale.py            # full run, ~15-25 min on 2 cores
-    .venv/bin/python benchmarks/bench_scale.py --quick    # small shapes, ~1-2 min
+    .venv/bin/python benchmarks/bench_scale.py            # full run, ~8-12 min on 2 cores
+    .venv/bin/python benchmarks/bench_scale.py --quick    # small shapes, ~1 min
 
 A full 32-layer 7B adapter set at K=256 is ~8.7 GB of input: the rounds here use 2 blocks
 and say so; per-module costs are what the figures are about (a round is a loop over
