@@ -144,6 +144,8 @@ class RoundRunner:
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self._last_skips: dict[str, str] = {}
+        self._heatmap_for: SimilarityReport | None = None
+        self._heatmap_png = b""
 
     def _lap(self, phase: str) -> None:
         now = time.perf_counter()
@@ -420,15 +422,23 @@ class RoundRunner:
         # Streaming: adapters staged on disk, assembled one at a time when published.
         return weights, (staging.adapters if staging is not None else merged)  # type: ignore[return-value]
 
+    def _heatmap(self, report: SimilarityReport) -> bytes:
+        """The round's heatmap PNG, rendered once for the model cards and the dashboard."""
+        from fedbip_hub import modelcard
+
+        if self._heatmap_for is not report:
+            self._heatmap_for, self._heatmap_png = report, modelcard.heatmap_png(report)
+        return self._heatmap_png
+
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],
                      report: SimilarityReport | None, weights: WeightTable | None,
                      merged: list[MergedAdapter]) -> dict[str, dict]:
-        from fedbip_hub.modelcard import heatmap_png, personalized_card
+        from fedbip_hub.modelcard import personalized_card
 
         if report is None or weights is None:
             return {}
-        heatmap = heatmap_png(report)
+        heatmap = self._heatmap(report)
         template = LoraAdapter(self.store.fetch_folder(
             self.fed.repo_id, plan.federation_revision, INIT_DIR)).config
         outputs: dict[str, dict] = {}
@@ -512,7 +522,7 @@ class RoundRunner:
     def _complete(self, plan: RoundPlan, config: FederationConfig, record: dict,
                   outputs: dict[str, dict], inputs: list[PinnedInput],
                   refused: dict[str, str], report: SimilarityReport | None) -> None:
-        from fedbip_hub.modelcard import dashboard_card, heatmap_png
+        from fedbip_hub.modelcard import dashboard_card
 
         def build(head: str) -> dict:
             state = self.fed.state(head)
@@ -542,7 +552,7 @@ class RoundRunner:
                      "README.md": dashboard_card(config, self.fed.members(head), state,
                                                  record).encode()}
             if report is not None:
-                files["similarity.png"] = heatmap_png(report)
+                files["similarity.png"] = self._heatmap(report)
             return files
 
         commit_with_retry(self.fed, self.fed.repo_id, build,
