@@ -18,12 +18,18 @@ U = [s_P·U_P, U_f], V = [V_P; V_f] (rank 2r), so ΔW = ΔW_start + f(ΔW_τ) to
 precision whatever the start (the round-1 start's B is 0; later starts are not).
 Classifier heads (modules_to_save) get start + f(head − start_head).
 
-Methods: FedBip-L with the norm guard "clip" (the default), "exclude" and "off", FedAvg
-(guard clip, the default for every method, and off) and FedIT (guard clip); the clean run
-(no attack) of each is the reference. FedIT merges in params space (A and B averaged
-separately, equal ranks required), so against it the attackers move the factors
-themselves: (s·B, A) = start + f(upload − start), noise likewise per factor. Reported: the honest
-clients' mean personalized accuracy and its change under each attack.
+Methods: FedBip-L as configured by default (similarity memory, sign guard, norm guard
+"clip"), with the norm guard "exclude" and "off", and without memory or sign guard (this
+round's cosines only, as the paper); FedAvg (norm guard clip, the default for every
+method, and off) and FedIT (norm guard clip). FedIT merges in params space (A and B
+averaged separately, equal ranks required), so against it the attackers move the factors
+themselves: (s·B, A) = start + f(upload − start), noise likewise per factor.
+
+References: "absent" runs the same federation without the attackers (the demo's 7
+clients, same data and seeds): the issue's "without the attackers", and the one every Δ
+is taken against. "none" keeps the 2 extra clients honest (they help their groups, so it
+is the higher of the two). Reported: the honest clients' mean personalized accuracy and
+its change under each attack.
 
 The model cards' heatmap is stubbed as in bench_quality.py (render time only).
 
@@ -36,6 +42,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -73,6 +80,7 @@ from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
 ATTACKS = ("none", "scale", "flip", "noise")
+CONDITIONS = ("absent", *ATTACKS)
 SCALE = 100.0
 TARGET_DROP = 1.0  # points of honest accuracy FedBip-L (norm guard) may lose
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -87,6 +95,9 @@ def methods() -> list[Method]:
                                             **options), "FedBip-L, norm guard exclude"),
         Method("fedbip-l-off", Strategy(method="fedbip-l", norm_guard="off", **options),
                "FedBip-L, no norm guard"),
+        Method("fedbip-l-round", Strategy(method="fedbip-l", similarity_memory=0,
+                                          sign_guard="off", **options),
+               "FedBip-L, this round's cosines only (no memory), no sign guard"),
         Method("fedavg", Strategy(method="fedavg"), "FedAvg in ΔW space, norm guard clip"),
         Method("fedavg-off", Strategy(method="fedavg", norm_guard="off"),
                "FedAvg in ΔW space, no norm guard"),
@@ -105,6 +116,13 @@ def config(seed: int, quick: bool) -> tuple[ScenarioConfig, list[str]]:
     groups = ("low", "low", "low", "even", "even", "marked", "marked", "low", "marked")
     cfg = ScenarioConfig(groups=groups, seed=seed, base=BaseModelSpec(seed=seed))
     return cfg, ["low-4", "marked-3"]
+
+
+def absent_config(cfg: ScenarioConfig, attackers: Sequence[str]) -> ScenarioConfig:
+    """The same federation without the attackers. They are the last clients, so the honest
+    ones keep their names, data and training seeds (all drawn in client order)."""
+    groups = cfg.groups[:len(cfg.groups) - len(attackers)]
+    return dataclasses.replace(cfg, groups=groups)
 
 
 # -- the attack ----------------------------------------------------------------------------
@@ -227,14 +245,20 @@ class AdversarialScenario(Scenario):
 
 def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
     cfg, attackers = config(seed, quick)
-    scenario = AdversarialScenario(cfg, work / f"seed-{seed}")
-    scenario.attackers = attackers
-    scenario.load_base(work / f"base-seed-{seed}")
-    runs = prepare_dir(scenario.root)
-    honest = [c.name for c in scenario.clients if c.name not in attackers]
+    with_attackers = AdversarialScenario(cfg, work / f"seed-{seed}")
+    with_attackers.attackers = attackers
+    without = AdversarialScenario(absent_config(cfg, attackers), work / f"seed-{seed}-absent")
+    runs_of = {}
+    for scenario in (with_attackers, without):
+        scenario.load_base(work / f"base-seed-{seed}")
+        runs_of[id(scenario)] = prepare_dir(scenario.root)
+    honest = [c.name for c in with_attackers.clients if c.name not in attackers]
+    assert honest == [c.name for c in without.clients], "attackers must be the last clients"
     checks: list[float] = []
     out: dict[str, Any] = {"attackers": attackers, "honest": honest, "runs": {}}
-    for attack in ATTACKS:
+    for attack in CONDITIONS:
+        scenario = without if attack == "absent" else with_attackers
+        runs = runs_of[id(scenario)]
         scenario.upload_hook = make_hook(attackers, attack, work / f"attacked-{seed}",
                                          seed, checks)
         for method in methods():
@@ -244,19 +268,23 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
             acc = {c: result.accuracy[c] for c in honest}
             guard = [{"round": r["round"], "skipped": r.get("skipped")}
                      for r in result.rounds if r.get("skipped")]
+            shielded = [{"round": r["round"], "sign_guard": sorted(r["sign_guard"])}
+                        for r in result.rounds if r.get("sign_guard")]
             out["runs"][f"{method.label}/{attack}"] = {
                 "honest_accuracy": sum(acc.values()) / len(acc),
                 "honest_accuracy_per_client": acc,
                 "attacker_accuracy": {c: result.accuracy.get(c) for c in attackers},
                 "skipped": guard,
+                "sign_guard": shielded,
                 "seconds": round(time.perf_counter() - began, 2),
             }
             console.print(f"  [dim]seed {seed}[/] {method.label:17s} {attack:6s} honest "
                           f"{100 * out['runs'][f'{method.label}/{attack}']['honest_accuracy']:.1f}%"
                           f" ({time.perf_counter() - began:.0f}s)", highlight=False)
             shutil.rmtree(runs / run.label, ignore_errors=True)
+    for runs in runs_of.values():
+        shutil.rmtree(runs, ignore_errors=True)
     out["exactness_max_rel_error"] = max(checks) if checks else None
-    shutil.rmtree(runs, ignore_errors=True)
     return out
 
 
@@ -264,8 +292,8 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for method in methods():
         row: dict[str, Any] = {}
-        clean = [s["runs"][f"{method.label}/none"]["honest_accuracy"] for s in per_seed]
-        for attack in ATTACKS:
+        clean = [s["runs"][f"{method.label}/absent"]["honest_accuracy"] for s in per_seed]
+        for attack in CONDITIONS:
             values = [s["runs"][f"{method.label}/{attack}"]["honest_accuracy"]
                       for s in per_seed]
             deltas = [v - c for v, c in zip(values, clean, strict=True)]
@@ -279,13 +307,13 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def table(summary: dict[str, Any], n_seeds: int) -> Table:
     t = Table(title=f"Honest clients' personalized accuracy (%), mean over {n_seeds} "
-              f"seed(s); Δ vs no attack in points", title_justify="left")
+              f"seed(s); Δ in points vs the attackers absent", title_justify="left")
     t.add_column("method", style="bold", no_wrap=True)
-    for attack in ATTACKS:
+    for attack in CONDITIONS:
         t.add_column(attack, justify="right")
     for label, row in summary.items():
-        cells = [f"{100 * row['none']['mean']:.1f}"]
-        for attack in ATTACKS[1:]:
+        cells = [f"{100 * row['absent']['mean']:.1f}"]
+        for attack in CONDITIONS[1:]:
             d = 100 * row[attack]["delta_mean"]
             style = "green" if d >= -TARGET_DROP else "red"
             cells.append(f"{100 * row[attack]['mean']:.1f} [{style}]({d:+.1f})[/]")
@@ -295,7 +323,7 @@ def table(summary: dict[str, Any], n_seeds: int) -> Table:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1", help="Comma-separated seeds.")
+    parser.add_argument("--seeds", default="0,1,2,3", help="Comma-separated seeds.")
     parser.add_argument("--quick", action="store_true",
                         help="The demo's --quick sizes, one seed, one attacker.")
     parser.add_argument("--out", type=Path, default=None,
@@ -334,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     console.print(table(summary, len(seeds)))
     worst = min(summary["fedbip-l"][a]["delta_mean"] for a in ATTACKS[1:])
     met = -100 * worst <= TARGET_DROP
-    target = {"target": f"FedBip-L (norm guard clip) honest accuracy drop ≤ {TARGET_DROP:g} "
-                        "pts under every attack",
+    target = {"target": f"FedBip-L (defaults: norm guard clip) honest accuracy drop ≤ "
+                        f"{TARGET_DROP:g} pts under every attack, vs the attackers absent",
               "worst_delta_points": round(100 * worst, 2), "met": met}
     console.print(f"Target: {target['target']}: worst {100 * worst:+.1f} pts → "
                   f"{'[green]met[/]' if met else '[red]not met[/]'}. Exactness of "

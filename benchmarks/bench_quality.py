@@ -14,7 +14,7 @@ Reported, mean ± std over seeds:
 * accuracy of every method (all clients, task-shift clients, each group);
 * ablations: similarity granularity (model, layer, module) and weighting (the paper's
   row normalisation with and without clipping, softmax temperatures, top-k, z-scored
-  peers with several self shares);
+  peers with several self shares) and the similarity memory (γ = 1, 0.5, off);
 * how well cosines separate same-task from different-task client pairs (AUC), for task
   vectors (every round) and for raw parameters (base + ΔW + head, round 1);
 * the issue's targets, met or not.
@@ -100,7 +100,8 @@ class Variant:
 
 
 def ablations(options: dict[str, Any]) -> list[Variant]:
-    """Granularity (with the chosen weighting) and weighting (per layer, FedBip-L)."""
+    """Granularity (with the chosen weighting), weighting (per layer, FedBip-L) and the
+    similarity memory's decay."""
     def s(method: str, **extra: Any) -> Strategy:
         return Strategy(method=method, **extra)
 
@@ -109,12 +110,12 @@ def ablations(options: dict[str, Any]) -> list[Variant]:
         Variant("granularity", "model (FedBip)", s("fedbip", **chosen)),
         Variant("granularity", "layer (FedBip-L)", s("fedbip-l", **chosen)),
         Variant("granularity", "module (FedBip-M)", s("fedbip-m", **chosen)),
-        Variant("weighting", "normalize, clip c<0 (project default)", s("fedbip-l")),
+        Variant("weighting", "normalize, clip c<0", s("fedbip-l", rule="normalize")),
         Variant("weighting", "normalize, keep c<0 (paper-literal)",
-                s("fedbip-l", clip_negative=False)),
+                s("fedbip-l", rule="normalize", clip_negative=False)),
         Variant("weighting", "softmax T=0.1", s("fedbip-l", rule="softmax", temperature=0.1)),
         Variant("weighting", "softmax T=0.3", s("fedbip-l", rule="softmax", temperature=0.3)),
-        Variant("weighting", "normalize, top-2 peers", s("fedbip-l", top_k=2)),
+        Variant("weighting", "normalize, top-2 peers", s("fedbip-l", rule="normalize", top_k=2)),
     ]
     for share in (0.2, 0.3, 0.5, 0.7):
         variants.append(Variant("weighting", f"zscore, self share {share}",
@@ -122,6 +123,10 @@ def ablations(options: dict[str, Any]) -> list[Variant]:
     variants.append(Variant("weighting", "zscore, self share 0.3, keep c<0",
                             s("fedbip-l", rule="zscore", self_share=0.3,
                               clip_negative=False)))
+    for decay, setting in ((1.0, "memory γ=1 (default)"), (0.5, "memory γ=0.5"),
+                           (0.0, "this round only (the paper)")):
+        variants.append(Variant("similarity memory", setting,
+                                s("fedbip-l", **chosen, similarity_memory=decay)))
     return variants
 
 

@@ -15,13 +15,13 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from fedbip_hub.federation import FederationConfig, FederationState, Member
 from fedbip_hub.merge import MergedAdapter
-from fedbip_hub.similarity import SimilarityReport
+from fedbip_hub.similarity import CosineSource
 from fedbip_hub.strategies import WeightTable
 
 TAGS = ["fedbip", "federated-learning", "lora", "peft", "personalization"]
 
 
-def heatmap_png(report: SimilarityReport, *, max_layers: int = 7) -> bytes:
+def heatmap_png(report: CosineSource, *, max_layers: int = 7) -> bytes:
     """The model-level cosine heatmap plus up to ``max_layers`` per-layer panels."""
     from fedbip_hub.plotting import save_heatmap
 
@@ -42,12 +42,14 @@ def _card(data: ModelCardData, body: str) -> str:
 
 
 def personalized_card(config: FederationConfig, client: str, round_no: int,
-                      names: Sequence[str], report: SimilarityReport, weights: WeightTable,
+                      names: Sequence[str], report: CosineSource, weights: WeightTable,
                       index: int, inputs: Sequence[Any], adapter: MergedAdapter) -> str:
     """The card of ``client``'s personalized adapter: who contributed, with what weight."""
     data = ModelCardData(base_model=config.base_model, library_name="peft",
                          tags=[*TAGS, f"fedbip-federation-{config.name}"])
     cosine = report.model_cosine()[index]
+    memory_note = ("" if config.strategy_obj().similarity_memory == 0 else
+                   ", accumulated over the rounds (the similarity memory)")
     layer_keys = list(weights.matrices)
     rows = []
     for k, name in enumerate(names):
@@ -75,7 +77,7 @@ model = PeftModel.from_pretrained(base_model, "<this repo>", subfolder="personal
 
 ## Who contributed
 
-Weight is the {weight_note}; cosine is the model-level task-vector cosine.
+Weight is the {weight_note}; cosine is the model-level task-vector cosine{memory_note}.
 A peer with no new upload this round shapes the weights but adds nothing.
 
 | client | weight | cosine | new upload | staleness |

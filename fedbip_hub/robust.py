@@ -1,8 +1,13 @@
-"""A robust guard on task-vector norms: median/MAD outliers are clipped or excluded.
+"""Guards against hostile updates, before they are weighted.
 
-Norms are compared in log space, where a scaled attack (×100) is a shift and honest
-spread is small; FedBip's similarity weighting is the second line of defence (a
-sign-flipped or random update has a non-positive cosine with honest peers).
+* The norm guard: median/MAD outliers of task-vector norms are clipped or excluded.
+  Norms are compared in log space, where a scaled attack (×100) is a shift and honest
+  spread is small.
+* The sign guard: an update that opposes a group of peers more than it agrees with
+  anyone (a sign-flipped update) contributes to nobody else.
+
+FedBip's similarity weighting is the last line of defence: a random update has a cosine
+near 0 with everyone and so little weight.
 """
 
 from __future__ import annotations
@@ -61,3 +66,45 @@ def norm_guard(norms: torch.Tensor, *, threshold: float = 3.0, min_clients: int 
     for k in outliers:
         scale[k] = cap / float(norms[k])
     return NormGuardResult(norms, robust_z, scale, outliers, cap)
+
+
+@dataclass(frozen=True)
+class SignGuardResult:
+    """Clients whose update points away from a group of peers more than toward anyone."""
+
+    flagged: list[int]
+    support: list[float]
+    opposed: list[list[int]]
+
+    def explain(self, index: int, names: list[str]) -> str:
+        against = ", ".join(names[j] for j in self.opposed[index])
+        return (f"its task vector opposes {against} (cosine below "
+                f"−{self.support[index]:.2f}) more strongly than it agrees with any "
+                "client: the signature of a sign-flipped update")
+
+
+def sign_guard(cosine: torch.Tensor, *, floor: float = 0.2, min_opposed: int = 2
+               ) -> SignGuardResult:
+    """Flag clients anti-aligned with at least ``min_opposed`` peers.
+
+    Honest clients on different tasks are near-orthogonal; a sign-flipped update is the
+    mirror of its own group, so its cosine with that group is about minus the group's
+    cohesion, stronger than any agreement it has. Client k is flagged when at least
+    ``min_opposed`` peers j have c_kj < −max(max_{j'≠k} c_kj', floor). The floor keeps
+    near-orthogonal noise (small |c|) from ever counting as opposition.
+    """
+    k = cosine.shape[0]
+    flagged: list[int] = []
+    support: list[float] = []
+    opposed: list[list[int]] = []
+    for i in range(k):
+        row = cosine[i].to(torch.float64)
+        others = [j for j in range(k) if j != i]
+        best = max((float(row[j]) for j in others), default=0.0)
+        level = max(best, floor)
+        against = [j for j in others if float(row[j]) < -level]
+        support.append(level)
+        opposed.append(against)
+        if len(against) >= min_opposed:
+            flagged.append(i)
+    return SignGuardResult(flagged, support, opposed)

@@ -44,9 +44,11 @@ from fedbip_hub.federation import (
     dump_json,
     utc_now,
 )
+from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
-from fedbip_hub.robust import norm_guard
-from fedbip_hub.similarity import SimilarityReport
+from fedbip_hub.robust import norm_guard, sign_guard
+from fedbip_hub.secrets import redact
+from fedbip_hub.similarity import CosineSource, SimilarityReport
 from fedbip_hub.sketch import round_similarity
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
 from fedbip_hub.streaming import (
@@ -144,7 +146,7 @@ class RoundRunner:
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self._last_skips: dict[str, str] = {}
-        self._heatmap_for: SimilarityReport | None = None
+        self._heatmap_for: CosineSource | None = None
         self._heatmap_png = b""
 
     def _lap(self, phase: str) -> None:
@@ -275,42 +277,58 @@ class RoundRunner:
         vectors: list[TaskVector] = []
         inputs: list[PinnedInput] = []
         refused: dict[str, str] = {}
-        fetched = OrderedMap(lambda p: self._task_vector(p, config, init),
-                             list(plan.inputs.values()), catch=(FedbipError,),
+        init_name = f"{self.fed.repo_id}@{plan.federation_revision[:12]}/{INIT_DIR}"
+        fetched = OrderedMap(lambda p: self._task_vector(p, config, init, init_name),
+                             list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
             if exc is None:
                 vectors.append(vector)
                 inputs.append(pinned)
-            else:
+            elif isinstance(exc, StoreError):  # the Hub, not the upload: retry next round
+                skipped[pinned.client] = (f"{_reason(exc)}; the upload was NOT refused and "
+                                          "will be retried next round")
+            elif isinstance(exc, FedbipError):
                 skipped[pinned.client] = _reason(exc)
                 if pinned.fresh:
                     refused[pinned.client] = pinned.upload_id
+            else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
+                skipped[pinned.client] = _internal_reason(exc)
+                self.log(f"Internal error reading {pinned.client}'s upload "
+                         f"({_exception_text(exc)}); skipped this round, retried next round.")
         self._lap("download_validate")
         self.checkpoint("downloaded")
-        report = weights = None
+        report = weights = similarity = memory = None
         merged: list[MergedAdapter] = []
         guard: dict[str, dict] = {}
+        signs: dict[str, dict] = {}
         if any(p.fresh for p in inputs):
             report = self._similarity(strategy, vectors, inputs)
             report, vectors, inputs, scale, guard = self._norm_guard(
                 strategy, report, vectors, inputs, skipped, refused)
             if any(p.fresh for p in inputs):
+                memory, similarity = self._remember(plan, strategy, report, inputs, scale)
+                blocked, signs = self._sign_guard(strategy, similarity, inputs)
                 weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
-                                              report, scale)
+                                              similarity, scale, blocked)
         names = [p.client for p in inputs]
         self._lap("compute")
         self.checkpoint("computed")
         outputs = {} if self.dry_run else self._publish_all(plan, config, strategy, names,
-                                                            inputs, report, weights, merged)
+                                                            inputs, similarity, weights,
+                                                            merged)
         self._lap("publish")
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
+        record["memory_cosine"] = (similarity.to_json()
+                                   if isinstance(similarity, SimilarityView) else None)
         record["norm_guard"] = guard
+        record["sign_guard"] = signs
         record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
-            self._complete(plan, config, record, outputs, inputs, refused, report)
+            self._complete(plan, config, record, outputs, inputs, refused, similarity,
+                           memory)
         self._lap("record")
         record["timings"] = dict(self.timings)
         record["bytes"] = {"downloaded": self.store.traffic.downloaded,
@@ -318,17 +336,44 @@ class RoundRunner:
         return record
 
     def _task_vector(self, pinned: PinnedInput, config: FederationConfig,
-                     init: LoraAdapter) -> TaskVector:
-        folder = self.store.fetch_folder(pinned.repo_id, pinned.commit, only=UPLOAD_FILES)
-        pinned.files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
-        upload, _metadata = validate_upload(folder, config, init, label=pinned.client,
-                                            check_values=pinned.fresh)
-        start = init
-        if pinned.start_revision is not None:
-            start_dir = self.store.fetch_folder(pinned.repo_id, pinned.start_revision,
-                                                PERSONALIZED_DIR)
-            start = LoraAdapter(start_dir, label=f"{pinned.client} start")
-        return TaskVector(upload, start, name=pinned.client)
+                     init: LoraAdapter, init_name: str = INIT_DIR) -> TaskVector:
+        """Download, validate and difference one input. Errors name the server's cached
+        folders as ``repo@commit[:12]`` (a client cannot use our local paths); anything
+        but a FedbipError comes out as an ``_InternalError``."""
+        names = {init.folder: init_name}
+        try:
+            folder = self.store.fetch_folder(pinned.repo_id, pinned.commit, only=UPLOAD_FILES)
+            names[folder] = f"{pinned.repo_id}@{pinned.commit[:12]}"
+            pinned.files = {p.name: _sha256(p) for p in sorted(folder.iterdir())
+                            if p.is_file()}
+            upload, _metadata = validate_upload(folder, config, init, label=pinned.client,
+                                                check_values=pinned.fresh)
+            start = init
+            if pinned.start_revision is not None:
+                start_dir = self.store.fetch_folder(pinned.repo_id, pinned.start_revision,
+                                                    PERSONALIZED_DIR)
+                names[start_dir] = (f"{pinned.repo_id}@{pinned.start_revision[:12]}/"
+                                    f"{PERSONALIZED_DIR}")
+                start = LoraAdapter(start_dir, label=f"{pinned.client} start")
+            return TaskVector(upload, start, name=pinned.client)
+        except FedbipError as exc:
+            exc.message = self._public_paths(exc.message, names)
+            exc.hint = self._public_paths(exc.hint, names) if exc.hint else exc.hint
+            exc.args = (str(exc),)
+            raise
+        except Exception as exc:
+            raise _InternalError(self._public_paths(_describe(exc), names)) from exc
+
+    def _public_paths(self, text: str, names: Mapping[Path, str]) -> str:
+        """``text`` with the server's local folders replaced by their public names (and
+        any other path into the store's cache by a placeholder)."""
+        cache = Path(self.store.cache_dir)
+        pairs = {**{str(p): n for p, n in names.items()},
+                 **{str(p.resolve()): n for p, n in names.items()},
+                 str(cache): "<server cache>", str(cache.resolve()): "<server cache>"}
+        for local in sorted(pairs, key=len, reverse=True):
+            text = text.replace(local, pairs[local])
+        return text
 
     def _latest_adapter(self, plan: RoundPlan, name: str, repo_id: str,
                         init: LoraAdapter) -> LoraAdapter:
@@ -391,16 +436,53 @@ class RoundRunner:
         return (report.subset(keep), [vectors[k] for k in keep], [inputs[k] for k in keep],
                 scale[keep], details)
 
+    def _remember(self, plan: RoundPlan, strategy: Strategy, report: SimilarityReport,
+                  inputs: list[PinnedInput], scale: torch.Tensor
+                  ) -> tuple[SimilarityMemory | None, CosineSource]:
+        """This round's evidence added to the federation's similarity memory (read at the
+        plan's pinned revision, so a resumed round computes the same); returns the new
+        memory (written when the round completes) and the cosines the weights use."""
+        if strategy.similarity_memory == 0:
+            return None, report
+        keyed = storage_granularity(strategy.effective_granularity or "layer")
+        previous = SimilarityMemory(granularity=keyed)
+        if self.store.file_exists(self.fed.repo_id, MEMORY_FILE, plan.federation_revision):
+            previous = SimilarityMemory.from_bytes(
+                self.store.read_bytes(self.fed.repo_id, MEMORY_FILE,
+                                      plan.federation_revision), granularity=keyed)
+        memory = previous.updated(report, [p.fresh for p in inputs],
+                                  decay=strategy.similarity_memory, scale=scale)
+        return memory, memory.view(report)
+
+    def _sign_guard(self, strategy: Strategy, similarity: CosineSource,
+                    inputs: list[PinnedInput]) -> tuple[list[int], dict[str, dict]]:
+        """Fresh updates that mirror a group of peers: shared with no one this round."""
+        if strategy.sign_guard == "off":
+            return [], {}
+        names = [p.client for p in inputs]
+        result = sign_guard(similarity.model_cosine(), floor=strategy.sign_guard_floor,
+                            min_opposed=strategy.sign_guard_min_peers)
+        flagged = [k for k in result.flagged if inputs[k].fresh]
+        details = {}
+        for k in flagged:
+            reason = result.explain(k, names)
+            self.log(f"Sign guard: {names[k]}: {reason}; not shared with other clients.")
+            details[names[k]] = {"reason": reason, "opposes": [names[j] for j in
+                                                               result.opposed[k]],
+                                 "action": "not shared with other clients this round"}
+        return flagged, details
+
     def _merge(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
                init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
-               report: SimilarityReport, scale: torch.Tensor
+               similarity: CosineSource, scale: torch.Tensor, blocked: list[int]
                ) -> tuple[WeightTable, list[MergedAdapter]]:
         k = len(vectors)
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
+        fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
         allowed = fresh[None, :].expand(k, k).clone()
         groups = ([self.groups.get(p.client, p.client) for p in inputs]
                   if self.groups is not None else None)
-        weights = compute_weights(strategy, k=k, report=report,
+        weights = compute_weights(strategy, k=k, report=similarity,
                                   n_examples=[p.n_examples for p in inputs], allowed=allowed,
                                   groups=groups)
         contribution = torch.tensor(
@@ -422,7 +504,7 @@ class RoundRunner:
         # Streaming: adapters staged on disk, assembled one at a time when published.
         return weights, (staging.adapters if staging is not None else merged)  # type: ignore[return-value]
 
-    def _heatmap(self, report: SimilarityReport) -> bytes:
+    def _heatmap(self, report: CosineSource) -> bytes:
         """The round's heatmap PNG, rendered once for the model cards and the dashboard."""
         from fedbip_hub import modelcard
 
@@ -432,7 +514,7 @@ class RoundRunner:
 
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],
-                     report: SimilarityReport | None, weights: WeightTable | None,
+                     report: CosineSource | None, weights: WeightTable | None,
                      merged: list[MergedAdapter]) -> dict[str, dict]:
         from fedbip_hub.modelcard import personalized_card
 
@@ -521,7 +603,8 @@ class RoundRunner:
 
     def _complete(self, plan: RoundPlan, config: FederationConfig, record: dict,
                   outputs: dict[str, dict], inputs: list[PinnedInput],
-                  refused: dict[str, str], report: SimilarityReport | None) -> None:
+                  refused: dict[str, str], report: CosineSource | None,
+                  memory: SimilarityMemory | None) -> None:
         from fedbip_hub.modelcard import dashboard_card
 
         def build(head: str) -> dict:
@@ -553,6 +636,8 @@ class RoundRunner:
                                                  record).encode()}
             if report is not None:
                 files["similarity.png"] = self._heatmap(report)
+            if memory is not None:
+                files[MEMORY_FILE] = memory.to_bytes()
             return files
 
         commit_with_retry(self.fed, self.fed.repo_id, build,
@@ -574,6 +659,32 @@ def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput
 def _reason(exc: FedbipError) -> str:
     text = exc.message
     return f"{text} (fix: {exc.hint})" if exc.hint else text
+
+
+class _InternalError(Exception):
+    """An unexpected (non-FedbipError) failure reading one input; the message is the
+    original's type and text with local paths replaced (the original is its cause)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line (an ``_InternalError`` already holds that)."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, _InternalError):
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _exception_text(exc: BaseException, limit: int = 500) -> str:
+    """``_describe(exc)`` with tokens redacted, at most ``limit`` characters."""
+    text = redact(_describe(exc))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _internal_reason(exc: BaseException) -> str:
+    return (f"internal error on the server while reading this upload "
+            f"({_exception_text(exc)}); the upload was NOT refused and will be retried "
+            "next round (fix: nothing to change on the client's side; please report this "
+            "error to the federation's operator or the fedbip-hub maintainers)")
 
 
 def _sha256(path: Path) -> str:

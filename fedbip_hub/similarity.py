@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -35,6 +35,17 @@ def module_gram(deltas: Sequence[LowRankDelta | ParamsDelta | DenseDelta]) -> to
     if all(isinstance(d, DenseDelta) for d in deltas):
         return dense_gram([d.value for d in deltas])
     raise TypeError("a module's deltas must all be of one kind")
+
+
+class CosineSource(Protocol):
+    """What weights, model cards and heatmaps read: one round's report, or the memory's
+    view of it (fedbip_hub.memory)."""
+
+    clients: list[str]
+
+    def cosines(self, granularity: Granularity) -> dict[str, torch.Tensor]: ...
+
+    def model_cosine(self) -> torch.Tensor: ...
 
 
 @dataclass
@@ -78,16 +89,16 @@ class SimilarityReport:
         """JSON view: ``model`` is the K×K cosine, ``layers`` maps block → K×K."""
         out = {
             "clients": list(self.clients),
-            "model": _rounded(self.model_cosine()),
-            "layers": {k: _rounded(v) for k, v in self.cosines("layer").items()},
+            "model": rounded_matrix(self.model_cosine()),
+            "layers": {k: rounded_matrix(v) for k, v in self.cosines("layer").items()},
             "norms": [float(x) for x in self.norms()],
         }
         if modules:
-            out["modules"] = {k: _rounded(v) for k, v in self.cosines("module").items()}
+            out["modules"] = {k: rounded_matrix(v) for k, v in self.cosines("module").items()}
         return out
 
 
-def _rounded(matrix: torch.Tensor, digits: int = 6) -> list[list[float]]:
+def rounded_matrix(matrix: torch.Tensor, digits: int = 6) -> list[list[float]]:
     return [[round(float(x), digits) for x in row] for row in matrix]
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedbip_hub.errors import ConfigError
 from fedbip_hub.layers import layer_of
-from fedbip_hub.similarity import MODEL_KEY, Granularity, SimilarityReport
+from fedbip_hub.similarity import MODEL_KEY, CosineSource, Granularity
 from fedbip_hub.task_vectors import Space
 from fedbip_hub.weighting import (
     RuleName,
@@ -80,6 +80,17 @@ class Strategy(BaseModel):
     personal_heads: bool = False
     norm_guard: Literal["clip", "exclude", "off"] = "clip"
     norm_guard_threshold: float = Field(3.0, gt=0)
+    sign_guard: Literal["exclude", "off"] = Field(
+        "exclude", description="exclude: a fresh update that opposes ≥ sign_guard_min_peers "
+        "peers more than it agrees with anyone contributes to no one else this round.")
+    sign_guard_floor: float = Field(0.2, ge=0, le=1)
+    sign_guard_min_peers: int = Field(2, ge=1)
+    # Chosen by benchmarks/bench_quality.py and bench_adversarial.py: late rounds' task
+    # vectors mostly fit label noise, and their cosines alone let a structured (hostile)
+    # update become everyone's best peer. 0: this round only (the paper).
+    similarity_memory: float = Field(
+        1.0, ge=0, le=1, description="Decay γ of the similarity accumulated over rounds "
+        "(fedbip_hub.memory); 0 uses this round's task vectors only, as the paper does.")
     # Scale (fedbip_hub.sketch): sketched similarity for large K, compute precision.
     similarity_mode: Literal["exact", "sketch", "auto"] = Field(
         "auto", description="auto: exact below sketch_threshold clients, sketched from it.")
@@ -157,7 +168,7 @@ def compute_weights(
     strategy: Strategy,
     *,
     k: int,
-    report: SimilarityReport | None = None,
+    report: CosineSource | None = None,
     n_examples: Sequence[float] | None = None,
     allowed: torch.Tensor | None = None,
     groups: Sequence[str] | None = None,

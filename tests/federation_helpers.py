@@ -100,9 +100,14 @@ def expected_round(
     task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
     fresh: Mapping[str, bool],
     staleness: Mapping[str, int],
-    *, beta: float = 0.5,
+    *, beta: float = 0.5, history: dict | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """ALGORITHM.md §5 with FedBip-L's clipped row normalisation, written from scratch."""
+    """ALGORITHM.md §5 with FedBip-L's clipped row normalisation, written from scratch.
+
+    With ``history`` (one dict kept across rounds), cosines are the similarity memory's
+    (γ = 1): the cosine of each pair's concatenated per-round task vectors, over the rounds
+    in which at least one of the two was fresh.
+    """
     names = list(task_vectors)
     layers = sorted({reference_layer(m) for m in next(iter(task_vectors.values()))})
     cos = {}
@@ -112,6 +117,8 @@ def expected_round(
                             for tv in task_vectors.values()])
         norms = flat.norm(dim=1)
         cos[layer] = (flat @ flat.T) / (norms[:, None] * norms[None, :])
+        if history is not None:
+            cos[layer] = _history_cosine(history, layer, names, flat, fresh, cos[layer])
     out = {}
     for i, me in enumerate(names):
         update = {m: t.clone() for m, t in latest[me].items()}
@@ -130,6 +137,23 @@ def expected_round(
                     if reference_layer(module) == layer:
                         update[module] = update[module] + weight * tau
         out[me] = update
+    return out
+
+
+def _history_cosine(history: dict, layer: str, names: list[str], flat: torch.Tensor,
+                    fresh: Mapping[str, bool], this_round: torch.Tensor) -> torch.Tensor:
+    out = this_round.clone()
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                continue
+            pairs = history.setdefault((layer, a, b), [])
+            if fresh[a] or fresh[b]:
+                pairs.append((flat[i], flat[j]))
+            if pairs:
+                x = torch.cat([p for p, _ in pairs])
+                y = torch.cat([q for _, q in pairs])
+                out[i, j] = x @ y / (x.norm() * y.norm())
     return out
 
 

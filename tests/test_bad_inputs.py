@@ -244,6 +244,17 @@ def test_every_bad_upload_is_refused_with_its_reason_and_a_fix(attacked):
         assert "Traceback" not in reason and "\n" not in reason, (name, reason)
 
 
+def test_refusal_reasons_name_no_server_path(attacked):
+    fed, _corpus, first, _second, _marker = attacked
+    cache, base = str(fed.store.cache_dir), fed.config().base_model  # base: the config's
+    for name, reason in first["skipped"].items():
+        assert cache not in reason and "/tmp" not in reason.replace(base, "<base>"), (
+            name, reason)
+    for name in ("nan", "header-corrupt"):
+        repo = fed.member(name).repo_id
+        assert f"{repo}@{fed.store.head(repo)[:12]}/{WEIGHTS_NAME}" in first["skipped"][name]
+
+
 def test_honest_clients_are_personalized_exactly_as_without_the_bad_ones(attacked, honest):
     fed, _corpus, first, _second, _marker = attacked
     assert sorted(first["outputs"]) == sorted(CLIENTS)

@@ -3,6 +3,7 @@ no half-written or doubly-updated adapter, every upload consumed once."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from fedbip_hub.client import latest_personalized_revision
 from fedbip_hub.errors import RoundInProgressError
 from fedbip_hub.federation import PERSONALIZED_DIR, Federation
+from fedbip_hub.memory import MEMORY_FILE
 from fedbip_hub.rounds import RoundRunner, run_round
 
 STEPS = ["planned", "downloaded", "computed", "published:alice", "published:bob",
@@ -39,7 +41,12 @@ def _summary(fed: Federation) -> dict:
             "versions": {c: len(s.personalized_history) for c, s in state.clients.items()},
             "publish_commits": {c: sum(1 for h in fed.store.history(fed.member(c).repo_id)
                                        if h.title.startswith("fedbip: personalized"))
-                                for c in CLIENTS}}
+                                for c in CLIENTS},
+            # the similarity memory is replaced once, by the round's completion commit
+            "memory": hashlib.sha256(fed.store.read_bytes(
+                fed.repo_id, MEMORY_FILE, fed.head())).hexdigest(),
+            "memory_commits": sum(1 for h in fed.store.history(fed.repo_id)
+                                  if h.title.endswith("completed"))}
 
 
 @pytest.fixture(scope="module")

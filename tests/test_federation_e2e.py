@@ -112,8 +112,10 @@ def test_three_async_rounds_match_the_reference(backend: Backend, tmp_path: Path
     assert sorted(record["outputs"]) == sorted(CLIENTS)
     assert set(record["cosine"]["layers"]) == {"model.layers.0", "model.layers.1", "score"}
     tau = {c: _minus(peft_delta(base, uploads[c]), starts[c]) for c in CLIENTS}
+    history: dict = {}  # the similarity memory, re-derived from every round's vectors
     expected = expected_round({c: init_delta for c in CLIENTS}, tau,
-                              dict.fromkeys(CLIENTS, True), dict.fromkeys(CLIENTS, 0))
+                              dict.fromkeys(CLIENTS, True), dict.fromkeys(CLIENTS, 0),
+                              history=history)
     latest, pulled, revisions = {}, {}, {}
     for client in CLIENTS:
         latest[client], pulled[client], revisions[client] = _personalized_delta(
@@ -132,7 +134,7 @@ def test_three_async_rounds_match_the_reference(backend: Backend, tmp_path: Path
     record = json_output(run_cli(["run", backend.address, "--json"], env, server=True))
     assert record["round"] == 2
     assert {c: v["fresh"] for c, v in record["inputs"].items()} == fresh
-    expected = expected_round(latest, tau, fresh, dict.fromkeys(CLIENTS, 0))
+    expected = expected_round(latest, tau, fresh, dict.fromkeys(CLIENTS, 0), history=history)
     for client in CLIENTS:
         latest[client], pulled[client], revisions[client] = _personalized_delta(
             backend, fed, base, client, tmp_path, "r2")
@@ -148,7 +150,8 @@ def test_three_async_rounds_match_the_reference(backend: Backend, tmp_path: Path
     assert record["inputs"]["dave"]["staleness"] == 1
     assert record["inputs"]["dave"]["discount"] == pytest.approx(2 ** -0.5)
     fresh = {c: c == "dave" for c in CLIENTS}
-    expected = expected_round(latest, tau, fresh, {c: int(c == "dave") for c in CLIENTS})
+    expected = expected_round(latest, tau, fresh, {c: int(c == "dave") for c in CLIENTS},
+                              history=history)
     for client in CLIENTS:
         actual, _folder, _rev = _personalized_delta(backend, fed, base, client, tmp_path, "r3")
         _assert_close(actual, expected[client], client, 3)

@@ -67,8 +67,11 @@ def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
         Method("fedbip-l", Strategy(method="fedbip-l", **options), "per-layer task vectors"),
     ]
     if paper_variant and options.get("rule", "normalize") != "normalize":
-        methods.append(Method("fedbip-l-paper", Strategy(method="fedbip-l", rule="normalize"),
-                              "per-layer, the paper's row normalisation"))
+        methods.append(Method("fedbip-l-paper",
+                              Strategy(method="fedbip-l", rule="normalize",
+                                       similarity_memory=0),
+                              "per-layer, the paper's row normalisation of this round's "
+                              "cosines"))
     methods.append(Method("oracle", Strategy(method="oracle"),
                           "uniform within the true task group"))
     return methods
