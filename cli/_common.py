@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -65,8 +65,11 @@ def progress(description: str, *, enabled: bool = True
         return None
 
     def wrap(items: Iterable[T]) -> Iterable[T]:
-        items = list(items)
-        return track(items, description=description, console=err_console, transient=True)
+        # Iterate a sized iterable lazily (a thread pool's results arrive as they finish,
+        # and the bar must move with them); only a bare generator is listed for its total.
+        sized = items if isinstance(items, Sized) else list(items)
+        return track(sized, total=len(sized), description=description, console=err_console,
+                     transient=True)
 
     return wrap
 

@@ -22,7 +22,7 @@ replaced in the commit that completes the round, so a resumed round reads the sa
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.layers import layer_of
+from fedbip_hub.layers import layer_of, layer_sort_key
 from fedbip_hub.similarity import MODEL_KEY, Granularity, SimilarityReport, rounded_matrix
 
 MEMORY_FILE = "similarity_memory.safetensors"
@@ -93,6 +93,18 @@ class SimilarityMemory:
             out.cross[key], out.own[key] = cross, own
         return out
 
+    def without(self, clients: Iterable[str]) -> SimilarityMemory:
+        """The same memory with these clients' rows and columns dropped."""
+        drop = set(clients)
+        keep = [i for i, c in enumerate(self.clients) if c not in drop]
+        if len(keep) == len(self.clients):
+            return self
+        index = torch.tensor(keep, dtype=torch.long)
+        pick = (index[:, None], index[None, :])
+        return SimilarityMemory([self.clients[i] for i in keep], self.granularity,
+                                {k: v[pick] for k, v in self.cross.items()},
+                                {k: v[pick] for k, v in self.own.items()})
+
     def _grown(self, key: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cross = torch.zeros(k, k, dtype=torch.float64)
         own = torch.zeros(k, k, dtype=torch.float64)
@@ -114,7 +126,7 @@ class SimilarityMemory:
             "model": {MODEL_KEY: list(self.cross)},
             "layer": {},
         }
-        for key in self.cross:
+        for key in sorted(self.cross, key=layer_sort_key):
             levels["layer"].setdefault(layer_of(key) if self.granularity == "module"
                                        else key, []).append(key)
         if self.granularity == "module":

@@ -26,8 +26,10 @@ from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
+    AuthError,
     ConflictError,
     FedbipError,
+    NotFoundError,
     RoundInProgressError,
     StoreError,
 )
@@ -91,6 +93,10 @@ class RoundPlan(BaseModel):
     inputs: dict[str, PinnedInput]
     latest: dict[str, str | None]
     skipped: dict[str, str] = Field(default_factory=dict)
+    # client → why it starts over: its latest personalized revision is gone from its repo
+    # (recreated, or its history squashed); its ``latest`` is None (the init) and its
+    # history is reset when the round completes.
+    restarted: dict[str, str] = Field(default_factory=dict)
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
@@ -129,6 +135,8 @@ class RoundRunner:
     download_workers: int = DEFAULT_DOWNLOAD_WORKERS
     _similarity_info: dict | None = None
     _staging: StagingArea | None = None
+    # client → (reason, skipped text): this round's publish failures, for _complete.
+    _publish_failed: dict[str, tuple[str, str]] | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -146,6 +154,7 @@ class RoundRunner:
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
         self._last_skips: dict[str, str] = {}
+        self._latest_folders: dict[str, Path] = {}  # client → latest adapter, this round
         self._heatmap_for: CosineSource | None = None
         self._heatmap_png = b""
 
@@ -200,26 +209,41 @@ class RoundRunner:
             self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}).")
             return plan
         members = self.fed.members(head)
-        inputs, skipped = self._collect(members, state)
+        inputs, skipped, restarted = self._collect(members, state)
         self._last_skips = skipped
         if not any(i.fresh for i in inputs.values()):
             return None
         now = datetime.now(timezone.utc)
-        latest = {name: (state.client(name).personalized_history or [None])[-1]
+        latest = {name: None if name in restarted else
+                  (state.client(name).personalized_history or [None])[-1]
                   for name in inputs}
         return RoundPlan(
             plan_id=uuid.uuid4().hex, round=state.round + 1, job_id=uuid.uuid4().hex[:12],
             started_at=now.isoformat(timespec="seconds"),
             lease_until=(now + timedelta(minutes=config.lease_minutes)).isoformat(
                 timespec="seconds"),
-            federation_revision=head, inputs=inputs, latest=latest, skipped=skipped)
+            federation_revision=head, inputs=inputs, latest=latest, skipped=skipped,
+            restarted=restarted)
 
     def _collect(self, members: dict[str, Member], state: FederationState
-                 ) -> tuple[dict[str, PinnedInput], dict[str, str]]:
+                 ) -> tuple[dict[str, PinnedInput], dict[str, str], dict[str, str]]:
         inputs: dict[str, PinnedInput] = {}
         skipped: dict[str, str] = {}
+        restarted: dict[str, str] = {}
         for name, member in self.progress(list(members.items()), "Checking members"):
             client_state = state.client(name)
+            try:
+                gone = self._history_gone(member, client_state)
+            except StoreError as exc:  # not a definite "gone": keep everything, retry later
+                skipped[name] = _one_line(redact(
+                    f"could not check that its latest personalized adapter still exists in "
+                    f"{member.repo_id} ({_reason(exc)}); skipped this round, its history is "
+                    "kept and it is retried next round"))
+                continue
+            if gone is not None:
+                restarted[name] = gone
+                self.log(f"{name}: {gone}.")
+                client_state = _started_over(client_state)
             previous = _previous_input(name, member, client_state)
             try:
                 fresh = self._fresh_upload(name, member, client_state)
@@ -230,12 +254,33 @@ class RoundRunner:
                 inputs[name] = fresh
             elif previous is not None:
                 inputs[name] = previous
+            elif name in restarted and name not in skipped:
+                skipped[name] = (f"{restarted[name]}; it has no new upload yet (fix: push one "
+                                 "trained from the federation's initial adapter)")
             elif name not in skipped:
                 skipped[name] = ("its last upload was refused (the round that refused it "
                                  "says why); push a corrected one"
                                  if client_state.refused_upload else
                                  "has not pushed an adapter yet")
-        return inputs, skipped
+        return inputs, skipped, restarted
+
+    def _history_gone(self, member: Member, client_state: Any) -> str | None:
+        """Why the client starts over, when its latest personalized revision no longer
+        exists in its repo (deleted and recreated, or its history squashed); None when it
+        exists or there is none. Only a definite not-found of that revision while the repo
+        itself answers counts: any other failure (transient, 403, the repo itself missing)
+        raises StoreError and the history is kept."""
+        history = client_state.personalized_history
+        if not history:
+            return None
+        try:
+            self.store.list_files(member.repo_id, history[-1])  # never served from cache
+            return None
+        except NotFoundError:
+            self.store.head(member.repo_id)  # the repo answers: that revision is gone
+        return (f"personalized history of {member.repo_id} is gone (repo recreated?): its "
+                f"latest personalized revision {history[-1][:12]} no longer exists; "
+                "starting again from the federation's initial adapter")
 
     def _fresh_upload(self, name: str, member: Member, client_state: Any
                       ) -> PinnedInput | None:
@@ -278,7 +323,8 @@ class RoundRunner:
         inputs: list[PinnedInput] = []
         refused: dict[str, str] = {}
         init_name = f"{self.fed.repo_id}@{plan.federation_revision[:12]}/{INIT_DIR}"
-        fetched = OrderedMap(lambda p: self._task_vector(p, config, init, init_name),
+        self._latest_folders = {}
+        fetched = OrderedMap(lambda p: self._read_input(plan, p, config, init, init_name),
                              list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
@@ -335,6 +381,24 @@ class RoundRunner:
                            "uploaded": self.store.traffic.uploaded}
         return record
 
+    def _read_input(self, plan: RoundPlan, pinned: PinnedInput, config: FederationConfig,
+                    init: LoraAdapter, init_name: str) -> TaskVector:
+        """``_task_vector``, then the client's latest personalized adapter fetched into the
+        cache for the merge: a store failure on either skips this client only."""
+        vector = self._task_vector(pinned, config, init, init_name)
+        revision = plan.latest.get(pinned.client)
+        if revision is not None:
+            try:
+                folder = self.store.fetch_folder(pinned.repo_id, revision, PERSONALIZED_DIR)
+            except StoreError as exc:
+                exc.message = (f"could not read its latest personalized adapter "
+                               f"{pinned.repo_id}@{revision[:12]}/{PERSONALIZED_DIR} "
+                               f"({exc.message})")
+                exc.args = (str(exc),)
+                raise
+            self._latest_folders[pinned.client] = folder
+        return vector
+
     def _task_vector(self, pinned: PinnedInput, config: FederationConfig,
                      init: LoraAdapter, init_name: str = INIT_DIR) -> TaskVector:
         """Download, validate and difference one input. Errors name the server's cached
@@ -380,7 +444,8 @@ class RoundRunner:
         revision = plan.latest.get(name)
         if revision is None:
             return init
-        folder = self.store.fetch_folder(repo_id, revision, PERSONALIZED_DIR)
+        folder = self._latest_folders.get(name) or self.store.fetch_folder(
+            repo_id, revision, PERSONALIZED_DIR)  # fetched by _read_input
         return LoraAdapter(folder, label=f"{name} personalized")
 
     def _similarity(self, strategy: Strategy, vectors: list[TaskVector],
@@ -450,7 +515,8 @@ class RoundRunner:
             previous = SimilarityMemory.from_bytes(
                 self.store.read_bytes(self.fed.repo_id, MEMORY_FILE,
                                       plan.federation_revision), granularity=keyed)
-        memory = previous.updated(report, [p.fresh for p in inputs],
+        # A client that starts over (its repo was recreated) starts with no evidence too.
+        memory = previous.without(plan.restarted).updated(report, [p.fresh for p in inputs],
                                   decay=strategy.similarity_memory, scale=scale)
         return memory, memory.view(report)
 
@@ -516,8 +582,11 @@ class RoundRunner:
                      names: list[str], inputs: list[PinnedInput],
                      report: CosineSource | None, weights: WeightTable | None,
                      merged: list[MergedAdapter]) -> dict[str, dict]:
-        from fedbip_hub.modelcard import personalized_card
-
+        """Publish every target's adapter, one commit per member repo. A store error on
+        one repo (403, deleted repo, retries exhausted) skips that member only: it is
+        kept in ``self._publish_failed`` for ``_complete`` to record, and is not
+        "already published" if this round is resumed, so a resumed round retries it."""
+        self._publish_failed = {}
         if report is None or weights is None:
             return {}
         heatmap = self._heatmap(report)
@@ -526,38 +595,59 @@ class RoundRunner:
         outputs: dict[str, dict] = {}
         for index, name in enumerate(self.progress(names, "Publishing")):
             pinned = inputs[index]
-            done = self._already_published(plan, pinned.repo_id)
-            if done is not None:
-                outputs[name] = done
+            try:
+                output = self._publish_one(plan, config, strategy, names, inputs, report,
+                                           weights, merged, index, heatmap, template)
+            except StoreError as exc:  # this member's repo only: the others still publish
+                reason = _one_line(redact(_reason(exc)))
+                self._publish_failed[name] = (reason, _publish_skip_reason(
+                    exc, pinned.repo_id, pinned.fresh))
+                self.log(f"Could not publish {name}'s personalized adapter to "
+                         f"{pinned.repo_id}: {reason}; continuing with the others.")
                 continue
-            adapter = merged[index]
-            merge_record = {
-                "plan_id": plan.plan_id, "round": plan.round, "client": name,
-                "strategy": strategy.model_dump(mode="json"),
-                "weights": {key: dict(zip(names, [round(float(x), 6) for x in m[index]],
-                                          strict=True))
-                            for key, m in weights.matrices.items()},
-                "inputs": {p.client: {"repo_id": p.repo_id, "commit": p.commit,
-                                      "fresh": p.fresh, "staleness": p.staleness}
-                           for p in inputs},
-                "previous_revision": plan.latest.get(name),
-                "max_discarded_energy": adapter.max_discarded_energy,
-            }
-            card = personalized_card(config, name, plan.round, names, report, weights,
-                                     index, inputs, adapter)
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = adapter.save(Path(tmp) / "out", template)
-                files = {f"{PERSONALIZED_DIR}/{p.name}": p.read_bytes()
-                         for p in folder.iterdir() if p.is_file()}
-            files[f"{PERSONALIZED_DIR}/{MERGE_RECORD}"] = dump_json(merge_record)
-            files[f"{PERSONALIZED_DIR}/README.md"] = card.encode()
-            files[f"{PERSONALIZED_DIR}/similarity.png"] = heatmap
-            commit = commit_with_retry(self.fed, pinned.repo_id, lambda _head, f=files: f,
-                                       f"{PUBLISH_TITLE} (round {plan.round})")
-            outputs[name] = {"repo_id": pinned.repo_id, "commit": commit,
-                             "max_discarded_energy": adapter.max_discarded_energy}
-            self.checkpoint(f"published:{name}")
+            outputs[name] = output
+            if not output.get("resumed"):
+                self.checkpoint(f"published:{name}")
         return outputs
+
+    def _publish_one(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
+                     names: list[str], inputs: list[PinnedInput], report: CosineSource,
+                     weights: WeightTable, merged: list[MergedAdapter], index: int,
+                     heatmap: bytes, template: Any) -> dict:
+        """Publish target ``index``'s adapter in one commit (or find it already published
+        by this plan); store failures propagate to ``_publish_all``."""
+        from fedbip_hub.modelcard import personalized_card
+
+        name, pinned = names[index], inputs[index]
+        done = self._already_published(plan, pinned.repo_id)
+        if done is not None:
+            return done
+        adapter = merged[index]
+        merge_record = {
+            "plan_id": plan.plan_id, "round": plan.round, "client": name,
+            "strategy": strategy.model_dump(mode="json"),
+            "weights": {key: dict(zip(names, [round(float(x), 6) for x in m[index]],
+                                      strict=True))
+                        for key, m in weights.matrices.items()},
+            "inputs": {p.client: {"repo_id": p.repo_id, "commit": p.commit,
+                                  "fresh": p.fresh, "staleness": p.staleness}
+                       for p in inputs},
+            "previous_revision": plan.latest.get(name),
+            "max_discarded_energy": adapter.max_discarded_energy,
+        }
+        card = personalized_card(config, name, plan.round, names, report, weights,
+                                 index, inputs, adapter)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = adapter.save(Path(tmp) / "out", template)
+            files = {f"{PERSONALIZED_DIR}/{p.name}": p.read_bytes()
+                     for p in folder.iterdir() if p.is_file()}
+        files[f"{PERSONALIZED_DIR}/{MERGE_RECORD}"] = dump_json(merge_record)
+        files[f"{PERSONALIZED_DIR}/README.md"] = card.encode()
+        files[f"{PERSONALIZED_DIR}/similarity.png"] = heatmap
+        commit = commit_with_retry(self.fed, pinned.repo_id, lambda _head, f=files: f,
+                                   f"{PUBLISH_TITLE} (round {plan.round})")
+        return {"repo_id": pinned.repo_id, "commit": commit,
+                "max_discarded_energy": adapter.max_discarded_energy}
 
     def _already_published(self, plan: RoundPlan, repo_id: str) -> dict | None:
         head = self.store.head(repo_id)
@@ -598,6 +688,7 @@ class RoundRunner:
                            for p, m in zip(inputs, merged, strict=False)},
             "outputs": outputs,
             "skipped": skipped,
+            "restarted": dict(plan.restarted),
             "timings": {},
         }
 
@@ -607,6 +698,10 @@ class RoundRunner:
                   memory: SimilarityMemory | None) -> None:
         from fedbip_hub.modelcard import dashboard_card
 
+        failed, self._publish_failed = self._publish_failed or {}, None
+        record["publish_failed"] = {name: reason for name, (reason, _) in failed.items()}
+        record["skipped"].update({name: text for name, (_, text) in failed.items()})
+
         def build(head: str) -> dict:
             state = self.fed.state(head)
             current = state.in_progress or {}
@@ -614,6 +709,15 @@ class RoundRunner:
                 raise RoundInProgressError(
                     f"round {plan.round} was completed or replaced by another job.",
                     hint="Nothing to do; check `fedbip status`.")
+            # A client whose publish failed (not in ``outputs``) is still consumed: its
+            # update reached the other clients, and consuming it again would apply it
+            # twice. Its history does not advance (nothing was published), so its
+            # `latest` stays the previous adapter and the next round merges onto that:
+            # this round's merge for it is not retried, only later rounds' updates reach it.
+            for name in plan.restarted:  # its published history is gone (see _collect)
+                restarted = state.client(name)
+                restarted.personalized_history = []
+                restarted.consumed_commit = restarted.consumed_start = None
             for pinned in inputs:
                 client_state = state.client(pinned.client)
                 if pinned.fresh:
@@ -656,9 +760,39 @@ def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput
                        fresh=False)
 
 
+def _started_over(client_state: Any) -> Any:
+    """A client whose published history is gone, as this round sees it: no personalized
+    adapter and no previous upload (it lived in the old repo). The consumed and refused
+    upload ids are kept, so neither is ever applied again."""
+    return client_state.model_copy(update={"personalized_history": [],
+                                           "consumed_commit": None, "consumed_start": None})
+
+
 def _reason(exc: FedbipError) -> str:
     text = exc.message
     return f"{text} (fix: {exc.hint})" if exc.hint else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _publish_skip_reason(exc: StoreError, repo_id: str, fresh: bool) -> str:
+    """The round record's ``skipped`` entry for a client whose adapter was not published."""
+    if isinstance(exc, AuthError):
+        failure, fix = exc.message, f"grant the server's token write access to {repo_id}"
+    elif isinstance(exc, NotFoundError):
+        failure, fix = exc.message, (
+            f"if the member deleted {repo_id}, recreate it (`fedbip join`) and push again; "
+            "otherwise give the server's token read and write access to it")
+    else:
+        failure, fix = _reason(exc), "retry later if the Hub is having problems"
+    used = ("its new upload WAS used for the other clients and is consumed" if fresh else
+            "it had no new upload this round")
+    return _one_line(redact(
+        f"its personalized adapter could not be published to {repo_id} ({failure}); "
+        f"{used}; its personalized adapter stays the previous one (fix: {fix}; a later "
+        "round publishes to it again)"))
 
 
 class _InternalError(Exception):

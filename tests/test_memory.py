@@ -125,3 +125,18 @@ def test_storage_round_trip_and_granularity_change_and_corruption():
                                     granularity="layer")
     assert "Delete" in info.value.hint
     assert storage_granularity("model") == "layer"
+
+
+def test_forgetting_a_client_drops_only_its_rows_and_columns():
+    gen = torch.Generator().manual_seed(4)
+    report = _report(NAMES, _random_vectors(NAMES, gen))
+    memory = SimilarityMemory().updated(report, [True] * 3, decay=1.0)
+    kept = memory.without(["bob"])
+    assert kept.clients == ["alice", "carol"]
+    for key in memory.cross:
+        assert torch.equal(kept.cross[key], memory.cross[key][[0, 2]][:, [0, 2]])
+        assert torch.equal(kept.own[key], memory.own[key][[0, 2]][:, [0, 2]])
+    assert memory.without(["dave"]) is memory
+    # bob comes back: his pairs start from this round's evidence alone
+    again = kept.updated(report, [False, True, False], decay=1.0).view(report)
+    assert torch.allclose(again.model_cosine()[1], report.model_cosine()[1])

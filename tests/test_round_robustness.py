@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from federation_helpers import CLIENTS, new_local_federation, push_fresh
 from safetensors.torch import load_file, save_file
 
@@ -238,3 +239,275 @@ def test_a_hub_failure_while_downloading_skips_without_refusing(tmp_path, tiny_b
     monkeypatch.undo()
     second = run_round(fed)
     assert second["inputs"]["bob"]["fresh"] and "bob" in second["outputs"]
+
+
+# -- a member repo that refuses the publish commit --------------------------------------
+# One client's personalized adapter cannot be published (401/403: the server's token lost
+# write access; 404: the member deleted its repo after the round was planned; retries
+# exhausted). The others are published, the round completes, the client's upload is
+# consumed (it reached the others: never applied twice) and its history does not advance.
+
+
+class Crash(Exception):
+    """Stands for the job being killed at a step."""
+
+
+@pytest.fixture(scope="module")
+def clean_outputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
+    """new_local_federation's first round, undisturbed: every client's published tensors."""
+    fed = new_local_federation(tmp_path_factory.mktemp("clean-publish"), tiny_base)
+    run_round(fed)
+    return {client: _published_tensors(fed, client) for client in CLIENTS}
+
+
+def _published_tensors(fed: Federation, client: str) -> dict:
+    from fedbip_hub.adapter_io import LoraAdapter
+    from fedbip_hub.client import latest_personalized_revision
+    from fedbip_hub.federation import PERSONALIZED_DIR
+
+    repo = fed.member(client).repo_id
+    revision = latest_personalized_revision(fed, repo)
+    assert revision is not None, f"{client} has no personalized adapter"
+    folder = fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR)
+    adapter = LoraAdapter(folder, label=client)  # a loadable adapter: config and weights
+    assert adapter.config.r > 0
+    merge = json.loads((folder / "fedbip_merge.json").read_text())
+    assert merge["client"] == client
+    return load_file(adapter.weights_path)
+
+
+def _publish_commits(fed: Federation, client: str) -> int:
+    from fedbip_hub.client import PUBLISH_TITLE
+
+    return sum(c.title.startswith(PUBLISH_TITLE)
+               for c in fed.store.history(fed.member(client).repo_id))
+
+
+def _refuse_commits_to(monkeypatch: pytest.MonkeyPatch, fed: Federation, client: str,
+                       error: BaseException | None = None) -> list[str]:
+    """rounds.commit_with_retry raises for ``client``'s repo (the token lost write access);
+    returns the repos it refused, one entry per attempt."""
+    from fedbip_hub.errors import AuthError
+
+    real = rounds.commit_with_retry
+    repo = fed.member(client).repo_id
+    refused: list[str] = []
+
+    def commit(fed_, repo_id, build, message):
+        if repo_id == repo:
+            refused.append(repo_id)
+            raise error or AuthError(
+                f"commit: the token has no rights for this on {repo_id} (403).",
+                hint=f"Give the token write access to this repo (token {FAKE_TOKEN}).")
+        return real(fed_, repo_id, build, message)
+
+    monkeypatch.setattr(rounds, "commit_with_retry", commit)
+    return refused
+
+
+def _assert_publish_failed(record: dict, fed: Federation, client: str, *, phrase: str,
+                           fix: str, clean: dict) -> None:
+    """The round completed; ``client`` alone is unpublished, recorded with an actionable
+    reason; the others got exactly the clean round's adapters (its upload was used)."""
+    repo = fed.member(client).repo_id
+    others = sorted(set(CLIENTS) - {client})
+    assert record["status"] == "completed" and record["round"] == 1
+    assert sorted(record["outputs"]) == others
+    assert sorted(record["clients"]) == sorted(CLIENTS)
+    assert record["inputs"][client]["fresh"] is True
+    assert sorted(record["publish_failed"]) == [client]
+    assert phrase in record["publish_failed"][client], record["publish_failed"]
+    reason = record["skipped"][client]
+    assert sorted(record["skipped"]) == [client]
+    assert f"could not be published to {repo}" in reason, reason
+    assert phrase in reason and fix in reason, reason
+    assert "WAS used for the other clients" in reason, reason
+    for text in (reason, record["publish_failed"][client]):
+        assert FAKE_TOKEN not in text and "\n" not in text, text
+        _assert_public(text, fed)
+    for other in others:  # bob's update reached them exactly as in an undisturbed round
+        tensors = _published_tensors(fed, other)
+        assert tensors.keys() == clean[other].keys()
+        for key, value in clean[other].items():
+            torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+        assert _publish_commits(fed, other) == 1
+    assert _publish_commits(fed, client) == 0
+    state = fed.state()
+    assert state.round == 1 and state.in_progress is None  # no lease left behind
+    failed = state.client(client)
+    assert failed.consumed_upload == _upload_id(fed, client)  # consumed: never twice
+    assert failed.refused_upload is None
+    assert failed.personalized_history == [] and failed.last_round is None
+    for other in others:
+        assert len(state.client(other).personalized_history) == 1
+    stored = json.loads(fed.store.read_bytes(fed.repo_id, "rounds/000001.json", fed.head()))
+    assert stored["publish_failed"] == record["publish_failed"]
+    assert stored["skipped"][client] == reason
+    titles = [c.title for c in fed.store.history(fed.repo_id)]
+    assert titles.count("fedbip: round 1 completed") == 1
+
+
+def test_a_publish_refused_for_one_client_does_not_stop_the_round(
+        tmp_path, tiny_base, monkeypatch, clean_outputs):
+    fed = new_local_federation(tmp_path, tiny_base)
+    refused = _refuse_commits_to(monkeypatch, fed, "bob")
+    lines: list[str] = []
+
+    record = RoundRunner(fed, log=lines.append).run()
+    assert refused == [fed.member("bob").repo_id]
+    _assert_publish_failed(record, fed, "bob", phrase="(403)",
+                           fix="grant the server's token write access to", clean=clean_outputs)
+    failures = [line for line in lines if "Could not publish" in line]
+    assert len(failures) == 1 and "bob" in failures[0], lines
+    assert FAKE_TOKEN not in "\n".join(lines)
+    # the federation's dashboard lists the failure too
+    readme = fed.store.read_bytes(fed.repo_id, "README.md", fed.head()).decode()
+    assert "could not be published" in readme
+
+    again = run_round(fed)  # bob's upload was consumed: not applied a second time
+    assert again["status"] == "nothing-new"
+    assert fed.state().round == 1
+
+    # Access restored and a new upload from bob: the next round publishes bob's adapter,
+    # built on its previous one (the init: nothing was ever published for it).
+    monkeypatch.undo()
+    push_fresh(fed, tmp_path, "bob", seed=40, group=0)
+    second = run_round(fed)
+    assert second["status"] == "completed" and second["round"] == 2
+    assert sorted(second["outputs"]) == sorted(CLIENTS) and not second["skipped"]
+    assert second["publish_failed"] == {}
+    assert {c: v["fresh"] for c, v in second["inputs"].items()} == {
+        "alice": False, "bob": True, "carol": False}
+    bob_repo = fed.member("bob").repo_id
+    merge = json.loads(fed.store.read_bytes(bob_repo, "personalized/fedbip_merge.json",
+                                            fed.store.head(bob_repo)))
+    assert merge["round"] == 2 and merge["previous_revision"] is None
+    state = fed.state()
+    assert len(state.client("bob").personalized_history) == 1
+    assert state.client("bob").last_round == 2
+    assert _publish_commits(fed, "bob") == 1
+
+
+@pytest.mark.parametrize("error", ["not-found", "retries-exhausted"])
+def test_other_store_errors_on_publish_are_recorded_too(error, tmp_path, tiny_base,
+                                                        monkeypatch, clean_outputs):
+    from fedbip_hub.errors import NotFoundError, StoreError
+
+    fed = new_local_federation(tmp_path, tiny_base)
+    repo = fed.member("carol").repo_id
+    exc, phrase, fix = {
+        "not-found": (NotFoundError(f"repo {repo} does not exist.", hint="Join first."),
+                      f"repo {repo} does not exist", "recreate it (`fedbip join`)"),
+        "retries-exhausted": (StoreError(f"commit on {repo} failed after 5 attempts: HTTP "
+                                         "503", hint="Retry later."),
+                              "after 5 attempts", "retry later"),
+    }[error]
+    _refuse_commits_to(monkeypatch, fed, "carol", exc)
+    record = run_round(fed)
+    _assert_publish_failed(record, fed, "carol", phrase=phrase, fix=fix, clean=clean_outputs)
+    assert run_round(fed)["status"] == "nothing-new"
+
+
+def test_a_bug_while_publishing_still_stops_the_round(tmp_path, tiny_base, monkeypatch):
+    """Only store errors are one client's problem; anything else keeps the lease, so the
+    round is resumed (not completed with a silently missing adapter)."""
+    fed = new_local_federation(tmp_path, tiny_base)
+    _refuse_commits_to(monkeypatch, fed, "bob", RuntimeError("bug in the publisher"))
+    with pytest.raises(RuntimeError, match="bug in the publisher"):
+        run_round(fed)
+    state = fed.state()
+    assert state.round == 0 and state.in_progress is not None
+    assert all(c.consumed_upload is None for c in state.clients.values())
+
+
+def test_a_failed_publish_is_retried_when_the_round_is_resumed(tmp_path, tiny_base,
+                                                               monkeypatch, clean_outputs):
+    """A crash after bob's publish failed: the resumed round publishes bob (it was never
+    "already published"), does not republish the others, and completes once."""
+    fed = new_local_federation(tmp_path, tiny_base)
+    _refuse_commits_to(monkeypatch, fed, "bob")
+
+    def crash(step: str) -> None:
+        if step == "before-record":
+            raise Crash(step)
+
+    with pytest.raises(Crash):
+        RoundRunner(fed, checkpoint=crash).run()
+    assert fed.state().in_progress is not None
+    assert _publish_commits(fed, "bob") == 0
+    assert _publish_commits(fed, "alice") == _publish_commits(fed, "carol") == 1
+
+    monkeypatch.undo()  # the operator fixed the token's access, then took the round over
+    record = run_round(fed, takeover=True)
+    assert record["status"] == "completed" and record["round"] == 1
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+    assert record["publish_failed"] == {} and record["skipped"] == {}
+    assert record["outputs"]["alice"]["resumed"] and record["outputs"]["carol"]["resumed"]
+    assert not record["outputs"]["bob"].get("resumed")
+    for client in CLIENTS:
+        assert _publish_commits(fed, client) == 1
+        tensors = _published_tensors(fed, client)
+        for key, value in clean_outputs[client].items():
+            torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+    state = fed.state()
+    assert state.round == 1 and state.in_progress is None
+    assert all(len(state.client(c).personalized_history) == 1 for c in CLIENTS)
+    assert run_round(fed)["status"] == "nothing-new"  # a completed round is never re-run
+    assert run_round(fed, takeover=True)["status"] == "nothing-new"
+
+
+@pytest.mark.parametrize("failure", ["403", "deleted"])
+def test_a_member_repo_refusing_the_publish_over_http_does_not_stop_the_round(
+        failure, hub, tmp_path, tiny_base, clean_outputs):
+    """Over HTTP against the local Hub: the server's commits to bob's repo answer 403, or
+    bob deletes its repo after the round was planned (404)."""
+    from huggingface_hub import HfApi
+    from test_round_faults import _federation_on_hub, _server
+
+    repo_id = f"fedorg/pubfail-{failure}"
+    bob_repo = f"{repo_id}-bob"
+    _federation_on_hub(repo_id, tiny_base, tmp_path)
+    fed = _server(repo_id, tmp_path)
+    assert fed.member("bob").repo_id == bob_repo
+    bob_upload = _upload_id(fed, "bob")
+    fault = None
+    if failure == "403":
+        fault = hub.inject_fault("POST", rf"/api/models/{bob_repo}/(preupload|commit)/",
+                                 status=403, times=None)
+
+    def checkpoint(step: str) -> None:
+        if failure == "deleted" and step == "computed":
+            HfApi().delete_repo(bob_repo)
+
+    record = RoundRunner(fed, checkpoint=checkpoint).run()
+    assert record["status"] == "completed" and record["round"] == 1
+    assert sorted(record["outputs"]) == ["alice", "carol"]
+    assert sorted(record["publish_failed"]) == ["bob"]
+    reason = record["skipped"]["bob"]
+    assert sorted(record["skipped"]) == ["bob"]
+    assert f"could not be published to {bob_repo}" in reason, reason
+    assert "WAS used for the other clients" in reason, reason
+    if failure == "403":
+        assert fault is not None and fault.hits >= 1
+        assert f"no rights for this on {bob_repo} (403)" in reason, reason
+        assert f"grant the server's token write access to {bob_repo}" in reason, reason
+        assert hub.head(bob_repo) == fed.store.head(bob_repo)
+        assert not any(c.title.startswith("fedbip: personalized")
+                       for c in fed.store.history(bob_repo))
+    else:
+        assert not hub.repo_exists(bob_repo)
+        assert f"repo {bob_repo} not found" in reason, reason
+        assert "recreate it (`fedbip join`)" in reason, reason
+    assert "hf_" not in reason
+    _assert_public(reason, fed)
+    for client in ("alice", "carol"):
+        tensors = _published_tensors(fed, client)
+        for key, value in clean_outputs[client].items():
+            torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+        assert _publish_commits(fed, client) == 1
+    state = fed.state()
+    assert state.round == 1 and state.in_progress is None
+    bob = state.client("bob")
+    assert bob.consumed_upload == bob_upload and bob.personalized_history == []
+    again = run_round(fed)
+    assert again["status"] == "nothing-new" and fed.state().round == 1

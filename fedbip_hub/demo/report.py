@@ -82,6 +82,9 @@ def similarity_table(results: Mapping[str, Any], method: str = "fedbip-l") -> Ta
         row(f"task vectors, round {tv['round1'].get('round', 1)}", tv["round1"])
         table.add_row("task vectors, every round", f"{tv['auc_mean']:.3f}",
                       "", "", "")
+        if tv.get("memory_auc_mean") is not None:
+            table.add_row("similarity memory, every round (what the weights use)",
+                          f"{tv['memory_auc_mean']:.3f}", "", "", "")
     raw = similarity.get("raw_parameters_round1")
     if raw:
         row("raw parameters, round 1", raw)

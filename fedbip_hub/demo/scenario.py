@@ -381,10 +381,14 @@ class Scenario:
             if not rounds:
                 continue
             aucs = [r["task_vector"]["auc"] for r in rounds]
+            memory = [r["memory_auc"] for r in rounds if r.get("memory_auc") is not None]
             per_method[label] = {"round1": {**rounds[0]["task_vector"],
                                             "round": rounds[0]["round"]},
                                  "auc_per_round": aucs,
-                                 "auc_mean": sum(aucs) / len(aucs)}
+                                 "auc_mean": sum(aucs) / len(aucs),
+                                 "memory_auc_per_round": memory or None,
+                                 "memory_auc_mean": sum(memory) / len(memory) if memory
+                                 else None}
         out["task_vectors"] = per_method
         return out
 
@@ -397,6 +401,7 @@ def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
         "staleness": {c: record["inputs"][c]["staleness"] for c in clients
                       if record["inputs"][c]["fresh"] and record["inputs"][c]["staleness"]},
         "skipped": record.get("skipped", {}),
+        "sign_guard": sorted(record.get("sign_guard") or {}),
         "task_vector": None,
     }
     cosine = (record.get("cosine") or {}).get("model")
@@ -411,4 +416,8 @@ def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
                               [groups[c] for c in clients])["auc"]
             for layer, m in (record["cosine"].get("layers") or {}).items()}
         summary["weights"] = record.get("weights")
+        memory = (record.get("memory_cosine") or {}).get("model")
+        if memory is not None:  # what the weights used: the cosines accumulated so far
+            summary["memory_auc"] = separation(torch.tensor(memory, dtype=torch.float64),
+                                               [groups[c] for c in clients])["auc"]
     return summary
