@@ -268,7 +268,7 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
             acc = {c: result.accuracy[c] for c in honest}
             guard = [{"round": r["round"], "skipped": r.get("skipped")}
                      for r in result.rounds if r.get("skipped")]
-            shielded = [{"round": r["round"], "sign_guard": sorted(r["sign_guard"])}
+            shielded = [{"round": r["round"], "sign_guard": r["sign_guard"]}
                         for r in result.rounds if r.get("sign_guard")]
             out["runs"][f"{method.label}/{attack}"] = {
                 "honest_accuracy": sum(acc.values()) / len(acc),

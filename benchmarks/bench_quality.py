@@ -173,6 +173,8 @@ def run_seed(seed: int, config: ScenarioConfig, methods: Sequence[Method],
             "task_vector_auc_mean": tv["auc_mean"] if tv else None,
             "task_vector_gap_round1": (tv["round1"]["mean_same"]
                                        - tv["round1"]["mean_different"]) if tv else None,
+            "memory_auc_per_round": [r["memory_auc"] for r in summary["rounds"]
+                                     if r.get("memory_auc") is not None] or None,
             "cumulative_auc_per_round": (scenario.cumulative_auc(result)
                                          if method.label in DIAGNOSED else None),
             "staleness": {str(r["round"]): r["staleness"] for r in summary["rounds"]
@@ -262,8 +264,11 @@ def per_round_auc(per_seed: Sequence[dict[str, Any]], label: str, key: str
 
 
 def per_round_table(per_seed: Sequence[dict[str, Any]]) -> Table:
-    rows = [(f"{method_name(label)}: the round's step (what the engine uses)", label,
+    rows = [(f"{method_name(label)}: the round's step", label,
              "task_vector_auc_per_round") for label in DIAGNOSED]
+    rows += [(f"{method_name(label)}: similarity memory (what the weights use)", label,
+              "memory_auc_per_round") for label in DIAGNOSED
+             if per_round_auc(per_seed, label, "memory_auc_per_round")]
     rows += [(f"{method_name(label)}: cumulative, upload − initial adapter", label,
               "cumulative_auc_per_round") for label in DIAGNOSED]
     n_rounds = max(len(per_round_auc(per_seed, label, key)) for _, label, key in rows)
@@ -277,7 +282,8 @@ def per_round_table(per_seed: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def targets(summary: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(summary: dict[str, Any], raw: dict[str, Any],
+            per_seed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     bip, fedit = summary["fedbip-l"], summary["fedit"]
     oracle, local = summary["oracle"], summary["local"]
     shift_gain = 100 * (bip["accuracy_task_shift"]["mean"]
@@ -286,7 +292,11 @@ def targets(summary: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]
     group_gaps = {g: 100 * (bip["accuracy_per_group"][g]["mean"]
                             - local["accuracy_per_group"][g]["mean"])
                   for g in bip["accuracy_per_group"]}
-    auc = bip["task_vector_auc_mean"]["mean"]
+    step_auc = bip["task_vector_auc_mean"]["mean"]
+    memory = [v for s in per_seed for v in (s["methods"]["fedbip-l"].get("memory_auc_per_round")
+                                            or [])]
+    # The target is on the cosines the weights use: the memory's when it is on.
+    auc = sum(memory) / len(memory) if memory else step_auc
     return [
         {"target": f"FedBip-L − FedIT on task-shift clients ≥ {TARGET_VS_FEDIT_SHIFT:g} pts",
          "value": f"{shift_gain:+.1f} pts", "met": shift_gain >= TARGET_VS_FEDIT_SHIFT},
@@ -295,8 +305,10 @@ def targets(summary: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]
         {"target": "FedBip-L ≥ local only in every group",
          "value": ", ".join(f"{g} {v:+.1f}" for g, v in group_gaps.items()),
          "met": all(v >= 0 for v in group_gaps.values())},
-        {"target": f"task-vector AUC ≥ {TARGET_AUC} (every round, FedBip-L)",
-         "value": f"{auc:.3f} (round 1: "
+        {"target": f"task-vector AUC ≥ {TARGET_AUC} (every round, FedBip-L, the cosines "
+                   "its weights use)",
+         "value": f"{auc:.3f} ({'similarity memory' if memory else 'the round step'}; the "
+                  f"round's step alone {step_auc:.3f}, round 1 "
                   f"{bip['task_vector_auc_round1']['mean']:.3f}); raw parameters "
                   f"{raw['auc']['mean']:.3f}",
          "met": auc >= TARGET_AUC},
@@ -380,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for study, rows in ablation_rows.items():
         console.print()
         console.print(ablation_table(study, rows, summary["oracle"]))
-    checks = targets(summary, raw)
+    checks = targets(summary, raw, per_seed)
     console.print()
     table = Table(title="Targets (issue 4), means over seeds", title_justify="left")
     for column in ("target", "measured", "met"):
