@@ -26,7 +26,6 @@ from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
-    AuthError,
     ConflictError,
     FedbipError,
     NotFoundError,
@@ -52,6 +51,16 @@ from fedbip_hub.robust import norm_guard, sign_guard
 from fedbip_hub.secrets import redact
 from fedbip_hub.similarity import CosineSource, SimilarityReport
 from fedbip_hub.sketch import round_similarity
+from fedbip_hub.skip_reasons import (
+    InternalError,
+    describe,
+    exception_text,
+    internal_reason,
+    one_line,
+    public_paths,
+    publish_skip_reason,
+    reason,
+)
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
 from fedbip_hub.streaming import (
     DEFAULT_DOWNLOAD_WORKERS,
@@ -235,9 +244,9 @@ class RoundRunner:
             try:
                 gone = self._history_gone(member, client_state)
             except StoreError as exc:  # not a definite "gone": keep everything, retry later
-                skipped[name] = _one_line(redact(
+                skipped[name] = one_line(redact(
                     f"could not check that its latest personalized adapter still exists in "
-                    f"{member.repo_id} ({_reason(exc)}); skipped this round, its history is "
+                    f"{member.repo_id} ({reason(exc)}); skipped this round, its history is "
                     "kept and it is retried next round"))
                 continue
             if gone is not None:
@@ -248,7 +257,7 @@ class RoundRunner:
             try:
                 fresh = self._fresh_upload(name, member, client_state)
             except FedbipError as exc:
-                skipped[name] = _reason(exc)
+                skipped[name] = reason(exc)
                 fresh = None
             if fresh is not None:
                 inputs[name] = fresh
@@ -332,16 +341,16 @@ class RoundRunner:
                 vectors.append(vector)
                 inputs.append(pinned)
             elif isinstance(exc, StoreError):  # the Hub, not the upload: retry next round
-                skipped[pinned.client] = (f"{_reason(exc)}; the upload was NOT refused and "
+                skipped[pinned.client] = (f"{reason(exc)}; the upload was NOT refused and "
                                           "will be retried next round")
             elif isinstance(exc, FedbipError):
-                skipped[pinned.client] = _reason(exc)
+                skipped[pinned.client] = reason(exc)
                 if pinned.fresh:
                     refused[pinned.client] = pinned.upload_id
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
-                skipped[pinned.client] = _internal_reason(exc)
+                skipped[pinned.client] = internal_reason(exc)
                 self.log(f"Internal error reading {pinned.client}'s upload "
-                         f"({_exception_text(exc)}); skipped this round, retried next round.")
+                         f"({exception_text(exc)}); skipped this round, retried next round.")
         self._lap("download_validate")
         self.checkpoint("downloaded")
         report = weights = similarity = memory = None
@@ -403,7 +412,7 @@ class RoundRunner:
                      init: LoraAdapter, init_name: str = INIT_DIR) -> TaskVector:
         """Download, validate and difference one input. Errors name the server's cached
         folders as ``repo@commit[:12]`` (a client cannot use our local paths); anything
-        but a FedbipError comes out as an ``_InternalError``."""
+        but a FedbipError comes out as an ``InternalError``."""
         names = {init.folder: init_name}
         try:
             folder = self.store.fetch_folder(pinned.repo_id, pinned.commit, only=UPLOAD_FILES)
@@ -421,23 +430,13 @@ class RoundRunner:
                 start = LoraAdapter(start_dir, label=f"{pinned.client} start")
             return TaskVector(upload, start, name=pinned.client)
         except FedbipError as exc:
-            exc.message = self._public_paths(exc.message, names)
-            exc.hint = self._public_paths(exc.hint, names) if exc.hint else exc.hint
+            exc.message = public_paths(exc.message, names, self.store.cache_dir)
+            if exc.hint:
+                exc.hint = public_paths(exc.hint, names, self.store.cache_dir)
             exc.args = (str(exc),)
             raise
         except Exception as exc:
-            raise _InternalError(self._public_paths(_describe(exc), names)) from exc
-
-    def _public_paths(self, text: str, names: Mapping[Path, str]) -> str:
-        """``text`` with the server's local folders replaced by their public names (and
-        any other path into the store's cache by a placeholder)."""
-        cache = Path(self.store.cache_dir)
-        pairs = {**{str(p): n for p, n in names.items()},
-                 **{str(p.resolve()): n for p, n in names.items()},
-                 str(cache): "<server cache>", str(cache.resolve()): "<server cache>"}
-        for local in sorted(pairs, key=len, reverse=True):
-            text = text.replace(local, pairs[local])
-        return text
+            raise InternalError(public_paths(describe(exc), names, self.store.cache_dir)) from exc
 
     def _latest_adapter(self, plan: RoundPlan, name: str, repo_id: str,
                         init: LoraAdapter) -> LoraAdapter:
@@ -531,9 +530,9 @@ class RoundRunner:
         flagged = [k for k in result.flagged if inputs[k].fresh]
         details = {}
         for k in flagged:
-            reason = result.explain(k, names)
-            self.log(f"Sign guard: {names[k]}: {reason}; not shared with other clients.")
-            details[names[k]] = {"reason": reason, "opposes": [names[j] for j in
+            why = result.explain(k, names)
+            self.log(f"Sign guard: {names[k]}: {why}; not shared with other clients.")
+            details[names[k]] = {"reason": why, "opposes": [names[j] for j in
                                                                result.opposed[k]],
                                  "action": "not shared with other clients this round"}
         return flagged, details
@@ -599,11 +598,11 @@ class RoundRunner:
                 output = self._publish_one(plan, config, strategy, names, inputs, report,
                                            weights, merged, index, heatmap, template)
             except StoreError as exc:  # this member's repo only: the others still publish
-                reason = _one_line(redact(_reason(exc)))
-                self._publish_failed[name] = (reason, _publish_skip_reason(
+                why = one_line(redact(reason(exc)))
+                self._publish_failed[name] = (why, publish_skip_reason(
                     exc, pinned.repo_id, pinned.fresh))
                 self.log(f"Could not publish {name}'s personalized adapter to "
-                         f"{pinned.repo_id}: {reason}; continuing with the others.")
+                         f"{pinned.repo_id}: {why}; continuing with the others.")
                 continue
             outputs[name] = output
             if not output.get("resumed"):
@@ -699,7 +698,7 @@ class RoundRunner:
         from fedbip_hub.modelcard import dashboard_card
 
         failed, self._publish_failed = self._publish_failed or {}, None
-        record["publish_failed"] = {name: reason for name, (reason, _) in failed.items()}
+        record["publish_failed"] = {name: why for name, (why, _) in failed.items()}
         record["skipped"].update({name: text for name, (_, text) in failed.items()})
 
         def build(head: str) -> dict:
@@ -766,59 +765,6 @@ def _started_over(client_state: Any) -> Any:
     upload ids are kept, so neither is ever applied again."""
     return client_state.model_copy(update={"personalized_history": [],
                                            "consumed_commit": None, "consumed_start": None})
-
-
-def _reason(exc: FedbipError) -> str:
-    text = exc.message
-    return f"{text} (fix: {exc.hint})" if exc.hint else text
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _publish_skip_reason(exc: StoreError, repo_id: str, fresh: bool) -> str:
-    """The round record's ``skipped`` entry for a client whose adapter was not published."""
-    if isinstance(exc, AuthError):
-        failure, fix = exc.message, f"grant the server's token write access to {repo_id}"
-    elif isinstance(exc, NotFoundError):
-        failure, fix = exc.message, (
-            f"if the member deleted {repo_id}, recreate it (`fedbip join`) and push again; "
-            "otherwise give the server's token read and write access to it")
-    else:
-        failure, fix = _reason(exc), "retry later if the Hub is having problems"
-    used = ("its new upload WAS used for the other clients and is consumed" if fresh else
-            "it had no new upload this round")
-    return _one_line(redact(
-        f"its personalized adapter could not be published to {repo_id} ({failure}); "
-        f"{used}; its personalized adapter stays the previous one (fix: {fix}; a later "
-        "round publishes to it again)"))
-
-
-class _InternalError(Exception):
-    """An unexpected (non-FedbipError) failure reading one input; the message is the
-    original's type and text with local paths replaced (the original is its cause)."""
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` on one line (an ``_InternalError`` already holds that)."""
-    message = " ".join(str(exc).split())
-    if isinstance(exc, _InternalError):
-        return message
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _exception_text(exc: BaseException, limit: int = 500) -> str:
-    """``_describe(exc)`` with tokens redacted, at most ``limit`` characters."""
-    text = redact(_describe(exc))
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _internal_reason(exc: BaseException) -> str:
-    return (f"internal error on the server while reading this upload "
-            f"({_exception_text(exc)}); the upload was NOT refused and will be retried "
-            "next round (fix: nothing to change on the client's side; please report this "
-            "error to the federation's operator or the fedbip-hub maintainers)")
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,78 @@
+"""Why a round skipped a client, in words the client can act on.
+
+Reasons name the client's repo as ``repo@commit`` (never the server's cache paths), carry
+the fix, fit on one line, and never hold a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedbip_hub.errors import AuthError, FedbipError, NotFoundError, StoreError
+from fedbip_hub.secrets import redact
+
+
+def reason(exc: FedbipError) -> str:
+    text = exc.message
+    return f"{text} (fix: {exc.hint})" if exc.hint else text
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def publish_skip_reason(exc: StoreError, repo_id: str, fresh: bool) -> str:
+    """The round record's ``skipped`` entry for a client whose adapter was not published."""
+    if isinstance(exc, AuthError):
+        failure, fix = exc.message, f"grant the server's token write access to {repo_id}"
+    elif isinstance(exc, NotFoundError):
+        failure, fix = exc.message, (
+            f"if the member deleted {repo_id}, recreate it (`fedbip join`) and push again; "
+            "otherwise give the server's token read and write access to it")
+    else:
+        failure, fix = reason(exc), "retry later if the Hub is having problems"
+    used = ("its new upload WAS used for the other clients and is consumed" if fresh else
+            "it had no new upload this round")
+    return one_line(redact(
+        f"its personalized adapter could not be published to {repo_id} ({failure}); "
+        f"{used}; its personalized adapter stays the previous one (fix: {fix}; a later "
+        "round publishes to it again)"))
+
+
+class InternalError(Exception):
+    """An unexpected (non-FedbipError) failure reading one input; the message is the
+    original's type and text with local paths replaced (the original is its cause)."""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line (an ``InternalError`` already holds that)."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, InternalError):
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def exception_text(exc: BaseException, limit: int = 500) -> str:
+    """``describe(exc)`` with tokens redacted, at most ``limit`` characters."""
+    text = redact(describe(exc))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def internal_reason(exc: BaseException) -> str:
+    return (f"internal error on the server while reading this upload "
+            f"({exception_text(exc)}); the upload was NOT refused and will be retried "
+            "next round (fix: nothing to change on the client's side; please report this "
+            "error to the federation's operator or the fedbip-hub maintainers)")
+
+
+def public_paths(text: str, names: Mapping[Path, str], cache_dir: str | Path) -> str:
+    """``text`` with the server's local folders replaced by their public names (and any
+    other path into the store's cache by a placeholder)."""
+    cache = Path(cache_dir)
+    pairs = {**{str(p): n for p, n in names.items()},
+             **{str(p.resolve()): n for p, n in names.items()},
+             str(cache): "<server cache>", str(cache.resolve()): "<server cache>"}
+    for local in sorted(pairs, key=len, reverse=True):
+        text = text.replace(local, pairs[local])
+    return text
