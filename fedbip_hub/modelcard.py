@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from fedbip_hub.federation import FederationConfig, FederationState, Member
 from fedbip_hub.merge import MergedAdapter
+from fedbip_hub.robust import describe_guards
 from fedbip_hub.similarity import CosineSource
 from fedbip_hub.strategies import WeightTable
 
@@ -111,12 +112,17 @@ def dashboard_card(config: FederationConfig, members: Mapping[str, Member],
     if record is not None:
         skipped = record.get("skipped") or {}
         skipped_rows = "\n".join(f"- **{k}**: {v}" for k, v in skipped.items()) or "- none"
+        guarded_rows = "\n".join(f"- **{k}**: {v}" for k, v in
+                                 describe_guards(record).items()) or "- none"
         last_round = f"""Round **{record['round']}** finished {record.get('finished_at', '')}:
 {len(record.get('outputs') or {})} personalized adapters published,
 {sum(1 for v in (record.get('inputs') or {}).values() if v.get('fresh'))} new uploads consumed.
 
 Skipped:
 {skipped_rows}
+
+Guarded (their updates were clipped or not shared):
+{guarded_rows}
 
 ![Task-vector cosine similarity](similarity.png)"""
     body = f"""

@@ -13,7 +13,9 @@ near 0 with everyone and so little weight.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -108,3 +110,16 @@ def sign_guard(cosine: torch.Tensor, *, floor: float = 0.2, min_opposed: int = 2
         if len(against) >= min_opposed:
             flagged.append(i)
     return SignGuardResult(flagged, support, opposed)
+
+
+def describe_guards(record: Mapping[str, Any]) -> dict[str, str]:
+    """Client → what the round's guards did to its update, one line each (a round
+    record's ``norm_guard`` and ``sign_guard`` entries, for dashboards and job logs)."""
+    out: dict[str, str] = {}
+    for client, entry in (record.get("norm_guard") or {}).items():
+        out[client] = (f"norm guard ({entry['action']}): task-vector norm "
+                       f"{entry['norm']:.3g}, robust z {entry['robust_z']:.1f}")
+    for client, entry in (record.get("sign_guard") or {}).items():
+        line = f"sign guard: {entry['reason']}; {entry['action']}"
+        out[client] = f"{out[client]}; {line}" if client in out else line
+    return out

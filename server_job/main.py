@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from cli._common import JsonOption, err_console, handle_errors, out_console, print_json
+from fedbip_hub.robust import describe_guards
 
 app = typer.Typer(name="fedbip-server", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -89,6 +90,8 @@ def _print_summary(record: dict) -> None:
             out_console.print(f"  {name}: {output['repo_id']} @ {str(output['commit'])[:12]}")
     for name, reason in (record.get("skipped") or {}).items():
         out_console.print(f"  [yellow]skipped[/] {name}: {reason}")
+    for name, action in describe_guards(record).items():
+        out_console.print(f"  [yellow]guarded[/] {name}: {escape(action)}")
 
 
 # -- scheduling ---------------------------------------------------------------------------

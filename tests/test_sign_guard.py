@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import new_local_federation, write_upload
+from federation_helpers import new_local_federation, run_cli, write_upload
 from safetensors.torch import load_file, save_file
 from test_crash_safety import _outputs
 
 from fedbip_hub.client import join, push
 from fedbip_hub.federation import FEDERATION_FILE, Federation, dump_json
-from fedbip_hub.robust import sign_guard
+from fedbip_hub.robust import describe_guards, sign_guard
 from fedbip_hub.rounds import run_round
 
 
@@ -120,3 +121,24 @@ def test_without_the_guard_the_flipped_client_is_weighed_in(tmp_path, tiny_base,
     received = max(matrix[row][column] for matrix in record["weights"].values()
                    for row, client in enumerate(record["clients"]) if client != "mallory")
     assert received > 0.0
+
+
+def test_guards_are_shown_on_the_dashboard_and_in_the_job_summary(tmp_path, tiny_base):
+    fed = _with_flipped_client(tmp_path, tiny_base)
+    result = run_cli(["run", str(tmp_path / "fed")], dict(os.environ), server=True)
+    assert "guarded mallory: sign guard: its task vector opposes alice, bob" in " ".join(
+        result.stdout.split())
+    dashboard = fed.store.read_bytes(fed.repo_id, "README.md", fed.head()).decode()
+    guarded = dashboard.split("Guarded", 1)[1]
+    assert "**mallory**: sign guard: its task vector opposes alice, bob" in guarded
+
+
+def test_describe_guards_joins_both_guards_per_client():
+    record = {"norm_guard": {"eve": {"action": "clip", "norm": 123.4, "robust_z": 9.87}},
+              "sign_guard": {"eve": {"reason": "mirror", "action": "not shared"},
+                             "mallory": {"reason": "mirror", "action": "not shared"}}}
+    assert describe_guards(record) == {
+        "eve": "norm guard (clip): task-vector norm 123, robust z 9.9; "
+               "sign guard: mirror; not shared",
+        "mallory": "sign guard: mirror; not shared"}
+    assert describe_guards({}) == {}
