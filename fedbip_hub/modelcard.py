@@ -42,6 +42,9 @@ def _card(data: ModelCardData, body: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"))
 
 
+MAX_CARD_ROWS = 32  # above this many members, a card lists only its contributors
+
+
 def personalized_card(config: FederationConfig, client: str, round_no: int,
                       names: Sequence[str], report: CosineSource, weights: WeightTable,
                       index: int, inputs: Sequence[Any], adapter: MergedAdapter) -> str:
@@ -52,14 +55,21 @@ def personalized_card(config: FederationConfig, client: str, round_no: int,
     memory_note = ("" if config.strategy_obj().similarity_memory == 0 else
                    ", accumulated over the rounds (the similarity memory)")
     layer_keys = list(weights.matrices)
+    mean_weights = [sum(float(weights.matrices[key][index, k]) for key in layer_keys)
+                    / len(layer_keys) for k in range(len(names))]
+    shown = list(range(len(names)))
+    if len(names) > MAX_CARD_ROWS:  # a large federation: contributors only, heaviest first
+        shown = sorted((k for k in shown if mean_weights[k] > 0 or k == index),
+                       key=lambda k: -mean_weights[k])
     rows = []
-    for k, name in enumerate(names):
-        mean_weight = sum(float(weights.matrices[key][index, k]) for key in layer_keys) / len(
-            layer_keys)
+    for k in shown:
         pinned = inputs[k]
-        rows.append(f"| {name}{' (you)' if k == index else ''} | {mean_weight:.3f} | "
+        rows.append(f"| {names[k]}{' (you)' if k == index else ''} | {mean_weights[k]:.3f} | "
                     f"{float(cosine[k]):+.3f} | {'yes' if pinned.fresh else 'no'} | "
                     f"{pinned.staleness} |")
+    if len(shown) < len(names):
+        rows.append(f"| … {len(names) - len(shown)} more members with weight 0 (all "
+                    "weights: `fedbip_merge.json`) | 0 | | | |")
     weight_note = ("mean over the per-layer weight matrices"
                    if len(layer_keys) > 1 else "weight")
     body = f"""

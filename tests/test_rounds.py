@@ -169,3 +169,21 @@ def _federation_on_hub(tiny_base: Path) -> Federation:
                               seed=i, group=group, rank=4)
         push(fed, client, upload, n_examples=5)
     return fed
+
+
+def test_a_large_federations_card_lists_only_contributors(tmp_path, tiny_base, monkeypatch):
+    import fedbip_hub.modelcard as modelcard
+
+    monkeypatch.setattr(modelcard, "MAX_CARD_ROWS", 2)  # 3 members count as "large" here
+    fed = new_local_federation(tmp_path, tiny_base)
+    record = run_round(fed)
+    alice = record["clients"].index("alice")
+    weights = record["weights"]
+    hidden = [c for k, c in enumerate(record["clients"]) if k != alice
+              and all(m[alice][k] == 0 for m in weights.values())]
+    assert hidden, "the test needs a member with no weight for alice"
+    text = pull(fed, "alice", tmp_path / "pulled").folder.joinpath("README.md").read_text()
+    assert "| alice (you)" in text and "| bob" in text
+    for client in hidden:
+        assert f"| {client}" not in text
+    assert f"… {len(hidden)} more members with weight 0" in text
