@@ -11,8 +11,10 @@ the record and the new state.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
@@ -351,6 +353,8 @@ class RoundRunner:
                 skipped[pinned.client] = internal_reason(exc)
                 self.log(f"Internal error reading {pinned.client}'s upload "
                          f"({exception_text(exc)}); skipped this round, retried next round.")
+                if os.environ.get("FEDBIP_DEBUG"):  # the CLI's convention for tracebacks
+                    self.log(redact("".join(traceback.format_exception(exc))))
         self._lap("download_validate")
         self.checkpoint("downloaded")
         report = weights = similarity = memory = None

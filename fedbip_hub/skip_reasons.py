@@ -63,7 +63,8 @@ def internal_reason(exc: BaseException) -> str:
     return (f"internal error on the server while reading this upload "
             f"({exception_text(exc)}); the upload was NOT refused and will be retried "
             "next round (fix: nothing to change on the client's side; please report this "
-            "error to the federation's operator or the fedbip-hub maintainers)")
+            "error to the federation's operator, who gets the traceback by running the server "
+            "job with FEDBIP_DEBUG=1)")
 
 
 def public_paths(text: str, names: Mapping[Path, str], cache_dir: str | Path) -> str:

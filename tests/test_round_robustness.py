@@ -511,3 +511,18 @@ def test_a_member_repo_refusing_the_publish_over_http_does_not_stop_the_round(
     assert bob.consumed_upload == bob_upload and bob.personalized_history == []
     again = run_round(fed)
     assert again["status"] == "nothing-new" and fed.state().round == 1
+
+
+def test_fedbip_debug_logs_the_internal_errors_traceback_redacted(tmp_path, tiny_base,
+                                                                  monkeypatch):
+    fed = new_local_federation(tmp_path, tiny_base)
+    _fail_validation_for(monkeypatch, "bob")
+    lines: list[str] = []
+    RoundRunner(fed, log=lines.append).run()
+    assert not any("Traceback" in line for line in lines)  # only with FEDBIP_DEBUG
+    push_fresh(fed, tmp_path, "bob", seed=41, group=CLIENTS["bob"])
+    monkeypatch.setenv("FEDBIP_DEBUG", "1")
+    RoundRunner(fed, log=lines.append).run()
+    tracebacks = [line for line in lines if line.startswith("Traceback")]
+    assert len(tracebacks) == 1 and "RuntimeError: parser bug" in tracebacks[0]
+    assert "in validate" in tracebacks[0] and FAKE_TOKEN not in "\n".join(lines)
