@@ -83,13 +83,14 @@ def similarity_table(results: Mapping[str, Any], method: str = "fedbip-l") -> Ta
         table.add_row("task vectors, every round", f"{tv['auc_mean']:.3f}",
                       "", "", "")
         if tv.get("memory_auc_mean") is not None:
-            table.add_row("similarity memory, every round (what the weights use)",
+            table.add_row("similarity memory, every round",
                           f"{tv['memory_auc_mean']:.3f}", "", "", "")
     raw = similarity.get("raw_parameters_round1")
     if raw:
         row("raw parameters, round 1", raw)
     table.caption = ("AUC: P(a same-task pair is more similar than a different-task pair); "
-                     "same/different: mean cosine; raw parameters: base + ΔW + head")
+                     "same/different: mean cosine; raw parameters: base + ΔW + head; "
+                     "similarity memory: the cosines the weights use")
     return table
 
 
