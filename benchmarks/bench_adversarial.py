@@ -35,7 +35,7 @@ The model cards' heatmap is stubbed as in bench_quality.py (render time only).
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_adversarial.py            # full: 2 seeds
+    .venv/bin/python benchmarks/bench_adversarial.py            # full: 4 seeds
     .venv/bin/python benchmarks/bench_adversarial.py --quick    # smoke test, 1 seed
 """
 
@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_quality import stub_heatmaps  # noqa: E402
 from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter  # noqa: E402
 from fedbip_hub.client import START_FILE, read_start_revision  # noqa: E402
+from fedbip_hub.demo import demo_config  # noqa: E402
 from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
 from fedbip_hub.demo.scenario import (  # noqa: E402
@@ -106,16 +107,14 @@ def methods() -> list[Method]:
 
 
 def config(seed: int, quick: bool) -> tuple[ScenarioConfig, list[str]]:
-    """The demo's scenario plus attackers; returns the config and the attackers' names."""
+    """The demo's scenario (its --quick sizes with ``quick``, else a base model per seed)
+    plus attackers, the last clients; returns the config and the attackers' names."""
     if quick:
-        groups = ("low", "low", "even", "even", "marked", "marked", "low")
-        cfg = ScenarioConfig(groups=groups, n_train=32, n_test=100, rounds=3,
-                             late={2: ("even-2",)}, seed=seed,
-                             base=BaseModelSpec(steps=150, seed=seed))
-        return cfg, ["low-3"]
-    groups = ("low", "low", "low", "even", "even", "marked", "marked", "low", "marked")
-    cfg = ScenarioConfig(groups=groups, seed=seed, base=BaseModelSpec(seed=seed))
-    return cfg, ["low-4", "marked-3"]
+        demo, extra, attackers = demo_config(quick=True, seed=seed), ("low",), ["low-3"]
+    else:
+        demo = ScenarioConfig(seed=seed, base=BaseModelSpec(seed=seed))
+        extra, attackers = ("low", "marked"), ["low-4", "marked-3"]
+    return dataclasses.replace(demo, groups=(*demo.groups, *extra)), attackers
 
 
 def absent_config(cfg: ScenarioConfig, attackers: Sequence[str]) -> ScenarioConfig:
@@ -138,10 +137,16 @@ def _noise_like(norm: float, shape: tuple[int, ...], gen: torch.Generator) -> to
     return noise * (norm / max(float(noise.norm()), 1e-30))
 
 
+def _coefficient(attack: str) -> float:
+    """f(τ) = c·τ of the scale and flip attacks."""
+    return SCALE if attack == "scale" else -1.0
+
+
 def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
                     gen: torch.Generator, *, params_space: bool = False) -> Path:
     """Write start + f(upload − start) into ``out`` (exact in ΔW space, or on the factors
     A and B themselves with ``params_space``); return it."""
+    c = _coefficient(attack)
     upload = LoraAdapter(folder, label=client)
     start = LoraAdapter(_start_folder(fed, client, folder), label=f"{client} start")
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -154,7 +159,6 @@ def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
                     us + _noise_like(float((uu - us).norm()), tuple(uu.shape), gen),
                     vs + _noise_like(float((vu - vs).norm()), tuple(vu.shape), gen))
             else:
-                c = SCALE if attack == "scale" else -1.0
                 modules[name] = (us + c * (uu - us), vs + c * (vu - vs))
         elif attack == "noise":
             tau = uu @ vu - us @ vs
@@ -164,7 +168,6 @@ def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
             g1 = g1 * (float(tau.norm()) / max(float((g1 @ g2).norm()), 1e-30))
             modules[name] = (torch.cat([us, g1], 1), torch.cat([vs, g2], 0))
         else:
-            c = SCALE if attack == "scale" else -1.0
             modules[name] = (torch.cat([(1 - c) * us, c * uu], 1), torch.cat([vs, vu], 0))
     dense = {}
     for name in upload.dense:
@@ -173,7 +176,6 @@ def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
         if attack == "noise":
             dense[name] = s + _noise_like(float((u - s).norm()), tuple(u.shape), gen)
         else:
-            c = SCALE if attack == "scale" else -1.0
             dense[name] = s + c * (u - s)
     if out.exists():
         shutil.rmtree(out)
@@ -190,7 +192,7 @@ def check_exact(fed, client: str, folder: Path, out: Path, attack: str) -> float
     """Relative error of ΔW_out − ΔW_start against f(ΔW_upload − ΔW_start) (scale/flip)."""
     upload, done = LoraAdapter(folder), LoraAdapter(out)
     start = LoraAdapter(_start_folder(fed, client, folder))
-    c = SCALE if attack == "scale" else -1.0
+    c = _coefficient(attack)
     worst = 0.0
     for name in upload.modules:
         want = c * (upload.delta_weight(name) - start.delta_weight(name))
@@ -218,47 +220,22 @@ def make_hook(attackers: Sequence[str], attack: str, out_root: Path, seed: int,
 
 
 # -- runs ----------------------------------------------------------------------------------
-class AdversarialScenario(Scenario):
-    """Scores the honest clients only: a guard may leave an attacker without a
-    personalized adapter (excluded in every round), which is no failure."""
-
-    attackers: Sequence[str] = ()
-
-    def _evaluate(self, fed, dest: Path) -> dict[str, float]:
-        from fedbip_hub.client import pull
-        from fedbip_hub.errors import NotFoundError
-        from fedbip_hub.evaluation import evaluate
-
-        out = {}
-        for client in self.clients:
-            try:
-                folder = pull(fed, client.name, dest / client.name).folder
-            except NotFoundError:
-                if client.name not in self.attackers:
-                    raise
-                continue
-            scores = evaluate(self._peft(folder), self._datasets[client.name][1],
-                              task_type="SEQ_CLS", batch_size=256, device="cpu")
-            out[client.name] = float(scores["accuracy"])
-        return out
-
-
 def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
     cfg, attackers = config(seed, quick)
-    with_attackers = AdversarialScenario(cfg, work / f"seed-{seed}")
-    with_attackers.attackers = attackers
-    without = AdversarialScenario(absent_config(cfg, attackers), work / f"seed-{seed}-absent")
+    with_attackers = Scenario(cfg, work / f"seed-{seed}")
+    with_attackers.unscored_if_missing = set(attackers)
+    without = Scenario(absent_config(cfg, attackers), work / f"seed-{seed}-absent")
     runs_of = {}
     for scenario in (with_attackers, without):
         scenario.load_base(work / f"base-seed-{seed}")
-        runs_of[id(scenario)] = prepare_dir(scenario.root)
+        runs_of[scenario] = prepare_dir(scenario.root)
     honest = [c.name for c in with_attackers.clients if c.name not in attackers]
     assert honest == [c.name for c in without.clients], "attackers must be the last clients"
     checks: list[float] = []
     out: dict[str, Any] = {"attackers": attackers, "honest": honest, "runs": {}}
     for attack in CONDITIONS:
         scenario = without if attack == "absent" else with_attackers
-        runs = runs_of[id(scenario)]
+        runs = runs_of[scenario]
         scenario.upload_hook = make_hook(attackers, attack, work / f"attacked-{seed}",
                                          seed, checks)
         for method in methods():
@@ -270,8 +247,9 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
                      for r in result.rounds if r.get("skipped")]
             shielded = [{"round": r["round"], "sign_guard": r["sign_guard"]}
                         for r in result.rounds if r.get("sign_guard")]
+            honest_accuracy = sum(acc.values()) / len(acc)
             out["runs"][f"{method.label}/{attack}"] = {
-                "honest_accuracy": sum(acc.values()) / len(acc),
+                "honest_accuracy": honest_accuracy,
                 "honest_accuracy_per_client": acc,
                 "attacker_accuracy": {c: result.accuracy.get(c) for c in attackers},
                 "skipped": guard,
@@ -279,8 +257,8 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
                 "seconds": round(time.perf_counter() - began, 2),
             }
             console.print(f"  [dim]seed {seed}[/] {method.label:17s} {attack:6s} honest "
-                          f"{100 * out['runs'][f'{method.label}/{attack}']['honest_accuracy']:.1f}%"
-                          f" ({time.perf_counter() - began:.0f}s)", highlight=False)
+                          f"{100 * honest_accuracy:.1f}% ({time.perf_counter() - began:.0f}s)",
+                          highlight=False)
             shutil.rmtree(runs / run.label, ignore_errors=True)
     for runs in runs_of.values():
         shutil.rmtree(runs, ignore_errors=True)
@@ -349,10 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = args.work or Path(tempfile.mkdtemp(prefix="fedbip-adversarial-"))
     per_seed = []
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-            for seed in seeds:
-                per_seed.append(run_seed(seed, args.quick, work))
+        for seed in seeds:
+            per_seed.append(run_seed(seed, args.quick, work))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

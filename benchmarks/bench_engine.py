@@ -160,6 +160,24 @@ def interleaved(methods: dict[str, tuple[Callable[[], object], int]], rounds: in
     return {name: (times[name], results[name]) for name in methods}
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use (its affinity, where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def run_child(script: str | Path, kind: str, config: dict) -> dict:
+    """Run ``script --child kind --child-config JSON`` in a fresh process, with the
+    repository root on its PYTHONPATH; return the JSON object it prints last."""
+    cmd = [sys.executable, str(script), "--child", kind, "--child-config", json.dumps(config)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _proc_status(field: str) -> int | None:
     """A /proc/self/status field in bytes (VmRSS, VmHWM), or None off Linux."""
     try:
@@ -293,13 +311,7 @@ def memory_child(cfg: Config, method: str) -> dict:
 
 
 def measure_memory(cfg: Config, method: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method,
-           "--child-config", json.dumps(asdict(cfg))]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child {method} failed:\n{proc.stderr}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(Path(__file__).resolve(), method, asdict(cfg))
     # Recorded, not used: on Linux a child's ru_maxrss (and so RUSAGE_CHILDREN) starts at
     # the parent's RSS when it forked, which here holds the brute-force buffers. The
     # child's own VmHWM, reset just before the call, is what the working memory uses.
@@ -667,8 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(memory_child(cfg, args.child)))
         return 0
 
-    threads = args.threads or (len(os.sched_getaffinity(0))
-                               if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
     base = Config(d=512, layers=1, repeats=1, fast_repeats=2) if args.quick else Config()
     cfg = Config(**{**asdict(base), "threads": threads,

@@ -50,6 +50,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedbip_hub.demo import demo_config  # noqa: E402
 from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
 from fedbip_hub.demo.report import method_name  # noqa: E402
@@ -85,9 +86,7 @@ def full_config(seed: int) -> ScenarioConfig:
 
 
 def quick_config(seed: int) -> ScenarioConfig:
-    return ScenarioConfig(
-        groups=("low", "low", "even", "even", "marked", "marked"), n_train=32, n_test=100,
-        rounds=3, late={2: ("even-2",)}, seed=seed, base=BaseModelSpec(steps=150, seed=seed))
+    return demo_config(quick=True, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -370,9 +369,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - began
 
     summary = {m.label: aggregate(per_seed, m.label) for m in methods}
-    raw = {k: {"mean": mean_std([s["raw_parameters_round1"][k] for s in per_seed])[0],
-               "std": mean_std([s["raw_parameters_round1"][k] for s in per_seed])[1]}
-           for k in ("auc", "mean_same", "mean_different")}
+    raw = {}
+    for k in ("auc", "mean_same", "mean_different"):
+        mean, std = mean_std([s["raw_parameters_round1"][k] for s in per_seed])
+        raw[k] = {"mean": mean, "std": std}
     labels = [m.label for m in main_methods]
     console.print()
     console.print(main_table(summary, labels))
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results = {
         "benchmark": "quality", "quick": args.quick, "seeds": seeds,
-        "scenario": make_config(seeds[0]).to_json(),
+        "scenario": config.to_json(),
         "fedbip_options": FEDBIP_OPTIONS,
         "methods": {m.label: {"description": m.description,
                               "strategy": m.strategy.model_dump(mode="json"),

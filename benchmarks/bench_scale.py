@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,13 +44,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as engine
-from bench_engine import _proc_status, fmt_bytes, fmt_s, print_table
+from bench_engine import PROJECTIONS, _proc_status, fmt_bytes, fmt_s, print_table
 from bench_engine import _reset_peak_rss as _reset_peak
 
 from fedbip_hub.lowrank import cosine_from_gram, lowrank_gram
@@ -61,7 +61,6 @@ from fedbip_hub.task_vectors import LowRankDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scale.json"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_MODEL = "synthetic/llama-7b-shapes"
 
 # Targets of issue 6.
@@ -97,8 +96,7 @@ class ScaleConfig:
     quick: bool = False
 
     def module_names(self) -> list[str]:
-        return [f"model.layers.{layer}.self_attn.{proj}"
-                for layer in range(self.layers) for proj in PROJECTIONS]
+        return engine.Config(layers=self.layers).modules
 
     @property
     def scale(self) -> float:
@@ -157,20 +155,17 @@ def bench_similarity(cfg: ScaleConfig) -> dict:
         report.model_cosine()
         return report
 
-    timings = {}
-    reports = {}
-    for name, fn in (("exact", lambda: engine.similarity_ours(deltas, clients)),
-                     ("sketch", sketch),
-                     ("brute", lambda: engine.similarity_brute(deltas, clients))):
+    methods = {"exact": lambda: engine.similarity_ours(deltas, clients), "sketch": sketch,
+               "brute": lambda: engine.similarity_brute(deltas, clients)}
+    for fn in methods.values():
         fn()  # warm-up (BLAS buffers, page-ins)
-        times = []
-        for _ in range(max(1, cfg.repeats)):
-            gc.collect()
-            start = time.perf_counter()
-            reports[name] = fn()
-            times.append(time.perf_counter() - start)
-        timings[name] = min(times)
-        print(f"  {name:6s} {fmt_s(timings[name])}", flush=True)
+    # in alternation, so that a load change on the shared CPUs hits every method alike
+    timed = engine.interleaved({name: (fn, 1) for name, fn in methods.items()},
+                               rounds=max(1, cfg.repeats))
+    timings = {name: min(times) for name, (times, _) in timed.items()}
+    reports = {name: report for name, (_, report) in timed.items()}
+    for name, seconds in timings.items():
+        print(f"  {name:6s} {fmt_s(seconds)}", flush=True)
     exact_cos = reports["exact"]
     result = {
         "k": cfg.sim_k, "modules": len(ecfg.modules), "d": cfg.d, "r": cfg.r,
@@ -419,16 +414,6 @@ def round_child(spec: dict) -> dict:
     }
 
 
-def run_child(kind: str, spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind,
-           "--child-config", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def round_plan(cfg: ScaleConfig) -> list[tuple[int, str, bool]]:
     """(K, similarity mode, streaming): sketch at every K (the peak-RSS comparison is
     made in one mode), exact where affordable, the in-memory path for comparison."""
@@ -468,7 +453,7 @@ def bench_rounds(cfg: ScaleConfig, workdir: Path) -> dict:
                 spec = {"fed": str(run_dir), "k": k, "mode": mode, "streaming": streaming,
                         "strategy": strategy, "threads": cfg.threads,
                         "scratch": str(workdir)}
-                attempts.append(run_child("round", spec))
+                attempts.append(engine.run_child(Path(__file__).resolve(), "round", spec))
                 shutil.rmtree(run_dir)
             # the fastest run (the shared CPUs slow some runs down badly); all walls kept
             result = min(attempts, key=lambda a: a["wall_s"])
@@ -548,17 +533,6 @@ def topk_metrics(exact: torch.Tensor, sketch: torch.Tensor, rows: Sequence[int],
             "tie_tolerance": tie_tol}
 
 
-def _time_sketch(deltas: list[LowRankDelta], module: str, spec: SketchSpec, repeats: int
-                 ) -> list[float]:
-    times = []
-    for _ in range(max(1, repeats)):
-        gc.collect()
-        start = time.perf_counter()
-        sketch_module_gram(deltas, module, spec)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def sketch_accuracy(cfg: ScaleConfig, name: str, group_size: int, seed: int) -> dict:
     """Errors and top-k agreement at K=max(sketch_ks) over one block (4 modules),
     streamed: one module's K factors in memory at a time, as in a round."""
@@ -622,7 +596,9 @@ def bench_sketch(cfg: ScaleConfig) -> dict:
             if k == cfg.sketch_ks[0]:
                 sketch_module_gram(deltas, module, spec)  # warm-up at full size
             # best of several: the shared CPUs stall single runs by up to a second
-            times = _time_sketch(deltas, module, spec, cfg.repeats + (1 if k <= 512 else 0))
+            times, _ = engine.interleaved(
+                {"sketch": (partial(sketch_module_gram, deltas, module, spec), 1)},
+                rounds=max(1, cfg.repeats + (1 if k <= 512 else 0)))["sketch"]
             row[f"sketch_s{size}_s"] = min(times)
             row[f"sketch_s{size}_all_s"] = times
         if k <= cfg.exact_sim_max_k:
@@ -826,8 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.replot.with_suffix('.png')}")
         return 0
 
-    threads = args.threads or (len(os.sched_getaffinity(0))
-                               if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = args.threads or engine.available_cpus()
     torch.set_num_threads(threads)
     cfg = quick_config(threads) if args.quick else full_config(threads)
     overrides: dict = {}

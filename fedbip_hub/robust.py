@@ -95,21 +95,14 @@ def sign_guard(cosine: torch.Tensor, *, floor: float = 0.2, min_opposed: int = 2
     ``min_opposed`` peers j have c_kj < −max(max_{j'≠k} c_kj', floor). The floor keeps
     near-orthogonal noise (small |c|) from ever counting as opposition.
     """
-    k = cosine.shape[0]
-    flagged: list[int] = []
-    support: list[float] = []
-    opposed: list[list[int]] = []
-    for i in range(k):
-        row = cosine[i].to(torch.float64)
-        others = [j for j in range(k) if j != i]
-        best = max((float(row[j]) for j in others), default=0.0)
-        level = max(best, floor)
-        against = [j for j in others if float(row[j]) < -level]
-        support.append(level)
-        opposed.append(against)
-        if len(against) >= min_opposed:
-            flagged.append(i)
-    return SignGuardResult(flagged, support, opposed)
+    cos = cosine.to(torch.float64)
+    off_diagonal = ~torch.eye(cos.shape[0], dtype=torch.bool)
+    best = torch.where(off_diagonal, cos, torch.full_like(cos, -1.0)).amax(dim=1)
+    support = best.clamp_min(floor)
+    against = off_diagonal & (cos < -support[:, None])
+    opposed = [torch.nonzero(row).flatten().tolist() for row in against]
+    flagged = [i for i, row in enumerate(opposed) if len(row) >= min_opposed]
+    return SignGuardResult(flagged, support.tolist(), opposed)
 
 
 def describe_guards(record: Mapping[str, Any]) -> dict[str, str]:

@@ -375,7 +375,7 @@ class RoundRunner:
         self.checkpoint("computed")
         outputs = {} if self.dry_run else self._publish_all(plan, config, strategy, names,
                                                             inputs, similarity, weights,
-                                                            merged)
+                                                            merged, init.config)
         self._lap("publish")
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
@@ -442,14 +442,11 @@ class RoundRunner:
         except Exception as exc:
             raise InternalError(public_paths(describe(exc), names, self.store.cache_dir)) from exc
 
-    def _latest_adapter(self, plan: RoundPlan, name: str, repo_id: str,
-                        init: LoraAdapter) -> LoraAdapter:
-        revision = plan.latest.get(name)
-        if revision is None:
-            return init
-        folder = self._latest_folders.get(name) or self.store.fetch_folder(
-            repo_id, revision, PERSONALIZED_DIR)  # fetched by _read_input
-        return LoraAdapter(folder, label=f"{name} personalized")
+    def _latest_adapter(self, name: str, init: LoraAdapter) -> LoraAdapter:
+        """The client's latest personalized adapter (fetched by ``_read_input``), or the
+        federation's initial adapter when it has none."""
+        folder = self._latest_folders.get(name)
+        return init if folder is None else LoraAdapter(folder, label=f"{name} personalized")
 
     def _similarity(self, strategy: Strategy, vectors: list[TaskVector],
                     inputs: list[PinnedInput]) -> SimilarityReport:
@@ -557,7 +554,7 @@ class RoundRunner:
         contribution = torch.tensor(
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
              for p in inputs], dtype=torch.float64) * scale
-        latest = [self._latest_adapter(plan, p.client, p.repo_id, init) for p in inputs]
+        latest = [self._latest_adapter(p.client, init) for p in inputs]
         merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
                                latest=latest)
         staging = self._staging = (StagingArea(k, space=strategy.spec.merge_space)
@@ -584,7 +581,7 @@ class RoundRunner:
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],
                      report: CosineSource | None, weights: WeightTable | None,
-                     merged: list[MergedAdapter]) -> dict[str, dict]:
+                     merged: list[MergedAdapter], template: Any) -> dict[str, dict]:
         """Publish every target's adapter, one commit per member repo. A store error on
         one repo (403, deleted repo, retries exhausted) skips that member only: it is
         kept in ``self._publish_failed`` for ``_complete`` to record, and is not
@@ -593,8 +590,6 @@ class RoundRunner:
         if report is None or weights is None:
             return {}
         heatmap = self._heatmap(report)
-        template = LoraAdapter(self.store.fetch_folder(
-            self.fed.repo_id, plan.federation_revision, INIT_DIR)).config
         outputs: dict[str, dict] = {}
         for index, name in enumerate(self.progress(names, "Publishing")):
             pinned = inputs[index]
@@ -718,9 +713,7 @@ class RoundRunner:
             # `latest` stays the previous adapter and the next round merges onto that:
             # this round's merge for it is not retried, only later rounds' updates reach it.
             for name in plan.restarted:  # its published history is gone (see _collect)
-                restarted = state.client(name)
-                restarted.personalized_history = []
-                restarted.consumed_commit = restarted.consumed_start = None
+                state.clients[name] = _started_over(state.client(name))
             for pinned in inputs:
                 client_state = state.client(pinned.client)
                 if pinned.fresh:

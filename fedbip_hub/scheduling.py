@@ -17,6 +17,7 @@ files in ``server_job/templates/`` with ``render_template``.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -36,7 +37,7 @@ DEFAULT_FLAVOR = "cpu-basic"
 DEFAULT_TIMEOUT = "1h"
 DEFAULT_SCHEDULE = "@hourly"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-ROLE_LABEL = ("fedbip", "server")
+ROLE_LABELS = {"fedbip": "server"}
 FEDERATION_LABEL = "fedbip-federation"
 JOB_ENV = {
     "PYTHONUNBUFFERED": "1",
@@ -172,7 +173,7 @@ def job_command(fed: str, options: JobOptions) -> list[str]:
 
 
 def job_labels(fed: str) -> dict[str, str]:
-    return {ROLE_LABEL[0]: ROLE_LABEL[1], FEDERATION_LABEL: federation_slug(fed)}
+    return {**ROLE_LABELS, FEDERATION_LABEL: federation_slug(fed)}
 
 
 def job_name(fed: str) -> str:
@@ -181,14 +182,13 @@ def job_name(fed: str) -> str:
 
 def job_spec(fed: str, options: JobOptions, token: str) -> dict[str, Any]:
     """The keyword arguments of ``HfApi.create_scheduled_job`` / ``run_job`` (but schedule)."""
-    timeout_seconds(options.timeout)
     return {
         "image": options.resolved_image,
         "command": job_command(fed, options),
         "env": dict(JOB_ENV),
         "secrets": {SECRET_NAME: token},
         "flavor": options.flavor,
-        "timeout": options.timeout,
+        "timeout": timeout_seconds(options.timeout),
         "name": job_name(fed),
         "labels": job_labels(fed),
         "namespace": options.namespace,
@@ -293,7 +293,7 @@ def create_schedule(fed: str, schedule: str, options: JobOptions, *, token: str 
 def list_schedules(fed: str | None = None, *, namespace: str | None = None,
                    token: str | None = None) -> list[dict[str, Any]]:
     """fedbip scheduled jobs of a namespace (of one federation when ``fed`` is given)."""
-    labels = dict([ROLE_LABEL])
+    labels = dict(ROLE_LABELS)
     if fed is not None:
         labels[FEDERATION_LABEL] = federation_slug(fed)
     token = resolve_token(token)
@@ -329,8 +329,6 @@ def template_values(fed: str, *, schedule: str = DEFAULT_SCHEDULE,
                     options: JobOptions | None = None,
                     python_executable: str | None = None) -> dict[str, str]:
     """The placeholders of server_job/templates/, filled in for one federation."""
-    import json
-
     options = options or JobOptions()
     timeout = timeout_seconds(options.timeout)
     slug = federation_slug(fed)

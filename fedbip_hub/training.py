@@ -10,7 +10,6 @@ the right metadata: the PEFT adapter, ``fedbip_start.json`` (the start revision)
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import sys
@@ -27,12 +26,18 @@ from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.client import START_FILE, pull, read_start_revision
 from fedbip_hub.data import load_examples, load_tokenizer, needs_tokenizer, prepare_dataset
 from fedbip_hub.errors import AdapterError, ConfigError, NotFoundError
-from fedbip_hub.evaluation import check_vocab, evaluate, iter_batches, pad_id_of, resolve_device
+from fedbip_hub.evaluation import (
+    check_vocab,
+    evaluate_prepared,
+    fresh_base,
+    iter_batches,
+    pad_id_of,
+    resolve_device,
+)
 from fedbip_hub.federation import Federation
 from fedbip_hub.upload_metadata import UploadMetadata
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STARTS = ("auto", "init")
 
 
 @dataclass
@@ -138,15 +143,6 @@ def _load_start(base: Any, folder: Path, client: str) -> Any:
                            client=client) from exc
 
 
-def _lr_lambda(total: int, warmup: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | Path, *,
                   args: TrainingArgs | None = None, start: str | Path = "auto",
                   tokenizer: Any = None, base_model: Any = None, progress: bool = True,
@@ -191,12 +187,7 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     amp_dtype, precision = resolve_precision(args.precision, device)
 
     torch.manual_seed(args.seed)
-    if base_model is None:
-        from fedbip_hub.models import load_base_model
-
-        base = load_base_model(config, dtype=torch.float32)
-    else:
-        base = copy.deepcopy(base_model)
+    base = fresh_base(config, base_model)
     check_vocab(base, prepared)
     with tempfile.TemporaryDirectory(prefix="fedbip-start-") as tmp:
         start_dir, start_revision, start_kind = _start_folder(fed, client, start, Path(tmp))
@@ -216,8 +207,8 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     def measure() -> float | None:
         if measured is None:
             return None
-        scores = evaluate(model, measured, task_type=task_type, batch_size=args.batch_size,
-                          device=str(device), max_length=args.max_length)
+        scores = evaluate_prepared(model, measured, task_type=task_type,
+                                   batch_size=args.batch_size, device=str(device))
         return float(scores["loss"])
 
     start_loss = measure()
@@ -227,8 +218,10 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total, int(args.warmup_ratio * total)))
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total),
+                                                total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     shuffler = torch.Generator().manual_seed(args.seed)
     losses: list[float] = []

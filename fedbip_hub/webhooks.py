@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedbip_hub import scheduling
 from fedbip_hub.errors import ConflictError, FedbipError, RoundInProgressError
 from fedbip_hub.federation import Federation, dump_json, utc_now
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
@@ -123,15 +124,14 @@ def _moved_main(payload: Any) -> tuple[str | None, str | None]:
 
 def _parent_on_main(fed: Federation, repo_id: str, commit: str) -> str | None:
     ids = [c.id for c in fed.store.history(repo_id)]
-    if commit in ids and ids.index(commit) + 1 < len(ids):
-        return ids[ids.index(commit) + 1]
-    return None
+    later = ids[ids.index(commit) + 1:] if commit in ids else []
+    return later[0] if later else None
 
 
 def _upload_marker(fed: Federation, repo_id: str, revision: str | None) -> bytes | None:
     if revision is None:
         return None
-    if UPLOAD_METADATA_NAME not in fed.store.list_files(repo_id, revision):
+    if not fed.store.file_exists(repo_id, UPLOAD_METADATA_NAME, revision):
         return None
     return fed.store.read_bytes(repo_id, UPLOAD_METADATA_NAME, revision)
 
@@ -140,12 +140,12 @@ def _upload_marker(fed: Federation, repo_id: str, revision: str | None) -> bytes
 def read_pending(fed: Federation, revision: str | None = None) -> dict | None:
     """The pending-trigger marker at ``revision`` (default: head), if any."""
     revision = revision or fed.head()
-    if PENDING_FILE not in fed.store.list_files(fed.repo_id, revision):
+    if not fed.store.file_exists(fed.repo_id, PENDING_FILE, revision):
         return None
     return json.loads(fed.store.read_bytes(fed.repo_id, PENDING_FILE, revision))
 
 
-def request_followup(fed: Federation, trigger: Trigger | dict | None = None, *,
+def request_followup(fed: Federation, trigger: Mapping[str, Any] | None = None, *,
                      log: LogFn | None = None) -> bool:
     """Leave a marker for the job that holds the round lease.
 
@@ -155,8 +155,7 @@ def request_followup(fed: Federation, trigger: Trigger | dict | None = None, *,
     from fedbip_hub.rounds import RoundPlan
 
     log = log or (lambda _msg: None)
-    entry = trigger.to_dict() if isinstance(trigger, Trigger) else dict(trigger or {})
-    entry["requested_at"] = utc_now()
+    entry = {**(trigger or {}), "requested_at": utc_now()}
     for _ in range(_WRITE_TRIES):
         head = fed.head()
         state = fed.state(head)
@@ -317,7 +316,7 @@ def payload_from_env() -> str | None:
 
 # -- creating the webhook ---------------------------------------------------------------
 def create_webhook(fed_address: str, *, job_id: str | None = None, secret: str | None = None,
-                   options: Any = None, token: str | None = None,
+                   options: scheduling.JobOptions | None = None, token: str | None = None,
                    job_token: str | None = None) -> dict[str, Any]:
     """Create (or update) the Hub webhook that runs the server job when a member repo changes.
 
@@ -328,8 +327,6 @@ def create_webhook(fed_address: str, *, job_id: str | None = None, secret: str |
     the webhook's ``secrets`` (a webhook does not copy its source job's secrets).
     """
     import secrets as secrets_module
-
-    from fedbip_hub import scheduling
 
     scheduling.check_hub_federation(fed_address)
     options = options or scheduling.JobOptions()
@@ -365,10 +362,8 @@ def create_webhook(fed_address: str, *, job_id: str | None = None, secret: str |
             "job_id": job_id}
 
 
-def _source_job(fed_address: str, options: Any, token: str, job_token: str, api: Any
-                ) -> tuple[str, str]:
-    from fedbip_hub import scheduling
-
+def _source_job(fed_address: str, options: scheduling.JobOptions, token: str, job_token: str,
+                api: Any) -> tuple[str, str]:
     schedules = scheduling.list_schedules(fed_address, namespace=options.namespace,
                                           token=token)
     for entry in schedules:
@@ -382,15 +377,13 @@ def _source_job(fed_address: str, options: Any, token: str, job_token: str, api:
 def _runs_server_job(info: Any, fed_address: str | None = None) -> bool:
     """Whether a webhook runs the fedbip server job (of ``fed_address`` when given): by the
     job's labels, or, should the Hub not echo them, by its command."""
-    from fedbip_hub import scheduling
-
     job = info.job
     if job is None:
         return False
     labels = job.labels or {}
     command = " ".join(job.command or [])
     if fed_address is None:
-        return labels.get(scheduling.ROLE_LABEL[0]) == scheduling.ROLE_LABEL[1] or (
+        return scheduling.ROLE_LABELS.items() <= labels.items() or (
             "fedbip-server run" in command)
     return labels.get(scheduling.FEDERATION_LABEL) == scheduling.federation_slug(
         fed_address) or f"fedbip-server run {shlex.quote(fed_address)}" in command
@@ -407,22 +400,18 @@ def summarize_webhook(info: Any) -> dict[str, Any]:
         "command": list(job.command or []) if job else None,
         "image": job.docker_image if job else None,
         "secrets": sorted(job.secrets or []) if job else [],
-        "federation": (job.labels or {}).get("fedbip-federation") if job else None,
+        "federation": (job.labels or {}).get(scheduling.FEDERATION_LABEL) if job else None,
     }
 
 
 def list_webhooks(*, token: str | None = None) -> list[dict[str, Any]]:
     """The token owner's webhooks that run a fedbip server job."""
-    from fedbip_hub import scheduling
-
     api = scheduling._api(scheduling.resolve_token(token))
     return [summarize_webhook(w) for w in scheduling.hub_call("list webhooks", api.list_webhooks)
             if _runs_server_job(w)]
 
 
 def delete_webhook(webhook_id: str, *, token: str | None = None) -> dict[str, Any]:
-    from fedbip_hub import scheduling
-
     api = scheduling._api(scheduling.resolve_token(token))
     scheduling.hub_call(f"delete webhook {webhook_id}", lambda: api.delete_webhook(webhook_id))
     return {"id": webhook_id, "deleted": True}

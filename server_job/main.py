@@ -12,6 +12,12 @@ from rich.markup import escape
 
 from cli._common import JsonOption, err_console, handle_errors, out_console, print_json
 from fedbip_hub.robust import describe_guards
+from fedbip_hub.scheduling import (
+    DEFAULT_FLAVOR,
+    DEFAULT_PYTHON,
+    DEFAULT_SCHEDULE,
+    DEFAULT_TIMEOUT,
+)
 
 app = typer.Typer(name="fedbip-server", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -155,10 +161,10 @@ def schedule(
         "for FED (schedule from --every, default @hourly).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", show_default=False, help="With --print: write to this file.")] = None,
-    flavor: FlavorOption = "cpu-basic",
-    timeout: TimeoutOption = "1h",
+    flavor: FlavorOption = DEFAULT_FLAVOR,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     image: ImageOption = None,
-    python: PythonOption = "3.12",
+    python: PythonOption = DEFAULT_PYTHON,
     package: PackageOption = None,
     install: InstallOption = True,
     namespace: NamespaceOption = None,
@@ -192,7 +198,7 @@ def schedule(
                           "--suspend ID, --resume ID, --delete ID, --print KIND.")
     options = _job_options(flavor, timeout, image, python, package, install, namespace)
     if print_kind is not None:
-        _print_template(_need_fed(fed, "--print"), print_kind, every or "@hourly", options,
+        _print_template(_need_fed(fed, "--print"), print_kind, every or DEFAULT_SCHEDULE, options,
                         out, json_output)
         return
     if list_jobs:
@@ -307,10 +313,10 @@ def webhook(
         "--list", help="List the webhooks that run a fedbip server job.")] = False,
     delete: Annotated[str | None, typer.Option(
         "--delete", metavar="ID", show_default=False, help="Delete a webhook.")] = None,
-    flavor: FlavorOption = "cpu-basic",
-    timeout: TimeoutOption = "1h",
+    flavor: FlavorOption = DEFAULT_FLAVOR,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     image: ImageOption = None,
-    python: PythonOption = "3.12",
+    python: PythonOption = DEFAULT_PYTHON,
     package: PackageOption = None,
     install: InstallOption = True,
     namespace: NamespaceOption = None,

@@ -1,5 +1,6 @@
-"""Shared helpers for federation tests: tiny base models, client uploads, CLI runs, and
-an independent reference of ALGORITHM.md §5 computed from PEFT-materialised ΔW."""
+"""Shared helpers for federation tests: tiny base models, client uploads, CLI runs, what
+a round published, and an independent reference of ALGORITHM.md §5 computed from
+PEFT-materialised ΔW."""
 
 from __future__ import annotations
 
@@ -193,3 +194,77 @@ def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
     if start is not None and (start / "fedbip_start.json").exists():
         shutil.copy(start / "fedbip_start.json", upload)
     return push(fed, client, upload, n_examples=10).commit
+
+
+def set_strategy(fed, **options: object) -> None:
+    """Commit the federation's strategy with ``options`` set (the others kept)."""
+    from fedbip_hub.federation import FEDERATION_FILE, dump_json
+
+    config = fed.config()
+    config.strategy = {**config.strategy, **options}
+    fed.store.commit(fed.repo_id, {FEDERATION_FILE: dump_json(config)},
+                     message="test: set the strategy")
+
+
+def push_scaled(fed, root: Path, client: str, factor: float) -> str:
+    """``client`` joins and pushes a first-round update (group 0) scaled by ``factor``:
+    ΔW → factor·ΔW (B scaled; B starts at 0), head → start + factor·(head − start)."""
+    from fedbip_hub.client import join, push
+
+    join(fed, client)
+    init = fed.init_folder()
+    upload = write_upload(init, root / f"up-{client}", seed=7, group=0, rank=4)
+    start = load_file(init / "adapter_model.safetensors")
+    tensors = load_file(upload / "adapter_model.safetensors")
+    for key in tensors:
+        if ".lora_B." in key:
+            tensors[key] = factor * tensors[key]
+        elif "score" in key:
+            tensors[key] = start[key] + factor * (tensors[key] - start[key])
+    save_file(tensors, upload / "adapter_model.safetensors", metadata={"format": "pt"})
+    return push(fed, client, upload, n_examples=10).commit
+
+
+# -- what a round published -------------------------------------------------------------
+def published_tensors(fed, client: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``client``'s latest personalized adapter, checked to be a loadable
+    adapter whose merge record names that client."""
+    from fedbip_hub.adapter_io import LoraAdapter
+    from fedbip_hub.client import latest_personalized_revision
+    from fedbip_hub.federation import MERGE_RECORD, PERSONALIZED_DIR
+
+    repo = fed.member(client).repo_id
+    revision = latest_personalized_revision(fed, repo)
+    assert revision is not None, f"{client} has no personalized adapter"
+    folder = fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR)
+    adapter = LoraAdapter(folder, label=client)
+    assert adapter.config.r > 0
+    assert json.loads((folder / MERGE_RECORD).read_text())["client"] == client
+    return load_file(adapter.weights_path)
+
+
+def published_outputs(fed, clients: Sequence[str] = tuple(CLIENTS)
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`published_tensors` of each of ``clients``."""
+    return {client: published_tensors(fed, client) for client in clients}
+
+
+def publish_commits(fed, client: str) -> int:
+    """How many personalized adapters were committed to ``client``'s repo."""
+    from fedbip_hub.client import PUBLISH_TITLE
+
+    return sum(c.title.startswith(PUBLISH_TITLE)
+               for c in fed.store.history(fed.member(client).repo_id))
+
+
+class Crash(Exception):
+    """Stands for the job being killed at a step."""
+
+
+def crash_at(step: str):
+    """A RoundRunner checkpoint that raises :class:`Crash` when the round reaches ``step``."""
+    def checkpoint(reached: str) -> None:
+        if reached == step:
+            raise Crash(step)
+
+    return checkpoint

@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, new_local_federation, run_cli, write_upload
+from federation_helpers import (
+    CLIENTS,
+    new_local_federation,
+    published_outputs,
+    run_cli,
+    write_upload,
+)
 from safetensors.torch import load_file, save
-from test_crash_safety import _outputs
 
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import WEIGHTS_NAME
@@ -204,7 +209,7 @@ def _configure(fed: Federation) -> None:
 def honest(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     fed = new_local_federation(tmp_path_factory.mktemp("honest"), tiny_base)
     run_round(fed)
-    return _outputs(fed)
+    return published_outputs(fed)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +264,7 @@ def test_honest_clients_are_personalized_exactly_as_without_the_bad_ones(attacke
     fed, _corpus, first, _second, _marker = attacked
     assert sorted(first["outputs"]) == sorted(CLIENTS)
     assert sorted(first["clients"]) == sorted(CLIENTS)
-    for client, tensors in _outputs(fed).items():
+    for client, tensors in published_outputs(fed).items():
         assert tensors.keys() == honest[client].keys()
         for key, value in honest[client].items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)

@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, new_local_federation
-from safetensors.torch import load_file
+from federation_helpers import (
+    CLIENTS,
+    Crash,
+    crash_at,
+    new_local_federation,
+    publish_commits,
+)
+from federation_helpers import published_outputs as _outputs
 
-from fedbip_hub.client import latest_personalized_revision
 from fedbip_hub.errors import RoundInProgressError
-from fedbip_hub.federation import PERSONALIZED_DIR, Federation
+from fedbip_hub.federation import Federation
 from fedbip_hub.memory import MEMORY_FILE
 from fedbip_hub.rounds import RoundRunner, run_round
 
@@ -21,27 +26,11 @@ STEPS = ["planned", "downloaded", "computed", "published:alice", "published:bob"
          "before-record"]
 
 
-class Crash(Exception):
-    """Stands for the job being killed at a step."""
-
-
-def _outputs(fed: Federation) -> dict[str, dict[str, torch.Tensor]]:
-    out = {}
-    for client in CLIENTS:
-        repo = fed.member(client).repo_id
-        revision = latest_personalized_revision(fed, repo)
-        folder = fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR)
-        out[client] = load_file(folder / "adapter_model.safetensors")
-    return out
-
-
 def _summary(fed: Federation) -> dict:
     state = fed.state()
     return {"round": state.round, "in_progress": state.in_progress,
             "versions": {c: len(s.personalized_history) for c, s in state.clients.items()},
-            "publish_commits": {c: sum(1 for h in fed.store.history(fed.member(c).repo_id)
-                                       if h.title.startswith("fedbip: personalized"))
-                                for c in CLIENTS},
+            "publish_commits": {c: publish_commits(fed, c) for c in CLIENTS},
             # the similarity memory is replaced once, by the round's completion commit
             "memory": hashlib.sha256(fed.store.read_bytes(
                 fed.repo_id, MEMORY_FILE, fed.head())).hexdigest(),
@@ -60,13 +49,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
 def test_a_crash_at_any_step_resumes_to_the_uninterrupted_result(step, tmp_path, tiny_base,
                                                                  uninterrupted):
     fed = new_local_federation(tmp_path, tiny_base)
-
-    def crash(reached: str) -> None:
-        if reached == step:
-            raise Crash(step)
-
     with pytest.raises(Crash):
-        RoundRunner(fed, checkpoint=crash).run()
+        RoundRunner(fed, checkpoint=crash_at(step)).run()
     with pytest.raises(RoundInProgressError):  # the lease holds until taken over
         run_round(fed)
     record = run_round(fed, takeover=True)

@@ -16,6 +16,7 @@ import torch
 
 from fedbip_hub.demo.metrics import auc, cosine_matrix, group_auc, mean_std, pair_scores
 from fedbip_hub.demo.tasks import (
+    ATTRIBUTES,
     FIRST_CONTENT,
     SEQ_LEN,
     START_ID,
@@ -98,6 +99,14 @@ def test_rules_are_the_majority_of_a_token_attribute() -> None:
     high = torch.full((1, SEQ_LEN), VOCAB_SIZE - 1)  # upper half, odd value
     assert TASKS["low"].labels(low).item() == 1 and TASKS["low"].labels(high).item() == 0
     assert TASKS["even"].labels(low).item() == 1 and TASKS["even"].labels(high).item() == 0
+    # every rule, on random inputs, against a count token by token
+    tokens = sample_tokens(200, torch.Generator().manual_seed(5))
+    for name in TASK_NAMES:
+        marked = ATTRIBUTES[name]
+        assert int(marked.sum()) == len(marked) // 2, name
+        expected = [int(2 * sum(bool(marked[t - FIRST_CONTENT]) for t in row) > SEQ_LEN)
+                    for row in tokens.tolist()]
+        assert TASKS[name].labels(tokens).tolist() == expected, name
 
 
 def test_clients_get_their_own_inputs_noisy_train_labels_and_clean_test_labels() -> None:

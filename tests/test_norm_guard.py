@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, new_local_federation, write_upload
-from safetensors.torch import load_file, save_file
-from test_crash_safety import _outputs
+from federation_helpers import (
+    CLIENTS,
+    new_local_federation,
+    published_outputs,
+    push_scaled,
+    set_strategy,
+)
 
-from fedbip_hub.client import join, push
-from fedbip_hub.federation import FEDERATION_FILE, Federation, dump_json
+from fedbip_hub.federation import Federation
 from fedbip_hub.robust import norm_guard
 from fedbip_hub.rounds import run_round
 
@@ -38,23 +41,10 @@ def test_alike_norms_small_rounds_and_small_norms_are_left_alone():
 
 
 def _federation_with_attacker(root: Path, tiny_base: Path, guard: str) -> Federation:
+    """CLIENTS plus mallory, whose whole update is scaled ×100."""
     fed = new_local_federation(root, tiny_base, method="fedbip-l")
-    config = fed.config()
-    config.strategy = {**config.strategy, "norm_guard": guard}
-    fed.store.commit(fed.repo_id, {FEDERATION_FILE: dump_json(config)},
-                     message="set the norm guard")
-    join(fed, "mallory")
-    init = fed.init_folder()
-    upload = write_upload(init, root / "up-mallory", seed=7, group=0, rank=4)
-    start, tensors = load_file(init / "adapter_model.safetensors"), load_file(
-        upload / "adapter_model.safetensors")
-    for key in tensors:  # ×100 on the whole update: B starts at 0, the head at the init's
-        if ".lora_B." in key:
-            tensors[key] = 100.0 * tensors[key]
-        elif "score" in key:
-            tensors[key] = start[key] + 100.0 * (tensors[key] - start[key])
-    save_file(tensors, upload / "adapter_model.safetensors", metadata={"format": "pt"})
-    push(fed, "mallory", upload, n_examples=10)
+    set_strategy(fed, norm_guard=guard)
+    push_scaled(fed, root, "mallory", 100.0)
     return fed
 
 
@@ -66,7 +56,7 @@ def _distance(a: dict, b: dict) -> float:
 def honest(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     fed = new_local_federation(tmp_path_factory.mktemp("honest"), tiny_base)
     run_round(fed)
-    return _outputs(fed)
+    return published_outputs(fed)
 
 
 def test_exclude_leaves_honest_clients_exactly_as_without_the_attacker(tmp_path, tiny_base,
@@ -76,7 +66,7 @@ def test_exclude_leaves_honest_clients_exactly_as_without_the_attacker(tmp_path,
     assert "excluded by the norm guard" in record["skipped"]["mallory"]
     assert record["norm_guard"]["mallory"]["action"] == "exclude"
     assert "mallory" not in record["outputs"]
-    for client, tensors in _outputs(fed).items():
+    for client, tensors in published_outputs(fed).items():
         for key, value in honest[client].items():
             torch.testing.assert_close(tensors[key], value)
     assert run_round(fed)["status"] == "nothing-new"  # refused, not retried
@@ -88,7 +78,7 @@ def test_clip_bounds_the_damage_that_no_guard_lets_through(tmp_path, tiny_base, 
     assert run_round(off)["norm_guard"] == {}
     record = run_round(clip)
     assert record["norm_guard"]["mallory"]["action"] == "clip"
-    damage_off = _distance(_outputs(off)["alice"], honest["alice"])
-    damage_clip = _distance(_outputs(clip)["alice"], honest["alice"])
+    damage_off = _distance(published_outputs(off)["alice"], honest["alice"])
+    damage_clip = _distance(published_outputs(clip)["alice"], honest["alice"])
     assert damage_clip < damage_off / 10
     assert sorted(record["outputs"]) == sorted([*CLIENTS, "mallory"])

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, new_local_federation, push_fresh, write_upload
-from safetensors.torch import load_file
+from federation_helpers import (
+    CLIENTS,
+    Crash,
+    crash_at,
+    new_local_federation,
+    published_tensors,
+    push_fresh,
+)
 
-from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.client import join, latest_personalized_revision, pull, push
+from fedbip_hub.client import join, latest_personalized_revision, pull
 from fedbip_hub.federation import (
     MERGE_RECORD,
     PERSONALIZED_DIR,
@@ -36,25 +41,12 @@ GONE = "is gone (repo recreated?)"
 FROM_INIT = "starting again from the federation's initial adapter"
 
 
-class Crash(Exception):
-    """Stands for the job being killed at a step."""
-
-
 def _merge_record(fed: Federation, client: str) -> tuple[str, dict]:
     repo = fed.member(client).repo_id
     revision = latest_personalized_revision(fed, repo)
     assert revision is not None, f"{client} has no personalized adapter"
     return revision, json.loads(fed.store.read_bytes(
         repo, f"{PERSONALIZED_DIR}/{MERGE_RECORD}", revision))
-
-
-def _published(fed: Federation, client: str) -> dict[str, torch.Tensor]:
-    repo = fed.member(client).repo_id
-    folder = fed.store.fetch_folder(repo, latest_personalized_revision(fed, repo),
-                                    PERSONALIZED_DIR)
-    adapter = LoraAdapter(folder, label=client)  # a loadable adapter: config and weights
-    assert adapter.config.r > 0
-    return load_file(adapter.weights_path)
 
 
 def _edit_state(fed: Federation, edit) -> None:
@@ -126,7 +118,7 @@ def test_a_recreated_member_repo_starts_over_from_the_init(tmp_path, tiny_base):
 
     # bob's adapter is the init plus bob's merge: exactly what a member with no history gets.
     for client in CLIENTS:
-        tensors, reference = _published(fed, client), _published(control, client)
+        tensors, reference = published_tensors(fed, client), published_tensors(control, client)
         assert tensors.keys() == reference.keys()
         for key, value in reference.items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
@@ -200,13 +192,8 @@ def test_a_plan_pinned_before_the_repo_was_recreated_skips_that_client_only(
     _recreate_local(fed, tmp_path, "bob")
     bob_push = push_fresh(fed, tmp_path, "bob", seed=31, group=0)
     push_fresh(fed, tmp_path, "alice", seed=32, group=0)  # the round is not empty without bob
-
-    def crash(step: str) -> None:
-        if step == "planned":
-            raise Crash(step)
-
     with pytest.raises(Crash):
-        RoundRunner(fed, checkpoint=crash).run()
+        RoundRunner(fed, checkpoint=crash_at("planned")).run()
 
     def as_an_old_plan(state) -> None:
         state.in_progress.pop("restarted")
@@ -256,9 +243,7 @@ def _recreate_on_hub(client_fed: Federation, root: Path, client: str, *, seed: i
     assert not client_fed.store.repo_exists(repo)
     join(client_fed, client)
     assert client_fed.store.repo_exists(repo)
-    upload = write_upload(client_fed.init_folder(), root / f"up-{client}-{seed}", seed=seed,
-                          group=CLIENTS[client], rank=4)
-    return push(client_fed, client, upload, n_examples=10).commit
+    return push_fresh(client_fed, root, client, seed=seed, group=CLIENTS[client])
 
 
 def test_a_member_repo_recreated_on_the_hub_starts_over(hub, tmp_path, tiny_base):
@@ -281,17 +266,15 @@ def test_a_member_repo_recreated_on_the_hub_starts_over(hub, tmp_path, tiny_base
     assert second["inputs"]["bob"]["staleness"] == 0
     bob_r2, bob_merge = _merge_record(server, "bob")
     assert bob_merge["previous_revision"] is None
-    _published(server, "bob")
+    published_tensors(server, "bob")
     for client in ("alice", "carol"):
-        _published(server, client)
+        published_tensors(server, client)
         assert len(server.state().client(client).personalized_history) == 2
     assert server.state().client("bob").personalized_history == [bob_r2]
 
     pulled = pull(clients, "bob", tmp_path / "bob-r2")
     assert pulled.revision == bob_r2
-    upload = write_upload(pulled.folder, tmp_path / "up-bob-r3", seed=42, group=0)
-    shutil.copy(pulled.folder / "fedbip_start.json", upload)
-    push(clients, "bob", upload, n_examples=10)
+    push_fresh(clients, tmp_path, "bob", seed=42, group=0, start=pulled.folder)
     third = run_round(server)
     assert third["status"] == "completed" and third["restarted"] == {}
     assert third["skipped"] == {} and sorted(third["outputs"]) == sorted(CLIENTS)
@@ -308,9 +291,7 @@ def test_a_transient_failure_is_not_taken_for_a_recreated_repo(status, hub, tmp_
     before = server.state().client("bob")
     gone = before.personalized_history[-1]
     bob_push = _recreate_on_hub(clients, tmp_path, "bob", seed=51)
-    alice = write_upload(clients.init_folder(), tmp_path / "up-alice-51", seed=52, group=0,
-                         rank=4)
-    push(clients, "alice", alice, n_examples=10)
+    push_fresh(clients, tmp_path, "alice", seed=52, group=0)
     fault = hub.inject_fault("GET", rf"/api/models/{bob_repo}/tree/{gone}", status=status,
                              retry_after=0 if status == 429 else None, times=None)
 
@@ -344,12 +325,9 @@ def test_a_failure_reading_one_latest_adapter_skips_that_client_only(hub, tmp_pa
     server, clients = _hub_federation(repo_id, tiny_base, tmp_path)
     bob_repo = clients.member("bob").repo_id
     latest = server.state().client("bob").personalized_history[-1]
-    upload = write_upload(clients.init_folder(), tmp_path / "up-bob-61", seed=61, group=0,
-                          rank=4)  # from the init: its task vector does not read `latest`
-    bob_push = push(clients, "bob", upload, n_examples=10).commit
-    alice = write_upload(clients.init_folder(), tmp_path / "up-alice-62", seed=62, group=0,
-                         rank=4)
-    push(clients, "alice", alice, n_examples=10)
+    # from the init: its task vector does not read `latest`
+    bob_push = push_fresh(clients, tmp_path, "bob", seed=61, group=0)
+    push_fresh(clients, tmp_path, "alice", seed=62, group=0)
     faults = []
 
     def checkpoint(step: str) -> None:

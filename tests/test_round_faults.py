@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from federation_helpers import CLIENTS, REPO_ROOT, new_local_federation, write_upload
-from test_crash_safety import _outputs
+from federation_helpers import published_outputs as _outputs
 
 from fedbip_hub.client import PUBLISH_TITLE, init_federation, join, push
 from fedbip_hub.federation import Federation, FederationConfig, LoraSpec

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, new_local_federation, push_fresh
+from federation_helpers import (
+    CLIENTS,
+    Crash,
+    crash_at,
+    new_local_federation,
+    publish_commits,
+    published_outputs,
+    published_tensors,
+    push_fresh,
+)
 from safetensors.torch import load_file, save_file
 
 import fedbip_hub.rounds as rounds
@@ -248,39 +257,12 @@ def test_a_hub_failure_while_downloading_skips_without_refusing(tmp_path, tiny_b
 # consumed (it reached the others: never applied twice) and its history does not advance.
 
 
-class Crash(Exception):
-    """Stands for the job being killed at a step."""
-
-
 @pytest.fixture(scope="module")
 def clean_outputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     """new_local_federation's first round, undisturbed: every client's published tensors."""
     fed = new_local_federation(tmp_path_factory.mktemp("clean-publish"), tiny_base)
     run_round(fed)
-    return {client: _published_tensors(fed, client) for client in CLIENTS}
-
-
-def _published_tensors(fed: Federation, client: str) -> dict:
-    from fedbip_hub.adapter_io import LoraAdapter
-    from fedbip_hub.client import latest_personalized_revision
-    from fedbip_hub.federation import PERSONALIZED_DIR
-
-    repo = fed.member(client).repo_id
-    revision = latest_personalized_revision(fed, repo)
-    assert revision is not None, f"{client} has no personalized adapter"
-    folder = fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR)
-    adapter = LoraAdapter(folder, label=client)  # a loadable adapter: config and weights
-    assert adapter.config.r > 0
-    merge = json.loads((folder / "fedbip_merge.json").read_text())
-    assert merge["client"] == client
-    return load_file(adapter.weights_path)
-
-
-def _publish_commits(fed: Federation, client: str) -> int:
-    from fedbip_hub.client import PUBLISH_TITLE
-
-    return sum(c.title.startswith(PUBLISH_TITLE)
-               for c in fed.store.history(fed.member(client).repo_id))
+    return published_outputs(fed)
 
 
 def _refuse_commits_to(monkeypatch: pytest.MonkeyPatch, fed: Federation, client: str,
@@ -326,12 +308,12 @@ def _assert_publish_failed(record: dict, fed: Federation, client: str, *, phrase
         assert FAKE_TOKEN not in text and "\n" not in text, text
         _assert_public(text, fed)
     for other in others:  # bob's update reached them exactly as in an undisturbed round
-        tensors = _published_tensors(fed, other)
+        tensors = published_tensors(fed, other)
         assert tensors.keys() == clean[other].keys()
         for key, value in clean[other].items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
-        assert _publish_commits(fed, other) == 1
-    assert _publish_commits(fed, client) == 0
+        assert publish_commits(fed, other) == 1
+    assert publish_commits(fed, client) == 0
     state = fed.state()
     assert state.round == 1 and state.in_progress is None  # no lease left behind
     failed = state.client(client)
@@ -385,7 +367,7 @@ def test_a_publish_refused_for_one_client_does_not_stop_the_round(
     state = fed.state()
     assert len(state.client("bob").personalized_history) == 1
     assert state.client("bob").last_round == 2
-    assert _publish_commits(fed, "bob") == 1
+    assert publish_commits(fed, "bob") == 1
 
 
 @pytest.mark.parametrize("error", ["not-found", "retries-exhausted"])
@@ -426,16 +408,11 @@ def test_a_failed_publish_is_retried_when_the_round_is_resumed(tmp_path, tiny_ba
     "already published"), does not republish the others, and completes once."""
     fed = new_local_federation(tmp_path, tiny_base)
     _refuse_commits_to(monkeypatch, fed, "bob")
-
-    def crash(step: str) -> None:
-        if step == "before-record":
-            raise Crash(step)
-
     with pytest.raises(Crash):
-        RoundRunner(fed, checkpoint=crash).run()
+        RoundRunner(fed, checkpoint=crash_at("before-record")).run()
     assert fed.state().in_progress is not None
-    assert _publish_commits(fed, "bob") == 0
-    assert _publish_commits(fed, "alice") == _publish_commits(fed, "carol") == 1
+    assert publish_commits(fed, "bob") == 0
+    assert publish_commits(fed, "alice") == publish_commits(fed, "carol") == 1
 
     monkeypatch.undo()  # the operator fixed the token's access, then took the round over
     record = run_round(fed, takeover=True)
@@ -445,8 +422,8 @@ def test_a_failed_publish_is_retried_when_the_round_is_resumed(tmp_path, tiny_ba
     assert record["outputs"]["alice"]["resumed"] and record["outputs"]["carol"]["resumed"]
     assert not record["outputs"]["bob"].get("resumed")
     for client in CLIENTS:
-        assert _publish_commits(fed, client) == 1
-        tensors = _published_tensors(fed, client)
+        assert publish_commits(fed, client) == 1
+        tensors = published_tensors(fed, client)
         for key, value in clean_outputs[client].items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
     state = fed.state()
@@ -492,8 +469,7 @@ def test_a_member_repo_refusing_the_publish_over_http_does_not_stop_the_round(
         assert f"no rights for this on {bob_repo} (403)" in reason, reason
         assert f"grant the server's token write access to {bob_repo}" in reason, reason
         assert hub.head(bob_repo) == fed.store.head(bob_repo)
-        assert not any(c.title.startswith("fedbip: personalized")
-                       for c in fed.store.history(bob_repo))
+        assert publish_commits(fed, "bob") == 0
     else:
         assert not hub.repo_exists(bob_repo)
         assert f"repo {bob_repo} not found" in reason, reason
@@ -501,10 +477,10 @@ def test_a_member_repo_refusing_the_publish_over_http_does_not_stop_the_round(
     assert "hf_" not in reason
     _assert_public(reason, fed)
     for client in ("alice", "carol"):
-        tensors = _published_tensors(fed, client)
+        tensors = published_tensors(fed, client)
         for key, value in clean_outputs[client].items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
-        assert _publish_commits(fed, client) == 1
+        assert publish_commits(fed, client) == 1
     state = fed.state()
     assert state.round == 1 and state.in_progress is None
     bob = state.client("bob")

@@ -8,21 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from federation_helpers import CLIENTS, new_local_federation, push_fresh, write_upload
 from safetensors.torch import load_file, save_file
 
 from fedbip_hub.client import (
     init_federation,
     join,
-    latest_personalized_revision,
     pull,
     push,
     upload_id,
 )
 from fedbip_hub.errors import NotFoundError, RoundInProgressError
 from fedbip_hub.federation import (
-    PERSONALIZED_DIR,
     Federation,
     FederationConfig,
     LoraSpec,
@@ -35,13 +32,6 @@ from fedbip_hub.rounds import RoundRunner, run_round
 def _heads(fed: Federation) -> dict[str, str]:
     repos = [fed.repo_id] + [m.repo_id for m in fed.members().values()]
     return {r: fed.store.head(r) for r in repos}
-
-
-def _personalized_tensors(fed: Federation, client: str) -> dict[str, torch.Tensor]:
-    repo = fed.member(client).repo_id
-    folder = fed.store.fetch_folder(repo, latest_personalized_revision(fed, repo),
-                                    PERSONALIZED_DIR)
-    return load_file(folder / "adapter_model.safetensors")
 
 
 def test_a_push_during_a_round_is_neither_lost_nor_consumed_twice(tmp_path, tiny_base):

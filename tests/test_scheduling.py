@@ -260,6 +260,10 @@ def test_local_hub_scheduled_jobs_api(hub: HubServer) -> None:
     info = api.inspect_scheduled_job(scheduled_job_id=job.id, namespace="fedorg")
     assert info.status.last_job.id == run.id and run.command == ["echo", "hi"]
     assert "hf_secretvalue1" not in json.dumps([hub.jobs[run.id]["owner"], run.secrets])
+    # The value reached the server, which keeps it, but none of its replies echo it.
+    assert hub.jobs[run.id]["spec"]["secrets"] == {"HF_TOKEN": "hf_secretvalue1"}
+    assert run.secrets == ["HF_TOKEN"]
+    assert "hf_secretvalue1" not in repr([job, run, info])
     api.delete_scheduled_job(scheduled_job_id=job.id, namespace="fedorg")
     assert api.list_scheduled_jobs(namespace="fedorg") == []
     with pytest.raises(HfHubHTTPError) as err:

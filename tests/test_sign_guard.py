@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import new_local_federation, run_cli, write_upload
-from safetensors.torch import load_file, save_file
-from test_crash_safety import _outputs
+from federation_helpers import (
+    new_local_federation,
+    published_outputs,
+    push_scaled,
+    run_cli,
+    set_strategy,
+)
 
-from fedbip_hub.client import join, push
-from fedbip_hub.federation import FEDERATION_FILE, Federation, dump_json
+from fedbip_hub.federation import Federation
 from fedbip_hub.robust import describe_guards, sign_guard
 from fedbip_hub.rounds import run_round
 
@@ -60,30 +63,12 @@ def test_rules_edges_floor_min_peers_and_support():
     assert sign_guard(supported).flagged == []
 
 
-def _set_strategy(fed: Federation, **options: object) -> None:
-    config = fed.config()
-    config.strategy = {**config.strategy, **options}
-    fed.store.commit(fed.repo_id, {FEDERATION_FILE: dump_json(config)},
-                     message="set the strategy")
-
-
 def _with_flipped_client(root: Path, tiny_base: Path, **options: object) -> Federation:
     """CLIENTS (alice and bob share a task) plus mallory, who pushes the exact negation
     of a group-0 update: ΔW → −ΔW (B negated), head → start − (head − start)."""
     fed = new_local_federation(root, tiny_base, method="fedbip-l")
-    _set_strategy(fed, **options)
-    join(fed, "mallory")
-    init = fed.init_folder()
-    upload = write_upload(init, root / "up-mallory", seed=7, group=0, rank=4)
-    start, tensors = load_file(init / "adapter_model.safetensors"), load_file(
-        upload / "adapter_model.safetensors")
-    for key in tensors:
-        if ".lora_B." in key:
-            tensors[key] = -tensors[key]
-        elif "score" in key:
-            tensors[key] = start[key] - (tensors[key] - start[key])
-    save_file(tensors, upload / "adapter_model.safetensors", metadata={"format": "pt"})
-    push(fed, "mallory", upload, n_examples=10)
+    set_strategy(fed, **options)
+    push_scaled(fed, root, "mallory", -1.0)
     return fed
 
 
@@ -91,7 +76,7 @@ def _with_flipped_client(root: Path, tiny_base: Path, **options: object) -> Fede
 def honest(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     fed = new_local_federation(tmp_path_factory.mktemp("honest"), tiny_base)
     run_round(fed)
-    return _outputs(fed)
+    return published_outputs(fed)
 
 
 def test_the_flipped_client_reaches_no_one_and_honest_clients_are_as_without_it(
@@ -107,7 +92,7 @@ def test_the_flipped_client_reaches_no_one_and_honest_clients_are_as_without_it(
                 assert matrix[row][column] == 0.0, (key, client)
     assert "mallory" in record["outputs"]  # it keeps its own update: nothing is refused
     assert fed.state().client("mallory").refused_upload is None
-    for client, tensors in _outputs(fed).items():
+    for client, tensors in published_outputs(fed).items():
         for key, value in honest[client].items():
             torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
 

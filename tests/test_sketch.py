@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 from factories import write_raw_adapter
-from federation_helpers import new_local_federation
+from federation_helpers import new_local_federation, set_strategy
 
 from fedbip_hub import merge as merge_module
 from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.federation import FEDERATION_FILE, dump_json
 from fedbip_hub.lowrank import cosine_from_gram, lowrank_gram
 from fedbip_hub.merge import MergePlan, _merge_lowrank, personalize
 from fedbip_hub.rounds import RoundRunner
@@ -159,15 +158,9 @@ def test_strategy_chooses_the_mode():
         Strategy(similarity_mode="sketch", similarity_space="params")
 
 
-def _set_strategy(fed, **strategy):
-    config = fed.config()
-    config.strategy = strategy
-    fed.store.commit(fed.repo_id, {FEDERATION_FILE: dump_json(config)}, message="strategy")
-
-
 def test_a_sketch_round_records_its_seed_and_is_reproducible(tmp_path, tiny_base):
     fed = new_local_federation(tmp_path, tiny_base)
-    _set_strategy(fed, method="fedbip-l", similarity_mode="sketch", sketch_size=8)
+    set_strategy(fed, similarity_mode="sketch", sketch_size=8)
     first = RoundRunner(fed, dry_run=True).run()
     again = RoundRunner(fed, dry_run=True).run()
     info = first["compute"]["similarity"]
@@ -176,8 +169,7 @@ def test_a_sketch_round_records_its_seed_and_is_reproducible(tmp_path, tiny_base
     # derived from the pinned inputs: a resumed round draws the same projections
     assert again["compute"]["similarity"] == info
     assert again["cosine"] == first["cosine"]
-    _set_strategy(fed, method="fedbip-l", similarity_mode="sketch", sketch_size=8,
-                  sketch_seed=42)
+    set_strategy(fed, sketch_seed=42)
     fixed = RoundRunner(fed).run()
     assert fixed["status"] == "completed"
     assert fixed["compute"]["similarity"]["sketch_seed"] == 42
@@ -201,14 +193,15 @@ def test_zero_weight_peers_are_never_touched_by_the_merge():
     assert torch.allclose(u @ v, expected, atol=1e-5)
 
 
-def test_top_k_weights_stack_k_plus_one_peers(tmp_path, monkeypatch):
+def _one_module_vectors(root, k: int, r: int) -> list[TaskVector]:
     shapes = {"model.layers.0.self_attn.q_proj": (24, 20)}
-    k, top_k, r = 7, 2, 3
-    folders = [write_raw_adapter(tmp_path / f"c{i}", shapes, r=r, seed=i) for i in range(k)]
-    vectors = [TaskVector(LoraAdapter(f), name=f"c{i}") for i, f in enumerate(folders)]
-    weights = compute_weights(Strategy(method="fedbip", top_k=top_k), k=k,
-                              report=compute_similarity(vectors))
-    stacked = []
+    folders = [write_raw_adapter(root / f"c{i}", shapes, r=r, seed=i) for i in range(k)]
+    return [TaskVector(LoraAdapter(f), name=f"c{i}") for i, f in enumerate(folders)]
+
+
+def _stacked_widths(monkeypatch) -> list[int]:
+    """Records the width (Σ of the peers' ranks) of every stack the merge refactorizes."""
+    stacked: list[int] = []
     real = merge_module.refactorize
 
     def spy(u, v, rank, **kwargs):
@@ -216,6 +209,15 @@ def test_top_k_weights_stack_k_plus_one_peers(tmp_path, monkeypatch):
         return real(u, v, rank, **kwargs)
 
     monkeypatch.setattr(merge_module, "refactorize", spy)
+    return stacked
+
+
+def test_top_k_weights_stack_k_plus_one_peers(tmp_path, monkeypatch):
+    k, top_k, r = 7, 2, 3
+    vectors = _one_module_vectors(tmp_path, k, r)
+    weights = compute_weights(Strategy(method="fedbip", top_k=top_k), k=k,
+                              report=compute_similarity(vectors))
+    stacked = _stacked_widths(monkeypatch)
     plan = MergePlan(targets=list(range(k)), contribution=torch.ones(k, dtype=F64),
                      latest=[None] * k)
     personalize(vectors, weights, plan, rank=r)
@@ -226,13 +228,8 @@ def test_top_k_weights_stack_k_plus_one_peers(tmp_path, monkeypatch):
 
 def test_weight_table_with_dense_rows_stacks_every_peer(tmp_path, monkeypatch):
     """The other side of the O(k) claim: without top_k every peer is stacked."""
-    shapes = {"model.layers.0.self_attn.q_proj": (24, 20)}
-    folders = [write_raw_adapter(tmp_path / f"c{i}", shapes, r=2, seed=i) for i in range(4)]
-    vectors = [TaskVector(LoraAdapter(f), name=f"c{i}") for i, f in enumerate(folders)]
-    stacked = []
-    real = merge_module.refactorize
-    monkeypatch.setattr(merge_module, "refactorize",
-                        lambda u, v, rank, **kw: stacked.append(u.shape[1]) or real(u, v, rank))
+    vectors = _one_module_vectors(tmp_path, 4, 2)
+    stacked = _stacked_widths(monkeypatch)
     table = WeightTable(None, {"model": torch.full((4, 4), 0.25, dtype=F64)})
     personalize(vectors, table, MergePlan([0], torch.ones(4, dtype=F64), [None]), rank=2)
     assert stacked == [8]

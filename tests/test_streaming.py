@@ -16,14 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 from factories import write_raw_adapter
-from federation_helpers import CLIENTS, new_local_federation, push_fresh
-from safetensors.torch import load_file
+from federation_helpers import (
+    CLIENTS,
+    new_local_federation,
+    published_tensors,
+    push_fresh,
+    set_strategy,
+)
 
 from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.client import latest_personalized_revision, pull
+from fedbip_hub.client import pull
 from fedbip_hub.compute import delta_to, resolve_device, resolve_dtype
 from fedbip_hub.errors import ConfigError, FedbipError
-from fedbip_hub.federation import FEDERATION_FILE, PERSONALIZED_DIR, Federation, dump_json
+from fedbip_hub.federation import Federation
 from fedbip_hub.merge import MergePlan, personalize
 from fedbip_hub.rounds import RoundRunner
 from fedbip_hub.similarity import compute_similarity
@@ -169,13 +174,6 @@ def test_ordered_map_raises_other_errors():
 
 
 # -- rounds ------------------------------------------------------------------------------
-def _tensors(fed: Federation, client: str) -> dict[str, torch.Tensor]:
-    repo = fed.member(client).repo_id
-    folder = fed.store.fetch_folder(repo, latest_personalized_revision(fed, repo),
-                                    PERSONALIZED_DIR)
-    return load_file(folder / "adapter_model.safetensors")
-
-
 def _second_push(fed: Federation, root: Path, client: str) -> None:
     start = pull(fed, client, root / f"pulled-{client}").folder
     push_fresh(fed, root, client, seed=77, group=CLIENTS[client], start=start)
@@ -186,9 +184,7 @@ def test_streaming_and_in_memory_rounds_publish_identical_adapters(tmp_path, tin
                                                                     compute_dtype):
     """Bitwise: same tensors, over a first round and a round with start adapters."""
     a = new_local_federation(tmp_path / "a", tiny_base)
-    config = a.config()
-    config.strategy = {"method": "fedbip-l", "compute_dtype": compute_dtype}
-    a.store.commit(a.repo_id, {FEDERATION_FILE: dump_json(config)}, message="dtype")
+    set_strategy(a, compute_dtype=compute_dtype)
     shutil.copytree(tmp_path / "a" / "fed", tmp_path / "b" / "fed")
     b = Federation.at(str(tmp_path / "b" / "fed"))
     records = {}
@@ -207,7 +203,7 @@ def test_streaming_and_in_memory_rounds_publish_identical_adapters(tmp_path, tin
         assert streamed["cosine"] == held["cosine"] and streamed["weights"] == held["weights"]
         assert streamed["truncation"] == held["truncation"]
         for client in CLIENTS:
-            mine, theirs = _tensors(a, client), _tensors(b, client)
+            mine, theirs = published_tensors(a, client), published_tensors(b, client)
             assert mine.keys() == theirs.keys()
             for key, value in mine.items():
                 assert torch.equal(value, theirs[key]), (round_no, client, key)

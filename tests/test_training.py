@@ -362,6 +362,26 @@ def test_training_starts_from_the_personalized_adapter(world: World,
     assert from_folder.start_revision == first_round.revision
 
 
+def test_evaluate_matches_scoring_each_example_alone(world: World,
+                                                    first_round: FirstRound) -> None:
+    """Batched, right-padded scoring equals the model's own loss on one example at a time."""
+    from fedbip_hub.evaluation import evaluate
+
+    model = peft_model(world, first_round.alice.output_dir)
+    data = world.holdout.select(range(40))  # lengths 6..12: every batch is padded
+    scores = evaluate(model, data, task_type="SEQ_CLS", batch_size=16)
+    losses, hits = [], []
+    with torch.no_grad():
+        for row in data:
+            label = torch.tensor([row["label"]])
+            out = model(input_ids=torch.tensor([row["input_ids"]]), labels=label)
+            losses.append(float(out.loss))
+            hits.append(int(out.logits.argmax(-1)) == row["label"])
+    assert scores["n"] == len(data)
+    assert scores["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert scores["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
 def test_evaluate_client_scores_base_own_and_personalized(world: World,
                                                           first_round: FirstRound) -> None:
     from fedbip_hub.evaluation import evaluate, evaluate_client
@@ -395,6 +415,7 @@ def test_causal_lm_sft_lowers_the_completion_loss(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedbip_hub.client import init_federation, join
+    from fedbip_hub.data import IGNORE_INDEX, prepare_dataset
     from fedbip_hub.evaluation import evaluate, evaluate_client
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.training import TrainingArgs, train_adapter
@@ -425,9 +446,20 @@ def test_causal_lm_sft_lowers_the_completion_loss(tmp_path: Path) -> None:
     assert report["own"]["perplexity"] < 0.6 * report["base"]["perplexity"]
     print(f"SFT completion loss {result.start_loss:.3f} → {result.end_loss:.3f}; held-out "
           f"perplexity {report['base']['perplexity']:.2f} → {report['own']['perplexity']:.2f}")
-    plain = evaluate(LlamaForCausalLM.from_pretrained(base), test, task_type="CAUSAL_LM",
-                     tokenizer=tokenizer)
+    model = LlamaForCausalLM.from_pretrained(base)
+    plain = evaluate(model, test, task_type="CAUSAL_LM", tokenizer=tokenizer)
     assert plain["loss"] == pytest.approx(report["base"]["loss"], rel=1e-5)
+    # The reference: the model's own shifted loss, one example at a time, token-weighted.
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in prepare_dataset(test, task_type="CAUSAL_LM", tokenizer=tokenizer):
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += n * float(model(input_ids=torch.tensor([row["input_ids"]]),
+                                     labels=labels).loss)
+            tokens += n
+    assert plain["tokens"] == tokens
+    assert plain["loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 # -- the commands ------------------------------------------------------------------------------

@@ -58,19 +58,19 @@ def write_heatmap(results: dict[str, Any], path: Path, method: str = "fedbip-l")
     # the first round every client is in (a late client misses its round), else the first
     first = next((r for r in rounds if set(r["clients"]) == set(everyone)), rounds[0])
     names = [n for n in everyone if n in first["clients"]]
-    order = [first["clients"].index(n) for n in names]
 
-    def reorder(matrix: list[list[float]]) -> torch.Tensor:
-        return torch.tensor(matrix, dtype=torch.float64)[order][:, order]
+    def pick(matrix: list[list[float]], clients: list[str]) -> torch.Tensor:
+        """The rows and columns of ``names``, in that order."""
+        keep = [clients.index(n) for n in names]
+        return torch.tensor(matrix, dtype=torch.float64)[keep][:, keep]
 
-    panels = {f"task vectors, model (round {first['round']})": reorder(first["cosine"])}
+    panels = {f"task vectors, model (round {first['round']})":
+              pick(first["cosine"], first["clients"])}
     raw = results["similarity"].get("raw_parameters_round1")
     if raw:
-        keep = [raw["clients"].index(n) for n in names]
-        panels["raw parameters, base + ΔW (round 1)"] = torch.tensor(
-            raw["cosine"], dtype=torch.float64)[keep][:, keep]
+        panels["raw parameters, base + ΔW (round 1)"] = pick(raw["cosine"], raw["clients"])
     for layer, matrix in (first.get("layer_cosine") or {}).items():
-        panels[f"task vectors, {layer}"] = reorder(matrix)
+        panels[f"task vectors, {layer}"] = pick(matrix, first["clients"])
     return save_heatmap(panels, names, path,
                         title="Cosine similarity between clients: task vectors vs raw "
                         "parameters")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ class BaseModelSpec:
     learning_rate: float = 1e-2
     seed: int = 0
     tasks: tuple[str, ...] = TASK_NAMES
-    version: int = field(default=SPEC_VERSION)
+    version: int = SPEC_VERSION
 
     def llama_config(self, num_labels: int, **extra: object):
         from transformers import LlamaConfig

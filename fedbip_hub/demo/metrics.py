@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,25 +12,16 @@ import torch
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """P(a positive scores above a negative), ties counting one half (Mann-Whitney U / n₊n₋).
 
-    Computed from ranks, O(n log n). NaN when either side is empty.
+    Each positive counts the negatives below it and half those equal to it, by binary
+    search in the sorted negatives: O(n log n). NaN when either side is empty.
     """
     pos = torch.as_tensor(list(positives), dtype=torch.float64)
-    neg = torch.as_tensor(list(negatives), dtype=torch.float64)
+    neg = torch.as_tensor(list(negatives), dtype=torch.float64).sort().values
     if pos.numel() == 0 or neg.numel() == 0:
         return float("nan")
-    scores = torch.cat([pos, neg])
-    order = torch.argsort(scores, stable=True)
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
-    # average the ranks of tied scores
-    unique, inverse = torch.unique(scores, return_inverse=True)
-    sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(
-        0, inverse, torch.ones_like(ranks))
-    ranks = (sums / counts)[inverse]
-    n_pos, n_neg = pos.numel(), neg.numel()
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    below = torch.searchsorted(neg, pos)  # negatives < p
+    up_to = torch.searchsorted(neg, pos, right=True)  # negatives <= p
+    return int((below + up_to).sum()) / (2 * pos.numel() * neg.numel())
 
 
 def pair_scores(matrix: torch.Tensor | Sequence[Sequence[float]], groups: Sequence[str]
@@ -58,7 +50,7 @@ def separation(matrix: torch.Tensor | Sequence[Sequence[float]], groups: Sequenc
     every = same + different
     mean_same = sum(same) / len(same) if same else float("nan")
     mean_diff = sum(different) / len(different) if different else float("nan")
-    spread = float(torch.tensor(every, dtype=torch.float64).std()) if len(every) > 1 else 0.0
+    spread = statistics.stdev(every) if len(every) > 1 else 0.0
     return {"auc": auc(same, different), "mean_same": mean_same, "mean_different": mean_diff,
             "min": min(every, default=float("nan")), "max": max(every, default=float("nan")),
             "gap_over_spread": (mean_same - mean_diff) / spread if spread > 0 else float("nan")}
@@ -76,11 +68,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     clean = [float(v) for v in values if not math.isnan(float(v))]
     if not clean:
         return float("nan"), float("nan")
-    mean = sum(clean) / len(clean)
-    if len(clean) == 1:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in clean) / (len(clean) - 1)
-    return mean, math.sqrt(var)
+    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
 
 
 def group_means(per_client: Mapping[str, float], groups: Mapping[str, str]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedbip_hub.demo.base_model import BaseModelSpec, ensure_base_model
-from fedbip_hub.demo.metrics import cosine_matrix, group_means, separation
+from fedbip_hub.demo.metrics import cosine_matrix, group_auc, group_means, separation
 from fedbip_hub.demo.tasks import TASKS, ClientData, make_clients
 from fedbip_hub.strategies import Strategy
 
@@ -118,8 +118,7 @@ class ScenarioConfig:
 
     @property
     def majority_task(self) -> str:
-        counts = {g: self.groups.count(g) for g in self.groups}
-        return max(counts, key=lambda g: (counts[g], -self.groups.index(g)))
+        return max(self.groups, key=self.groups.count)  # ties: the first seen
 
 
 @dataclass
@@ -199,6 +198,7 @@ class Scenario:
         self.base_model: Any = None
         self.base_info = None
         self.raw_similarity: dict | None = None
+        self.unscored_if_missing: set[str] = set()  # benchmarks: attackers
 
     # -- set-up ------------------------------------------------------------------------
     def load_base(self, cache: Path | None = None) -> None:
@@ -302,7 +302,7 @@ class Scenario:
             vectors = [TaskVector(LoraAdapter(result.uploads[r][n], label=n), init, name=n)
                        for n in names]
             cosine = compute_similarity(vectors).model_cosine()
-            out.append(separation(cosine, [self.groups[n] for n in names])["auc"])
+            out.append(group_auc(cosine, [self.groups[n] for n in names]))
         return out
 
     def _peft(self, folder: Path):
@@ -311,12 +311,20 @@ class Scenario:
         return PeftModel.from_pretrained(copy.deepcopy(self.base_model), str(folder))
 
     def _evaluate(self, fed, dest: Path) -> dict[str, float]:
+        """Each client's accuracy on its own test set; a client of ``unscored_if_missing``
+        without a personalized adapter (a guard excluded it in every round) is left out."""
         from fedbip_hub.client import pull
+        from fedbip_hub.errors import NotFoundError
         from fedbip_hub.evaluation import evaluate
 
         out = {}
         for client in self.clients:
-            folder = pull(fed, client.name, dest / client.name).folder
+            try:
+                folder = pull(fed, client.name, dest / client.name).folder
+            except NotFoundError:
+                if client.name not in self.unscored_if_missing:
+                    raise
+                continue
             scores = evaluate(self._peft(folder), self._datasets[client.name][1],
                               task_type="SEQ_CLS", batch_size=256, device="cpu")
             out[client.name] = float(scores["accuracy"])
@@ -405,19 +413,16 @@ def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
         "task_vector": None,
     }
     cosine = (record.get("cosine") or {}).get("model")
-    if cosine is not None and len(set(groups[c] for c in clients)) > 1:
-        matrix = torch.tensor(cosine, dtype=torch.float64)
-        summary["task_vector"] = separation(matrix, [groups[c] for c in clients])
+    labels = [groups[c] for c in clients]
+    if cosine is not None and len(set(labels)) > 1:
+        layers = record["cosine"].get("layers") or {}
+        summary["task_vector"] = separation(cosine, labels)
         summary["clients"] = clients
         summary["cosine"] = cosine
-        summary["layer_cosine"] = record["cosine"].get("layers") or {}
-        summary["layer_auc"] = {
-            layer: separation(torch.tensor(m, dtype=torch.float64),
-                              [groups[c] for c in clients])["auc"]
-            for layer, m in (record["cosine"].get("layers") or {}).items()}
+        summary["layer_cosine"] = layers
+        summary["layer_auc"] = {layer: group_auc(m, labels) for layer, m in layers.items()}
         summary["weights"] = record.get("weights")
         memory = (record.get("memory_cosine") or {}).get("model")
         if memory is not None:  # what the weights used: the cosines accumulated so far
-            summary["memory_auc"] = separation(torch.tensor(memory, dtype=torch.float64),
-                                               [groups[c] for c in clients])["auc"]
+            summary["memory_auc"] = group_auc(memory, labels)
     return summary

@@ -87,10 +87,10 @@ def sample_tokens(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(FIRST_CONTENT, VOCAB_SIZE, (n, SEQ_LEN), generator=generator)
 
 
-def with_prefix(tokens: torch.Tensor, prefix: int | Sequence[int]) -> torch.Tensor:
-    """Prepend one token per row (an int for all rows, or one per row)."""
-    column = torch.as_tensor(prefix, dtype=tokens.dtype).reshape(-1, 1)
-    return torch.cat([column.expand(tokens.shape[0], 1), tokens], dim=1)
+def with_prefix(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Prepend the token ``prefix`` to every row."""
+    return torch.cat([torch.full((tokens.shape[0], 1), prefix, dtype=tokens.dtype), tokens],
+                     dim=1)
 
 
 def flip_labels(labels: torch.Tensor, noise: float, generator: torch.Generator

@@ -384,6 +384,11 @@ _REPO_ROUTES: list[_Route] = [
     ("POST", re.compile(r"/paths-info/(?P<rev>.+)"), "_paths_info"),
     ("PUT", re.compile(r"/settings"), "_settings"),
 ]
+_JOBS = r"/api/jobs/(?P<ns>[^/]+)"
+_SCHEDULED = r"/api/scheduled-jobs/(?P<ns>[^/]+)"
+_JOB_ID = r"/(?P<job_id>[^/]+)"
+_WEBHOOKS = r"/api/settings/webhooks"
+_WEBHOOK_ID = r"/(?P<webhook_id>[^/]+)"
 _GLOBAL_ROUTES: list[_Route] = [
     ("GET", re.compile(r"/api/whoami-v2"), "_whoami"),
     ("POST", re.compile(r"/api/repos/create"), "_create_repo"),
@@ -392,48 +397,30 @@ _GLOBAL_ROUTES: list[_Route] = [
     ("GET", re.compile(r"/api/agent-harnesses"), "_agent_harnesses"),
     ("GET", re.compile(r"/api/(?P<kind>models|datasets|spaces)"), "_list_repos"),
     # Jobs (nothing runs: jobs are recorded with stage RUNNING)
-    ("POST", re.compile(r"/api/jobs/(?P<ns>[^/]+)"), "_run_job"),
-    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)"), "_list_jobs"),
-    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"), "_get_job"),
+    ("POST", re.compile(_JOBS), "_run_job"),
+    ("GET", re.compile(_JOBS), "_list_jobs"),
+    ("GET", re.compile(_JOBS + _JOB_ID), "_get_job"),
     # Scheduled jobs
-    ("POST", re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)"), "_create_scheduled_job"),
-    ("GET", re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)"), "_list_scheduled_jobs"),
-    (
-        "GET",
-        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"),
-        "_get_scheduled_job",
-    ),
-    (
-        "DELETE",
-        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"),
-        "_delete_scheduled_job",
-    ),
+    ("POST", re.compile(_SCHEDULED), "_create_scheduled_job"),
+    ("GET", re.compile(_SCHEDULED), "_list_scheduled_jobs"),
+    ("GET", re.compile(_SCHEDULED + _JOB_ID), "_get_scheduled_job"),
+    ("DELETE", re.compile(_SCHEDULED + _JOB_ID), "_delete_scheduled_job"),
     (
         "POST",
-        re.compile(
-            r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/(?P<action>suspend|resume)"
-        ),
+        re.compile(_SCHEDULED + _JOB_ID + r"/(?P<action>suspend|resume)"),
         "_suspend_scheduled_job",
     ),
-    (
-        "POST",
-        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/run"),
-        "_trigger_scheduled_job",
-    ),
-    (
-        "POST",
-        re.compile(r"/api/scheduled-jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/schedule"),
-        "_reschedule_job",
-    ),
+    ("POST", re.compile(_SCHEDULED + _JOB_ID + r"/run"), "_trigger_scheduled_job"),
+    ("POST", re.compile(_SCHEDULED + _JOB_ID + r"/schedule"), "_reschedule_job"),
     # Webhooks
-    ("GET", re.compile(r"/api/settings/webhooks"), "_list_webhooks"),
-    ("POST", re.compile(r"/api/settings/webhooks"), "_create_webhook"),
-    ("GET", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_get_webhook"),
-    ("POST", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_update_webhook"),
-    ("DELETE", re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)"), "_delete_webhook"),
+    ("GET", re.compile(_WEBHOOKS), "_list_webhooks"),
+    ("POST", re.compile(_WEBHOOKS), "_create_webhook"),
+    ("GET", re.compile(_WEBHOOKS + _WEBHOOK_ID), "_get_webhook"),
+    ("POST", re.compile(_WEBHOOKS + _WEBHOOK_ID), "_update_webhook"),
+    ("DELETE", re.compile(_WEBHOOKS + _WEBHOOK_ID), "_delete_webhook"),
     (
         "POST",
-        re.compile(r"/api/settings/webhooks/(?P<webhook_id>[^/]+)/(?P<action>enable|disable)"),
+        re.compile(_WEBHOOKS + _WEBHOOK_ID + r"/(?P<action>enable|disable)"),
         "_toggle_webhook",
     ),
 ]
