@@ -4,14 +4,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-engine bench-quality clean
+.PHONY: install demo test lint bench-engine bench-quality bench-realmodel clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build (any other spec pulls the CUDA wheels).
 	$(PY) -m pip install -q -c .ci/constraints.txt torch
-	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,realmodel]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +33,9 @@ bench-engine: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
+
+bench-realmodel: $(STAMP)
+	$(PY) benchmarks/bench_realmodel.py
 
 clean:
 	rm -rf $(VENV) fedbip-demo .pytest_cache .ruff_cache

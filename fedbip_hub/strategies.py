@@ -70,6 +70,17 @@ class Strategy(BaseModel):
     top_k: int | None = Field(None, ge=0)
     self_floor: float | None = Field(None, ge=0, le=1)
     self_share: float = Field(0.3, ge=0, le=1)
+    # The evidence rule (weighting.evidence_weights): thresholds in robust standard
+    # deviations of the background of unrelated pairs.
+    evidence_low: float = Field(1.0, ge=0, le=20)
+    evidence_high: float = Field(3.0, gt=0, le=50)
+    evidence_min_pairs: int = Field(3, ge=1, le=10_000)
+    evidence_prior_background: float = Field(0.0, ge=-1, le=1)
+    evidence_prior_spread: float = Field(0.1, gt=0, le=2)
+    evidence_spread_floor: float = Field(0.05, gt=0, le=2)
+    layer_shrinkage: float = Field(
+        0.0, ge=0, le=1, description="Per-layer (or per-module) cosines are shrunk toward "
+        "the model-level cosine by this fraction before weighting: λ·c_model + (1−λ)·c_layer.")
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
     similarity_space: Space = "delta"
@@ -110,6 +121,12 @@ class Strategy(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _evidence_ramp_rises(self) -> Strategy:
+        if self.evidence_high <= self.evidence_low:
+            raise ValueError("evidence_high must be above evidence_low")
+        return self
+
+    @model_validator(mode="after")
     def _sketch_needs_delta_space(self) -> Strategy:
         if self.similarity_mode == "sketch" and self.similarity_space != "delta":
             raise ValueError('similarity_mode "sketch" needs similarity_space "delta"')
@@ -129,7 +146,12 @@ class Strategy(BaseModel):
     def weight_options(self) -> WeightOptions:
         return WeightOptions(rule=self.rule, clip_negative=self.clip_negative,
                              temperature=self.temperature, top_k=self.top_k,
-                             self_floor=self.self_floor, self_share=self.self_share)
+                             self_floor=self.self_floor, self_share=self.self_share,
+                             evidence_low=self.evidence_low, evidence_high=self.evidence_high,
+                             evidence_min_pairs=self.evidence_min_pairs,
+                             evidence_prior_background=self.evidence_prior_background,
+                             evidence_prior_spread=self.evidence_prior_spread,
+                             evidence_spread_floor=self.evidence_spread_floor)
 
     @classmethod
     def parse(cls, method: str, **options: object) -> Strategy:
@@ -188,9 +210,15 @@ def compute_weights(
             raise ConfigError(f"{strategy.method} needs task-vector similarities.")
         granularity = strategy.effective_granularity or "model"
         options = strategy.weight_options
+        model_cos = report.model_cosine()
+        cosines = report.cosines(granularity)
+        if granularity != "model" and strategy.layer_shrinkage > 0:
+            lam = strategy.layer_shrinkage
+            cosines = {key: lam * model_cos.to(cos.dtype) + (1 - lam) * cos
+                       for key, cos in cosines.items()}
         matrices = {key: similarity_weights(cos, options, allowed)
-                    for key, cos in report.cosines(granularity).items()}
-        fallback = (similarity_weights(report.model_cosine(), options, allowed)
+                    for key, cos in cosines.items()}
+        fallback = (similarity_weights(model_cos, options, allowed)
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-RuleName = Literal["normalize", "softmax", "zscore"]
+RuleName = Literal["evidence", "normalize", "softmax", "zscore"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,12 @@ class WeightOptions:
         top_k: keep only the k most similar peers (self always kept).
         self_floor: the self weight is raised to at least this.
         self_share: the self weight of the zscore rule.
+        evidence_low, evidence_high: the evidence rule's ramp, in robust standard
+            deviations above the background (see ``evidence_credibility``).
+        evidence_min_pairs: from this many client pairs on, the background and the noise
+            are estimated from the matrix; below it, the priors are used.
+        evidence_prior_background, evidence_prior_spread: the background cosine and its
+            noise assumed with too few pairs (K=2); evidence_spread_floor: the least noise.
     """
 
     rule: RuleName = "normalize"
@@ -37,6 +43,12 @@ class WeightOptions:
     top_k: int | None = None
     self_floor: float | None = None
     self_share: float = 0.5
+    evidence_low: float = 1.0
+    evidence_high: float = 3.0
+    evidence_min_pairs: int = 3
+    evidence_prior_background: float = 0.0
+    evidence_prior_spread: float = 0.1
+    evidence_spread_floor: float = 0.05
 
 
 RowRule = Callable[[torch.Tensor, int, torch.Tensor, WeightOptions], torch.Tensor]
@@ -109,6 +121,66 @@ def _zscore(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
     return out
 
 
+@dataclass(frozen=True)
+class Background:
+    """What unrelated clients' cosines look like in one matrix: their level and spread."""
+
+    level: float
+    spread: float
+    estimated: bool  # False: too few pairs, the priors were used
+
+
+def background_of(cos: torch.Tensor, allowed: torch.Tensor, opts: WeightOptions
+                  ) -> Background:
+    """The background of a cosine matrix: what the pairs of unrelated clients show.
+
+    Most pairs of a federation with several tasks are unrelated, so the median pair is
+    one: same-task pairs are a minority that stands above it. Their noise is measured
+    below the median only (the lower semi-MAD, scaled to a standard deviation), where
+    same-task pairs do not inflate it; it is floored at ``evidence_spread_floor``. With
+    fewer than ``evidence_min_pairs`` pairs neither can be estimated, and the priors
+    (``evidence_prior_background`` and ``evidence_prior_spread``) stand in.
+    """
+    pairs = torch.triu(allowed | allowed.T, diagonal=1)
+    values = cos[pairs]
+    if values.numel() < max(1, opts.evidence_min_pairs):
+        return Background(opts.evidence_prior_background,
+                          max(opts.evidence_prior_spread, opts.evidence_spread_floor),
+                          estimated=False)
+    level = float(values.median())
+    below = level - values[values < level]
+    spread = 1.4826 * float(below.median()) if below.numel() else 0.0
+    return Background(level, max(spread, opts.evidence_spread_floor), estimated=True)
+
+
+def evidence_credibility(cos: torch.Tensor, background: Background, opts: WeightOptions
+                         ) -> torch.Tensor:
+    """q_ik ∈ [0, 1]: how credibly peer k shares client i's task.
+
+    z = (c_ik − level) / spread is how many noise units the pair stands above the
+    background. q ramps linearly from 0 at z = evidence_low to 1 at z = evidence_high.
+    """
+    z = (cos - background.level) / background.spread
+    width = max(opts.evidence_high - opts.evidence_low, 1e-12)
+    return ((z - opts.evidence_low) / width).clamp(0.0, 1.0)
+
+
+def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tensor,
+                     background: Background | None = None) -> torch.Tensor:
+    """The evidence rule: w_ik = q_ik / (1 + Σ_j q_ij), w_ii = 1 / (1 + Σ_j q_ij).
+
+    A peer with conclusive evidence (q = 1) weighs as much as the client's own update, so
+    a client with m such peers gets the oracle's uniform 1/(m+1); a peer whose cosine
+    does not stand out from the background gets nothing; weak evidence keeps the weight
+    at home. The self share follows from the evidence instead of being fixed.
+    """
+    background = background or background_of(cos, allowed, opts)
+    q = evidence_credibility(cos, background, opts)
+    q = torch.where(allowed, q, torch.zeros_like(q))
+    q.fill_diagonal_(1.0)
+    return q / q.sum(dim=1, keepdim=True)
+
+
 def _top_k_mask(row: torch.Tensor, i: int, mask: torch.Tensor, k: int) -> torch.Tensor:
     peer_scores = torch.where(mask, row, torch.full_like(row, float("-inf")))
     peer_scores[i] = float("-inf")
@@ -144,6 +216,17 @@ def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
     cos = cos.to(torch.float64).clone()
     cos.fill_diagonal_(1.0)
     allowed = _with_diagonal(allowed, k)
+    if opts.rule == "evidence":
+        # the background is the whole matrix's (before top-k), so all rows go at once
+        background = background_of(cos, allowed, opts)
+        if opts.top_k is not None and k:
+            allowed = torch.stack([_top_k_mask(cos[i], i, allowed[i], opts.top_k)
+                                   for i in range(k)])
+        matrix = evidence_weights(cos, opts, allowed, background)
+        if opts.self_floor is not None:
+            matrix = torch.stack([_apply_self_floor(matrix[i], i, opts.self_floor)
+                                  for i in range(k)]) if k else matrix
+        return matrix
     rule = _RULES[opts.rule]
     rows = []
     for i in range(k):

@@ -89,7 +89,8 @@ class ScenarioConfig:
         rounds: asynchronous rounds.
         late: round → clients whose upload of that round arrives one round late.
         epochs, learning_rate, batch_size: local training per round.
-        lora_r, lora_alpha, target_modules: the federation's LoRA.
+        lora_r, lora_alpha, target_modules, lora_dropout: the federation's LoRA.
+        training_options: further ``TrainingArgs`` fields (schedule, warmup, ...).
         seed: data, initial adapter and training seeds all derive from it.
         base: the base model's architecture and pre-training.
     """
@@ -107,6 +108,8 @@ class ScenarioConfig:
     lora_r: int = 4
     lora_alpha: float = 8.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.05
+    training_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     base: BaseModelSpec = field(default_factory=BaseModelSpec)
 
@@ -186,9 +189,7 @@ class Scenario:
         self.config = config
         self.root = Path(root)
         self.log = log or (lambda _msg: None)
-        self.clients: list[ClientData] = make_clients(
-            config.groups, n_train=config.n_train, n_test=config.n_test,
-            label_noise=config.label_noise, seed=config.seed)
+        self.clients: list[ClientData] = self.make_clients()
         self.groups = {c.name: c.task for c in self.clients}
         majority = config.majority_task
         self.shifted = [c.name for c in self.clients if c.task != majority]
@@ -199,8 +200,20 @@ class Scenario:
         self.base_info = None
         self.raw_similarity: dict | None = None
         self.unscored_if_missing: set[str] = set()  # benchmarks: attackers
+        # benchmarks: per-client accuracy after each round, on the first
+        # ``round_eval_examples`` test examples before the last round (None: all)
+        self.evaluate_every_round = False
+        self.round_eval_examples: int | None = None
 
-    # -- set-up ------------------------------------------------------------------------
+    # -- set-up (subclasses swap the tasks and the base model) ---------------------------
+    def make_clients(self) -> list[ClientData]:
+        cfg = self.config
+        return make_clients(cfg.groups, n_train=cfg.n_train, n_test=cfg.n_test,
+                            label_noise=cfg.label_noise, seed=cfg.seed)
+
+    def task_description(self, task: str) -> str:
+        return TASKS[task].description
+
     def load_base(self, cache: Path | None = None) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -220,7 +233,8 @@ class Scenario:
             name=f"demo-{method.label}", base_model=str(self.base_info.path.resolve()),
             task_type="SEQ_CLS", num_labels=2,
             lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha,
-                          target_modules=list(cfg.target_modules)),
+                          target_modules=list(cfg.target_modules),
+                          dropout=cfg.lora_dropout),
             strategy=method.strategy.model_dump(mode="json"), seed=cfg.seed)
         fed = init_federation(str(runs / method.label), config)
         for client in self.clients:
@@ -234,7 +248,7 @@ class Scenario:
         return TrainingArgs(epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                             batch_size=cfg.batch_size, device="cpu", precision="fp32",
                             seed=cfg.seed * 100_003 + round_index * 1_009 + client_index,
-                            measure_examples=0)
+                            measure_examples=0, **cfg.training_options)
 
     def _train(self, fed, work: Path, index: int, client: ClientData, round_index: int
                ) -> Path:
@@ -279,10 +293,15 @@ class Scenario:
                     pushed[client.name] = folder
             record = run_round(fed, groups=self.groups)
             records.append(_round_summary(record, self.groups))
+            if self.evaluate_every_round and r < self.config.rounds:
+                records[-1]["accuracy"] = self._evaluate(
+                    fed, runs / f"{method.label}-eval-{r}", limit=self.round_eval_examples)
             if r == 1 and self.raw_similarity is None:
                 self.raw_similarity = self._raw_similarity(
                     [self._first_round[c.name] for c in self.clients])
         accuracy = self._evaluate(fed, runs / f"{method.label}-eval")
+        if self.evaluate_every_round:
+            records[-1]["accuracy"] = accuracy
         return MethodResult(method.label, method.strategy.model_dump(mode="json"),
                             accuracy, records, time.perf_counter() - began, uploads, fed)
 
@@ -310,7 +329,7 @@ class Scenario:
 
         return PeftModel.from_pretrained(copy.deepcopy(self.base_model), str(folder))
 
-    def _evaluate(self, fed, dest: Path) -> dict[str, float]:
+    def _evaluate(self, fed, dest: Path, limit: int | None = None) -> dict[str, float]:
         """Each client's accuracy on its own test set; a client of ``unscored_if_missing``
         without a personalized adapter (a guard excluded it in every round) is left out."""
         from fedbip_hub.client import pull
@@ -325,7 +344,10 @@ class Scenario:
                 if client.name not in self.unscored_if_missing:
                     raise
                 continue
-            scores = evaluate(self._peft(folder), self._datasets[client.name][1],
+            test = self._datasets[client.name][1]
+            if limit is not None:
+                test = test.select(range(min(limit, len(test))))
+            scores = evaluate(self._peft(folder), test,
                               task_type="SEQ_CLS", batch_size=256, device="cpu")
             out[client.name] = float(scores["accuracy"])
         return out
@@ -368,7 +390,7 @@ class Scenario:
             "config": self.config.to_json(),
             "clients": [{"name": c.name, "task": c.task, "n_train": len(c.train_labels),
                          "n_test": len(c.test_labels),
-                         "task_description": TASKS[c.task].description}
+                         "task_description": self.task_description(c.task)}
                         for c in self.clients],
             "majority_task": self.config.majority_task,
             "task_shift_clients": self.shifted,
