@@ -38,16 +38,21 @@ def init(
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")
                               ] = "q_proj,v_proj",
     rslora: Annotated[bool, typer.Option(help="Use rsLoRA scaling.")] = False,
+    lora_dropout: Annotated[float, typer.Option(
+        help="Dropout on the LoRA path during training, in [0, 1) (recorded in the initial "
+        "adapter's config, which every member trains from).")] = 0.05,
     strategy: Annotated[str, typer.Option(help="Merge method (fedbip-l, fedbip, ...).")
                         ] = "fedbip-l",
     strategy_options: Annotated[str | None, typer.Option(
-        help='Strategy options as JSON, e.g. \'{"rule": "zscore", "self_share": 0.5}\'.')
-                                ] = None,
+        help='Strategy options as JSON, e.g. \'{"rule": "zscore", "self_share": 0.5}\'; '
+        'the oracle needs \'{"groups": {"alice": "g1", ...}}\'.')] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial adapter.")] = 0,
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a federation: config, initial adapter and dashboard in one private repo."""
+    from pydantic import ValidationError
+
     from fedbip_hub.client import init_federation
     from fedbip_hub.errors import ConfigError
     from fedbip_hub.federation import FederationConfig, LoraSpec
@@ -62,12 +67,20 @@ def init(
         raise ConfigError(f"--strategy-options is not JSON ({exc}).",
                           hint='Pass e.g. \'{"rule": "zscore"}\'.') from exc
     chosen = Strategy.parse(strategy, **options)
+    try:
+        lora = LoraSpec(r=r, alpha=alpha, use_rslora=rslora, dropout=lora_dropout,
+                        target_modules=[t.strip() for t in target_modules.split(",") if t])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid LoRA options ({problems}).",
+                          hint="--r and --alpha must be positive, --lora-dropout in [0, 1)."
+                          ) from exc
     config = FederationConfig(
         name=fed.rstrip("/").split("/")[-1],
         base_model=base_model, base_revision=base_revision, task_type=task_types[task],
         num_labels=num_labels if task == "seq-cls" else None,
-        lora=LoraSpec(r=r, alpha=alpha, use_rslora=rslora,
-                      target_modules=[t.strip() for t in target_modules.split(",") if t]),
+        lora=lora,
         strategy=chosen.model_dump(mode="json", exclude_defaults=True) | {
             "method": chosen.method},
         seed=seed)

@@ -9,6 +9,7 @@ import typer
 
 from cli._common import JsonOption, err_console, handle_errors, out_console, print_json
 from cli.federation import ClientOption, FedArg, TokenOption, _fed
+from fedbip_hub.training_args import DEFAULT_LR_SCHEDULER
 
 DataOption = Annotated[str, typer.Option(
     "--data", help="A .jsonl/.json/.csv/.parquet file, or a folder from save_to_disk.")]
@@ -32,6 +33,16 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
     max_length: MaxLengthOption = 128,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    lr_scheduler: Annotated[str, typer.Option(
+        help="Learning-rate schedule after warmup: constant, linear or cosine (the last two "
+        "decay to 0).")] = DEFAULT_LR_SCHEDULER,
+    warmup_ratio: Annotated[float, typer.Option(
+        help="Fraction of the steps spent warming up linearly from 0.")] = 0.0,
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Warmup steps (wins over --warmup-ratio).")] = None,
+    max_grad_norm: Annotated[float, typer.Option(
+        help="Clip the gradients' global norm to this; 0 disables clipping.")] = 1.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed (shuffling, dropout).")] = 0,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
@@ -49,12 +60,15 @@ def train(
     from fedbip_hub.data import load_examples
     from fedbip_hub.training import TrainingArgs, train_adapter
 
+    args = TrainingArgs(epochs=epochs, learning_rate=lr, batch_size=batch_size,
+                        max_length=max_length, seed=seed, device=device, precision=precision,
+                        max_steps=max_steps, lr_scheduler=lr_scheduler,
+                        warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
+                        max_grad_norm=max_grad_norm, weight_decay=weight_decay)
+    args.validate()  # before the data, the federation or the model are read
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
     out = out or Path(f"fedbip-adapter-{client}")
-    args = TrainingArgs(epochs=epochs, learning_rate=lr, batch_size=batch_size,
-                        max_length=max_length, seed=seed, device=device, precision=precision,
-                        max_steps=max_steps)
     if not json_output:
         err_console.print(f"Training {client} on {len(dataset)} examples from {data} …")
     result = train_adapter(federation, client, dataset, out, args=args, start=start,

@@ -24,6 +24,7 @@ from fedbip_hub.federation import (
     FederationState,
     Member,
     dump_json,
+    is_client_name,
     utc_now,
 )
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
@@ -55,11 +56,13 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
     """Create the federation repo with its config and initial adapter, in one commit.
 
     Raises:
-        ConfigError: a federation already exists at this address.
+        ConfigError: a federation already exists at this address, or its strategy is
+            invalid or could not run (the oracle without groups).
     """
     from fedbip_hub.modelcard import dashboard_card
     from fedbip_hub.models import build_initial_adapter
 
+    config.runnable_strategy()  # refused before anything is created or loaded
     fed = Federation.at(address, token=token)
     if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
             fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
@@ -105,7 +108,7 @@ def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
 
 
 def _check_name(client: str) -> None:
-    if not client or not all(c.isalnum() or c in "-_." for c in client):
+    if not is_client_name(client):
         raise ConfigError(f"invalid client name {client!r}.",
                           hint="Use letters, digits, '-', '_' and '.'.")
 

@@ -13,13 +13,16 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbip_hub import __version__
 from fedbip_hub.errors import ConfigError, NotFoundError
 from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
+
+if TYPE_CHECKING:
+    from fedbip_hub.strategies import Strategy
 
 FEDERATION_FILE = "federation.json"
 STATE_FILE = "state.json"
@@ -35,6 +38,12 @@ TaskType = Literal["SEQ_CLS", "CAUSAL_LM"]
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_client_name(name: object) -> bool:
+    """Member names: letters, digits, '-', '_' and '.' (they name files and repos)."""
+    return isinstance(name, str) and bool(name) and all(c.isalnum() or c in "-_."
+                                                        for c in name)
 
 
 class LoraSpec(BaseModel):
@@ -77,10 +86,29 @@ class FederationConfig(BaseModel):
     created_by: str | None = None
     fedbip_version: str = __version__
 
-    def strategy_obj(self):
+    def strategy_obj(self) -> Strategy:
+        """The strategy; ConfigError when the stored one does not validate. Reading a
+        config never validates it, so members can still train under a broken strategy."""
         from fedbip_hub.strategies import Strategy
+        from fedbip_hub.upload_metadata import describe_error
 
-        return Strategy.model_validate(self.strategy)
+        try:
+            return Strategy.model_validate(self.strategy)
+        except ValueError as exc:
+            raise ConfigError(f"the strategy in {FEDERATION_FILE} is invalid "
+                              f"({describe_error(exc)}).",
+                              hint=f"Fix \"strategy\" in {FEDERATION_FILE} of the federation "
+                              "repo.") from exc
+
+    def runnable_strategy(self) -> Strategy:
+        """The strategy, refused when a round could not run it from this config alone
+        (the oracle without its groups): what ``fedbip init`` accepts."""
+        from fedbip_hub.strategies import oracle_groups
+
+        strategy = self.strategy_obj()
+        if strategy.spec.weighting == "oracle":
+            oracle_groups(strategy, ())
+        return strategy
 
 
 class Member(BaseModel):

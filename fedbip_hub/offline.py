@@ -70,7 +70,8 @@ def merge_folders(folders: Sequence[str | Path], target: int, strategy: Strategy
         report = compute_similarity(vectors, space=strategy.similarity_space,
                                     include_dense=strategy.include_dense_in_similarity)
     n_examples = [_n_examples(v) for v in vectors]
-    weights = compute_weights(strategy, k=len(vectors), report=report, n_examples=n_examples)
+    weights = compute_weights(strategy, k=len(vectors), report=report, n_examples=n_examples,
+                              clients=[v.name for v in vectors])
     template = vectors[target].upload.config
     rank = strategy.rank or template.r
     plan = MergePlan(targets=[target], contribution=torch.ones(len(vectors), dtype=torch.float64),

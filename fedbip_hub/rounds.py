@@ -63,7 +63,7 @@ from fedbip_hub.skip_reasons import (
     publish_skip_reason,
     reason,
 )
-from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.strategies import Strategy, WeightTable, compute_weights, oracle_groups
 from fedbip_hub.streaming import (
     DEFAULT_DOWNLOAD_WORKERS,
     OrderedMap,
@@ -135,7 +135,8 @@ class RoundRunner:
         checkpoint: called with each step's name as the round passes it ("planned",
             "downloaded", "computed", "published:<client>", "before-record"); fault-
             injection tests raise from it to simulate a crash there.
-        groups: client → true task group, for the "oracle" method (benchmarks only).
+        groups: client → true task group, for the "oracle" method (benchmarks only);
+            wins over the strategy's own ``groups``.
 
     Class attributes (set on an instance to change them): ``streaming`` spills merged
     modules to disk and publishes one adapter at a time (False: the in-memory path,
@@ -148,6 +149,7 @@ class RoundRunner:
     _staging: StagingArea | None = None
     # client → (reason, skipped text): this round's publish failures, for _complete.
     _publish_failed: dict[str, tuple[str, str]] | None = None
+    _memory_read: tuple[tuple[str, str], SimilarityMemory] | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -163,7 +165,7 @@ class RoundRunner:
         self.checkpoint = checkpoint or (lambda _step: None)
         self.groups = dict(groups) if groups is not None else None
         self.timings: dict[str, float] = {}
-        self._clock = time.perf_counter()
+        self._clock = self._started = time.perf_counter()
         self._last_skips: dict[str, str] = {}
         self._latest_folders: dict[str, Path] = {}  # client → latest adapter, this round
         self._heatmap_for: CosineSource | None = None
@@ -174,10 +176,14 @@ class RoundRunner:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + now - self._clock, 4)
         self._clock = now
 
+    def _timings(self) -> dict[str, float]:
+        """The phases measured so far, and the total since ``run`` began."""
+        return {**self.timings, "total": round(time.perf_counter() - self._started, 4)}
+
     # -- planning ------------------------------------------------------------------------
     def run(self) -> dict:
         """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
-        start = time.perf_counter()
+        self._started = time.perf_counter()
         resolve_device(self.device)  # a bad --device fails before any lease is taken
         for _ in range(5):
             head = self.fed.head()
@@ -188,6 +194,7 @@ class RoundRunner:
                 self.log("Nothing new since the last round: no commit.")
                 return {"status": "nothing-new", "round": state.round,
                         "skipped": self._last_skips}
+            self._preflight(config, plan)
             if self.dry_run or state.in_progress is not None:
                 break
             state.in_progress = plan.model_dump(mode="json")
@@ -203,9 +210,19 @@ class RoundRunner:
                              hint="Retry in a moment.")
         self._lap("plan")
         self.checkpoint("planned")
-        record = self._execute(plan, config)
-        record["timings"]["total"] = round(time.perf_counter() - start, 4)
-        return record
+        return self._execute(plan, config)
+
+    def _preflight(self, config: FederationConfig, plan: RoundPlan) -> None:
+        """Every check that can fail on the federation's own configuration or files (the
+        strategy, the oracle's groups, the initial adapter, the similarity memory), run
+        before the lease is taken: a round never takes a lease it is bound to abandon."""
+        strategy = config.strategy_obj()
+        if strategy.spec.weighting == "oracle":
+            oracle_groups(strategy, list(plan.inputs), self.groups)
+        LoraAdapter(self.store.fetch_folder(self.fed.repo_id, plan.federation_revision,
+                                            INIT_DIR), label="federation init")
+        if strategy.similarity_memory != 0:
+            self._stored_memory(plan, strategy)
 
     def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState
                         ) -> RoundPlan | None:
@@ -386,10 +403,11 @@ class RoundRunner:
         record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
+            record["timings"] = self._timings()  # the committed record keeps them
             self._complete(plan, config, record, outputs, inputs, refused, similarity,
                            memory)
         self._lap("record")
-        record["timings"] = dict(self.timings)
+        record["timings"] = self._timings()
         record["bytes"] = {"downloaded": self.store.traffic.downloaded,
                            "uploaded": self.store.traffic.uploaded}
         return record
@@ -509,16 +527,26 @@ class RoundRunner:
         memory (written when the round completes) and the cosines the weights use."""
         if strategy.similarity_memory == 0:
             return None, report
-        keyed = storage_granularity(strategy.effective_granularity or "layer")
-        previous = SimilarityMemory(granularity=keyed)
-        if self.store.file_exists(self.fed.repo_id, MEMORY_FILE, plan.federation_revision):
-            previous = SimilarityMemory.from_bytes(
-                self.store.read_bytes(self.fed.repo_id, MEMORY_FILE,
-                                      plan.federation_revision), granularity=keyed)
+        previous = self._stored_memory(plan, strategy)
         # A client that starts over (its repo was recreated) starts with no evidence too.
         memory = previous.without(plan.restarted).updated(report, [p.fresh for p in inputs],
                                   decay=strategy.similarity_memory, scale=scale)
         return memory, memory.view(report)
+
+    def _stored_memory(self, plan: RoundPlan, strategy: Strategy) -> SimilarityMemory:
+        """The memory at the plan's pinned revision (empty when there is none), decoded
+        once: the preflight's read serves the merge (memories are never mutated)."""
+        keyed = storage_granularity(strategy.effective_granularity or "layer")
+        key = (plan.federation_revision, keyed)
+        if self._memory_read is not None and self._memory_read[0] == key:
+            return self._memory_read[1]
+        memory = SimilarityMemory(granularity=keyed)
+        if self.store.file_exists(self.fed.repo_id, MEMORY_FILE, plan.federation_revision):
+            memory = SimilarityMemory.from_bytes(
+                self.store.read_bytes(self.fed.repo_id, MEMORY_FILE, plan.federation_revision),
+                granularity=keyed)
+        self._memory_read = (key, memory)
+        return memory
 
     def _sign_guard(self, strategy: Strategy, similarity: CosineSource,
                     inputs: list[PinnedInput]) -> tuple[list[int], dict[str, dict]]:
@@ -546,8 +574,8 @@ class RoundRunner:
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
         allowed = fresh[None, :].expand(k, k).clone()
-        groups = ([self.groups.get(p.client, p.client) for p in inputs]
-                  if self.groups is not None else None)
+        groups = (oracle_groups(strategy, [p.client for p in inputs], self.groups)
+                  if strategy.spec.weighting == "oracle" else None)
         weights = compute_weights(strategy, k=k, report=similarity,
                                   n_examples=[p.n_examples for p in inputs], allowed=allowed,
                                   groups=groups)

@@ -6,7 +6,7 @@ merges; the engine does the rest, so every baseline runs through the same code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +112,22 @@ class Strategy(BaseModel):
     sketch_kind: Literal["gaussian", "rademacher"] = "gaussian"
     compute_dtype: Literal["fp32", "fp64"] = Field(
         "fp32", description="Merge and similarity precision (bf16 inputs are upcast).")
+    groups: dict[str, str] | None = Field(
+        None, description="The oracle's true task groups, client → group (benchmarks, "
+        "where they are known); run_round(groups=...) overrides them.")
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from fedbip_hub.federation import is_client_name
+
+        for client, group in (value or {}).items():
+            if not is_client_name(client):
+                raise ValueError(f"groups: invalid client name {client!r} (use letters, "
+                                 "digits, '-', '_' and '.')")
+            if not group:
+                raise ValueError(f"groups: {client} has an empty group")
+        return value
 
     @field_validator("method")
     @classmethod
@@ -163,6 +179,32 @@ class Strategy(BaseModel):
                               hint=f"Methods: {', '.join(sorted(METHODS))}.") from exc
 
 
+ORACLE_GROUPS_HINT = (
+    "Give every client's true task group in the strategy options, e.g. --strategy-options "
+    '\'{"groups": {"alice": "sentiment", "bob": "topic"}}\' (the oracle exists for '
+    "benchmarks, where the groups are known).")
+
+
+def oracle_groups(strategy: Strategy, clients: Sequence[str],
+                  groups: Mapping[str, str] | None = None) -> list[str]:
+    """The oracle's true group of each client: from ``groups`` when given (a benchmark's,
+    which wins), else from ``strategy.groups``.
+
+    Raises:
+        ConfigError: no groups at all, or a client without one (named).
+    """
+    mapping = groups if groups is not None else strategy.groups
+    if mapping is None:
+        raise ConfigError("the oracle method needs the true task groups (strategy option "
+                          "\"groups\").", hint=ORACLE_GROUPS_HINT)
+    for client in clients:
+        if client not in mapping:
+            raise ConfigError(f"{client} has no group in the oracle's groups.",
+                              hint=f"Add {client} to the strategy's \"groups\" "
+                              "(federation.json), or drop the oracle.", client=client)
+    return [mapping[c] for c in clients]
+
+
 @dataclass
 class WeightTable:
     """Personalized weights: one K×K matrix per similarity key (model, layer or module)."""
@@ -194,6 +236,7 @@ def compute_weights(
     n_examples: Sequence[float] | None = None,
     allowed: torch.Tensor | None = None,
     groups: Sequence[str] | None = None,
+    clients: Sequence[str] | None = None,
 ) -> WeightTable:
     """Weights for every client under a strategy.
 
@@ -202,7 +245,8 @@ def compute_weights(
         report: similarity (needed by similarity-weighted methods).
         n_examples: per-client data sizes (FedAvg, FedIT); missing means equal.
         allowed: K×K bool, which peers each row may draw from.
-        groups: true task groups (the oracle only).
+        groups: true task groups (the oracle only); default: ``strategy.groups`` looked
+            up by ``clients``' names.
     """
     weighting = strategy.spec.weighting
     if weighting == "similarity":
@@ -229,7 +273,9 @@ def compute_weights(
         matrix = local_weights(k)
     else:
         if groups is None:
-            raise ConfigError("the oracle method needs the true task groups.",
-                              hint="The oracle exists for benchmarks, where groups are known.")
+            if clients is None and strategy.groups is not None:
+                raise ConfigError("the oracle reads strategy.groups by client name; "
+                                  "pass the clients' names.")
+            groups = oracle_groups(strategy, clients or ())
         matrix = group_weights(groups, allowed)
     return WeightTable(None, {MODEL_KEY: matrix})

@@ -2,7 +2,8 @@
 
 ``train_adapter`` picks the start (the member's latest personalized adapter, or the
 federation's initial one), trains it on local data with a plain PyTorch loop (AdamW,
-linear schedule, autocast on GPU), and writes a folder that ``fedbip push`` uploads with
+a constant, linear or cosine learning-rate schedule with optional warmup, gradient-norm
+clipping, autocast on GPU), and writes a folder that ``fedbip push`` uploads with
 the right metadata: the PEFT adapter, ``fedbip_start.json`` (the start revision) and
 ``fedbip_upload.json`` (example count, base model).
 """
@@ -35,34 +36,13 @@ from fedbip_hub.evaluation import (
     resolve_device,
 )
 from fedbip_hub.federation import Federation
+from fedbip_hub.training_args import (
+    DEFAULT_LR_SCHEDULER,
+    PRECISIONS,
+    SCHEDULER_NAMES,
+    TrainingArgs,
+)
 from fedbip_hub.upload_metadata import UploadMetadata
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainingArgs:
-    """Hyper-parameters of one local training run.
-
-    ``precision="auto"``: bf16 autocast on a CUDA GPU that supports it, else fp16 (with
-    loss scaling) on CUDA, fp32 on CPU; the base is loaded in fp32 and trainable weights
-    stay fp32 under autocast. ``max_steps`` caps the optimizer steps (it wins
-    over ``epochs``). ``measure_examples`` training examples are scored in eval mode
-    before and after training (``TrainResult.start_loss``/``end_loss``); 0 skips it.
-    """
-
-    epochs: float = 3
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    weight_decay: float = 0.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    measure_examples: int = 256
 
 
 @dataclass
@@ -72,6 +52,7 @@ class TrainResult:
     ``train_loss`` is the mean training loss over the last epoch's steps (dropout on);
     ``start_loss``/``end_loss`` are eval-mode losses on the first ``measure_examples``
     training examples before the first and after the last step (None when not measured).
+    ``learning_rates`` holds the rate each optimizer step used.
     """
 
     output_dir: Path
@@ -86,6 +67,9 @@ class TrainResult:
     end_loss: float | None = None
     precision: str = "fp32"
     losses: list[float] = field(default_factory=list, repr=False)
+    learning_rates: list[float] = field(default_factory=list, repr=False)
+    lr_scheduler: str = DEFAULT_LR_SCHEDULER
+    warmup_steps: int = 0
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir), "n_examples": self.n_examples,
@@ -93,7 +77,8 @@ class TrainResult:
                 "train_loss": self.train_loss, "start_loss": self.start_loss,
                 "end_loss": self.end_loss, "steps": self.steps,
                 "seconds": round(self.seconds, 3), "device": self.device,
-                "precision": self.precision}
+                "precision": self.precision, "lr_scheduler": self.lr_scheduler,
+                "warmup_steps": self.warmup_steps}
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -167,10 +152,7 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
         NotFoundError: ``client`` is not a member.
     """
     args = args or TrainingArgs()
-    if args.batch_size < 1 or args.learning_rate < 0 or (
-            args.max_steps is not None and args.max_steps < 0) or args.epochs < 0:
-        raise ConfigError("batch size must be positive; epochs, max steps and learning rate "
-                          "non-negative.", hint="Check the training options.")
+    args.validate()
     began = time.perf_counter()
     head = fed.head()
     config = fed.config(head)
@@ -218,13 +200,15 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total),
-                                                total)
+    warmup = args.warmup_for(total)
+    scheduler = get_scheduler(SCHEDULER_NAMES[args.lr_scheduler], optimizer,
+                              num_warmup_steps=warmup, num_training_steps=total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     shuffler = torch.Generator().manual_seed(args.seed)
     losses: list[float] = []
+    rates: list[float] = []
 
     def batches():
         while True:
@@ -250,6 +234,7 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
             if args.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            rates.append(float(optimizer.param_groups[0]["lr"]))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -271,7 +256,8 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
                        start_revision=start_revision, train_loss=float(train_loss),
                        seconds=time.perf_counter() - began, device=str(device), steps=total,
                        start=start_kind, start_loss=start_loss, end_loss=end_loss,
-                       precision=precision, losses=losses)
+                       precision=precision, losses=losses, learning_rates=rates,
+                       lr_scheduler=args.lr_scheduler, warmup_steps=warmup)
 
 
 def _progress_bar(total: int, description: str, *, enabled: bool) -> Any:

@@ -519,3 +519,229 @@ def test_cli_errors_name_the_problem(world: World, tmp_path: Path) -> None:
     assert shown.exit_code == 2
     assert "no 'label' column" in shown.stderr and "--label-field" in shown.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- training options: schedule, warmup, clipping, LoRA dropout ------------------------------
+def expected_rate(kind: str, step: int, lr: float, warmup: int, total: int) -> float:
+    """The schedules written out: linear warmup from 0, then constant, linear or cosine
+    decay to 0 at the last step."""
+    import math
+
+    if step < warmup:
+        return lr * step / warmup
+    if kind == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def transformers_rates(name: str, lr: float, warmup: int, total: int) -> list[float]:
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def quick_train(world: World, tag: str, **options):
+    from fedbip_hub.training import TrainingArgs, train_adapter
+
+    args = TrainingArgs(**{"max_steps": 8, "learning_rate": 1e-2, "batch_size": 8,
+                           "measure_examples": 0, **options})
+    return train_adapter(world.fed, "carol", world.bob_train, world.root / tag, args=args,
+                         start="init", progress=False)
+
+
+def adapter_weights(result) -> dict[str, torch.Tensor]:
+    return load_file(result.output_dir / "adapter_model.safetensors")
+
+
+def test_each_schedule_gives_the_learning_rates_it_names(world: World) -> None:
+    from fedbip_hub.training import DEFAULT_LR_SCHEDULER, TrainingArgs
+
+    assert TrainingArgs().lr_scheduler == DEFAULT_LR_SCHEDULER == "constant"
+    default = quick_train(world, "sched-default")
+    assert default.learning_rates == [1e-2] * 8 and default.lr_scheduler == "constant"
+    names = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    for kind, name in names.items():
+        for ratio in (0.0, 0.25):
+            result = quick_train(world, f"sched-{kind}-{ratio}", lr_scheduler=kind,
+                                 warmup_ratio=ratio)
+            warmup = int(ratio * 8)
+            assert result.warmup_steps == warmup and result.steps == 8
+            assert len(result.learning_rates) == 8
+            written = [expected_rate(kind, s, 1e-2, warmup, 8) for s in range(8)]
+            assert result.learning_rates == pytest.approx(written, abs=1e-12), (kind, ratio)
+            assert result.learning_rates == pytest.approx(
+                transformers_rates(name, 1e-2, warmup, 8), abs=1e-12), (kind, ratio)
+            assert result.to_dict()["lr_scheduler"] == kind
+    # Decaying schedules really move the weights differently from a constant rate.
+    linear = adapter_weights(quick_train(world, "sched-linear-again", lr_scheduler="linear"))
+    constant = adapter_weights(default)
+    assert not all(torch.equal(linear[k], constant[k]) for k in linear)
+
+
+def test_warmup_steps_win_over_the_ratio(world: World) -> None:
+    result = quick_train(world, "warm-steps", lr_scheduler="linear", warmup_steps=3,
+                         warmup_ratio=0.5)
+    assert result.warmup_steps == 3
+    assert result.learning_rates == pytest.approx(
+        [expected_rate("linear", s, 1e-2, 3, 8) for s in range(8)], abs=1e-12)
+    assert result.learning_rates[:4] == pytest.approx([0, 1e-2 / 3, 2e-2 / 3, 1e-2])
+    # An explicit 0 is no warmup, whatever the ratio says.
+    none = quick_train(world, "warm-zero", warmup_steps=0, warmup_ratio=0.5)
+    assert none.warmup_steps == 0 and none.learning_rates == [1e-2] * 8
+
+
+def test_max_grad_norm_clips_the_gradients(world: World) -> None:
+    init = load_file(world.fed.init_folder() / "adapter_model.safetensors")
+
+    def moved(weights: dict[str, torch.Tensor]) -> float:
+        return sum(float((weights[k] - init[k]).abs().sum()) for k in init)
+
+    free = adapter_weights(quick_train(world, "clip-none", max_grad_norm=None, max_steps=3))
+    for tag, off in (("clip-zero", 0.0), ("clip-huge", 1e9)):  # disabled / never reached
+        same = adapter_weights(quick_train(world, tag, max_grad_norm=off, max_steps=3))
+        assert all(torch.equal(same[k], free[k]) for k in free), tag
+    # Gradients clipped to a norm of 1e-12 fall far below AdamW's eps (1e-8): the update
+    # shrinks ~10⁴-fold. Unclipped, AdamW's first steps move each weight by about the LR.
+    clipped = adapter_weights(quick_train(world, "clip-tiny", max_grad_norm=1e-12,
+                                          max_steps=3))
+    assert moved(free) > 0
+    assert moved(clipped) < 1e-2 * moved(free)
+    # A moderate clip changes the run, too (the per-step factors differ).
+    half = adapter_weights(quick_train(world, "clip-half", max_grad_norm=1e-3, max_steps=3))
+    assert not all(torch.equal(half[k], free[k]) for k in free)
+
+
+def test_bad_training_options_are_refused_before_the_model_loads(world: World,
+                                                                 monkeypatch) -> None:
+    from fedbip_hub import training
+    from fedbip_hub.training import TrainingArgs, train_adapter
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(training, "fresh_base", no_load)
+    for options, flag in (({"lr_scheduler": "step"}, "--lr-scheduler"),
+                          ({"warmup_ratio": 1.5}, "--warmup-ratio"),
+                          ({"warmup_ratio": float("nan")}, "--warmup-ratio"),
+                          ({"warmup_steps": -1}, "--warmup-steps"),
+                          ({"max_grad_norm": -1.0}, "--max-grad-norm"),
+                          ({"weight_decay": -0.1}, "--weight-decay"),
+                          ({"learning_rate": -1.0}, "--lr"),
+                          ({"batch_size": 0}, "--batch-size"),
+                          ({"precision": "fp8"}, "--precision")):
+        with pytest.raises(ConfigError, match="invalid training options") as err:
+            train_adapter(world.fed, "carol", world.bob_train, world.root / "never",
+                          args=TrainingArgs(**options), progress=False)
+        assert flag in err.value.message, options
+    assert not (world.root / "never").exists()
+
+
+def test_lora_dropout_reaches_the_initial_adapter_and_training(world: World,
+                                                               tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from fedbip_hub.client import init_federation, join
+    from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.training import TrainingArgs, train_adapter
+
+    runner = CliRunner()
+    address = str(tmp_path / "dropout")
+    made = runner.invoke(app, ["init", address, "--base-model", str(world.base),
+                               "--r", "4", "--alpha", "8", "--lora-dropout", "0.3", "--json"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["config"]["lora"]["dropout"] == 0.3
+    fed = Federation.at(address)
+    init_config = json.loads((fed.init_folder() / "adapter_config.json").read_text())
+    assert init_config["lora_dropout"] == 0.3
+    for bad in ("1.0", "-0.1"):
+        refused = runner.invoke(app, ["init", str(tmp_path / f"bad{bad}"), "--base-model",
+                                      str(world.base), "--lora-dropout", bad, "--json"])
+        assert refused.exit_code == 2, refused.output
+        error = json.loads(refused.stdout)
+        assert error["error"] == "ConfigError" and "dropout" in error["message"]
+        assert "--lora-dropout" in error["hint"]
+        assert not (tmp_path / f"bad{bad}").exists()
+
+    # Training uses it: the same initial weights (same seed) train differently with
+    # dropout than without, and the trained adapter records it.
+    no_dropout = init_federation(str(tmp_path / "plain"), FederationConfig(
+        name="plain", base_model=str(world.base), num_labels=2,
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0)))
+    assert torch.equal(*(load_file(f.init_folder() / "adapter_model.safetensors")[k]
+                         for f in (fed, no_dropout)
+                         for k in ["base_model.model.model.layers.0.self_attn.q_proj."
+                                   "lora_A.weight"]))
+    args = TrainingArgs(max_steps=4, learning_rate=1e-2, batch_size=8, measure_examples=0)
+    trained = {}
+    for name, federation in (("dropout", fed), ("plain", no_dropout)):
+        join(federation, "carol")
+        result = train_adapter(federation, "carol", world.bob_train, tmp_path / f"{name}-out",
+                               args=args, progress=False)
+        trained[name] = adapter_weights(result)
+        saved = json.loads((result.output_dir / "adapter_config.json").read_text())
+        assert saved["lora_dropout"] == (0.3 if name == "dropout" else 0.0)
+    assert not all(torch.equal(trained["dropout"][k], trained["plain"][k])
+                   for k in trained["plain"])
+
+
+def test_cli_training_options_reach_the_training(world: World, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from fedbip_hub import training
+
+    seen = []
+    real = training.train_adapter
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["args"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_adapter", recording)
+    data = write_jsonl(tmp_path / "carol.jsonl", cls_rows(32, seed=5))
+    runner = CliRunner()
+    shown = runner.invoke(app, [
+        "train", world.address, "--client", "carol", "--data", str(data), "--out",
+        str(tmp_path / "out"), "--max-steps", "6", "--batch-size", "8", "--device", "cpu",
+        "--lr", "0.02", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--warmup-ratio",
+        "0.5", "--max-grad-norm", "0.5", "--weight-decay", "0.01", "--json"],
+        env={"FEDBIP_CACHE": world.env["FEDBIP_CACHE"]})
+    assert shown.exit_code == 0, shown.output
+    payload = json.loads(shown.stdout)
+    assert payload["lr_scheduler"] == "cosine" and payload["warmup_steps"] == 2
+    (args,) = seen
+    assert (args.lr_scheduler, args.warmup_steps, args.warmup_ratio, args.max_grad_norm,
+            args.weight_decay, args.learning_rate) == ("cosine", 2, 0.5, 0.5, 0.01, 0.02)
+    # Defaults: the library's schedule, clipping at 1, no warmup, no weight decay.
+    seen.clear()
+    default = runner.invoke(app, ["train", world.address, "--client", "carol", "--data",
+                                  str(data), "--out", str(tmp_path / "out2"), "--max-steps",
+                                  "1", "--device", "cpu", "--json"],
+                            env={"FEDBIP_CACHE": world.env["FEDBIP_CACHE"]})
+    assert default.exit_code == 0, default.output
+    assert seen[0] == training.TrainingArgs(max_steps=1, device="cpu")
+
+    # Bad values are refused before the data, the federation or the model are read: the
+    # data file and the federation do not even exist.
+    seen.clear()
+    for option, value in (("--lr-scheduler", "step"), ("--warmup-ratio", "2"),
+                          ("--warmup-steps", "-3"), ("--max-grad-norm", "-1"),
+                          ("--weight-decay", "-0.5")):
+        refused = runner.invoke(app, ["train", str(tmp_path / "no-federation"), "--client",
+                                      "carol", "--data", str(tmp_path / "missing.jsonl"),
+                                      option, value, "--json"])
+        assert refused.exit_code == 2, (option, refused.output)
+        error = json.loads(refused.stdout)
+        assert error["error"] == "ConfigError" and option in error["message"], error
+    assert seen == []

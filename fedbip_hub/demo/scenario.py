@@ -229,13 +229,16 @@ class Scenario:
         from fedbip_hub.federation import FederationConfig, LoraSpec
 
         cfg = self.config
+        strategy = method.strategy
+        if strategy.spec.weighting == "oracle" and strategy.groups is None:
+            strategy = strategy.model_copy(update={"groups": dict(self.groups)})
         config = FederationConfig(
             name=f"demo-{method.label}", base_model=str(self.base_info.path.resolve()),
             task_type="SEQ_CLS", num_labels=2,
             lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha,
                           target_modules=list(cfg.target_modules),
                           dropout=cfg.lora_dropout),
-            strategy=method.strategy.model_dump(mode="json"), seed=cfg.seed)
+            strategy=strategy.model_dump(mode="json"), seed=cfg.seed)
         fed = init_federation(str(runs / method.label), config)
         for client in self.clients:
             join(fed, client.name)
