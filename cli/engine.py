@@ -83,8 +83,8 @@ def merge(
     refactor: Annotated[str, typer.Option(
         help="svd: best rank-R approximation; cat: exact, the rank grows.")] = "svd",
     rule: Annotated[str, typer.Option(
-        help="zscore (fixed self share, z-scored peers) | normalize (the paper's) | "
-        "softmax.")] = "zscore",
+        help="evidence (peers that stand out from the background) | zscore (fixed self "
+        "share, z-scored peers) | normalize (the paper's) | softmax.")] = "evidence",
     self_share: Annotated[float, typer.Option(help="Self weight of the zscore rule.")] = 0.3,
     keep_negative: Annotated[bool, typer.Option(
         "--keep-negative", help="Subtract conflicting peers (paper-literal).")] = False,

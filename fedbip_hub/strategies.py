@@ -22,6 +22,7 @@ from fedbip_hub.weighting import (
     WeightOptions,
     group_weights,
     local_weights,
+    model_credibility,
     similarity_weights,
     size_weights,
     uniform_weights,
@@ -61,10 +62,12 @@ class Strategy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = "fedbip-l"
-    # Chosen by benchmarks/bench_quality.py (3 seeds): with few examples per client the
-    # cosines are small and the paper's normalisation leaves most weight on self; a fixed
-    # self share with z-scored peers came 1.1 points closer to the oracle.
-    rule: RuleName = "zscore"
+    # Chosen on benchmarks/bench_realmodel.py (MiniLM-L6) and bench_quality.py together:
+    # on a real encoder every update shares a component, so cross-task cosines are
+    # positive; rules that rank peers within a row (zscore, the paper's) hand them weight,
+    # while the evidence rule weighs a peer only as far as it stands out from that
+    # background (weighting.evidence_weights).
+    rule: RuleName = "evidence"
     clip_negative: bool = True
     temperature: float = Field(0.1, gt=0)
     top_k: int | None = Field(None, ge=0)
@@ -78,8 +81,13 @@ class Strategy(BaseModel):
     evidence_prior_background: float = Field(0.0, ge=-1, le=1)
     evidence_prior_spread: float = Field(0.1, gt=0, le=2)
     evidence_spread_floor: float = Field(0.05, gt=0, le=2)
+    evidence_model_gate: bool = Field(
+        True, description="Per-layer (module) credibility is capped by the model-level "
+        "credibility: a peer needs evidence in the layer and overall.")
+    # Per-layer cosines of a few examples are noisy; halfway to the model level won on
+    # both benchmarks (benchmarks/README.md, "Real-model benchmark").
     layer_shrinkage: float = Field(
-        0.0, ge=0, le=1, description="Per-layer (or per-module) cosines are shrunk toward "
+        0.5, ge=0, le=1, description="Per-layer (or per-module) cosines are shrunk toward "
         "the model-level cosine by this fraction before weighting: λ·c_model + (1−λ)·c_layer.")
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
@@ -260,7 +268,10 @@ def compute_weights(
             lam = strategy.layer_shrinkage
             cosines = {key: lam * model_cos.to(cos.dtype) + (1 - lam) * cos
                        for key, cos in cosines.items()}
-        matrices = {key: similarity_weights(cos, options, allowed)
+        cap = (model_credibility(model_cos, options, allowed)
+               if options.rule == "evidence" and strategy.evidence_model_gate
+               and granularity != "model" else None)
+        matrices = {key: similarity_weights(cos, options, allowed, cap=cap)
                     for key, cos in cosines.items()}
         fallback = (similarity_weights(model_cos, options, allowed)
                     if granularity != "model" else None)

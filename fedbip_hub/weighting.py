@@ -3,6 +3,24 @@
 Each rule maps one client's row of cosines to weights over the peers it may draw from
 (the self term always included). Rules are registered by name; merge methods (FedBip,
 FedAvg, …) are declared in ``fedbip_hub.strategies``.
+
+The default, the **evidence rule**, weighs a peer by how far its cosine stands out from
+the background that unrelated clients show, not by its rank within the row:
+
+* background: over the K(K−1)/2 client pairs of the matrix, the level b is the median
+  cosine and the noise σ the lower semi-MAD, 1.4826·median(b − c) over pairs below b,
+  floored at ``evidence_spread_floor``. Same-task pairs are a minority above the median,
+  so neither is pulled up by them. With fewer than ``evidence_min_pairs`` pairs (K = 2)
+  the priors b₀ = ``evidence_prior_background`` and σ₀ = ``evidence_prior_spread`` stand in;
+* evidence z_ik = (c_ik − b)/σ, and credibility q_ik = clip((z_ik − z_lo)/(z_hi − z_lo), 0, 1)
+  with z_lo = ``evidence_low`` (1) and z_hi = ``evidence_high`` (3);
+* weights w_ik = q_ik / (1 + Σ_j q_ij) and w_ii = 1 / (1 + Σ_j q_ij): a conclusive peer weighs
+  as much as the client's own update (m of them give the oracle's 1/(m+1)), a peer inside
+  the background's noise gets nothing, and the self share grows as the evidence weakens.
+
+On a real pretrained encoder every client's update shares a component (the head, the
+common input distribution), so cross-task cosines are positive; rules that rank within a
+row (``zscore``, the paper's ``normalize``) turn that background into weight.
 """
 
 from __future__ import annotations
@@ -153,6 +171,15 @@ def background_of(cos: torch.Tensor, allowed: torch.Tensor, opts: WeightOptions
     return Background(level, max(spread, opts.evidence_spread_floor), estimated=True)
 
 
+def model_credibility(cos: torch.Tensor, opts: WeightOptions,
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The evidence rule's credibility of every pair at one level (the model's, say)."""
+    cos = cos.to(torch.float64).clone()
+    cos.fill_diagonal_(1.0)
+    allowed = _with_diagonal(allowed, cos.shape[0])
+    return evidence_credibility(cos, background_of(cos, allowed, opts), opts)
+
+
 def evidence_credibility(cos: torch.Tensor, background: Background, opts: WeightOptions
                          ) -> torch.Tensor:
     """q_ik ∈ [0, 1]: how credibly peer k shares client i's task.
@@ -166,16 +193,21 @@ def evidence_credibility(cos: torch.Tensor, background: Background, opts: Weight
 
 
 def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tensor,
-                     background: Background | None = None) -> torch.Tensor:
+                     background: Background | None = None,
+                     cap: torch.Tensor | None = None) -> torch.Tensor:
     """The evidence rule: w_ik = q_ik / (1 + Σ_j q_ij), w_ii = 1 / (1 + Σ_j q_ij).
 
     A peer with conclusive evidence (q = 1) weighs as much as the client's own update, so
     a client with m such peers gets the oracle's uniform 1/(m+1); a peer whose cosine
     does not stand out from the background gets nothing; weak evidence keeps the weight
-    at home. The self share follows from the evidence instead of being fixed.
+    at home. The self share follows from the evidence instead of being fixed. ``cap``
+    (K×K) bounds q: a layer's weights use the model-level credibility as the cap, so a
+    peer needs evidence in the layer and overall.
     """
     background = background or background_of(cos, allowed, opts)
     q = evidence_credibility(cos, background, opts)
+    if cap is not None:
+        q = torch.minimum(q, cap.to(q.dtype))
     q = torch.where(allowed, q, torch.zeros_like(q))
     q.fill_diagonal_(1.0)
     return q / q.sum(dim=1, keepdim=True)
@@ -204,13 +236,15 @@ def _apply_self_floor(weights: torch.Tensor, i: int, floor: float) -> torch.Tens
 
 
 def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
-                       allowed: torch.Tensor | None = None) -> torch.Tensor:
+                       allowed: torch.Tensor | None = None, *,
+                       cap: torch.Tensor | None = None) -> torch.Tensor:
     """Row-stochastic K×K weights from a K×K cosine matrix.
 
     Args:
         cos: cosines; the diagonal is taken as 1 whatever it holds.
         opts: the rule and its options.
         allowed: K×K bool, which peers row i may draw from (the diagonal is forced on).
+        cap: the evidence rule only: K×K bounds on each pair's credibility.
     """
     k = cos.shape[0]
     cos = cos.to(torch.float64).clone()
@@ -222,7 +256,7 @@ def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
         if opts.top_k is not None and k:
             allowed = torch.stack([_top_k_mask(cos[i], i, allowed[i], opts.top_k)
                                    for i in range(k)])
-        matrix = evidence_weights(cos, opts, allowed, background)
+        matrix = evidence_weights(cos, opts, allowed, background, cap)
         if opts.self_floor is not None:
             matrix = torch.stack([_apply_self_floor(matrix[i], i, opts.self_floor)
                                   for i in range(k)]) if k else matrix

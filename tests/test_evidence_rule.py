@@ -150,7 +150,8 @@ class _Cosines:
 def test_layer_shrinkage_mixes_in_the_model_cosine() -> None:
     model = sym(2, {(0, 1): 0.8})
     layer = sym(2, {(0, 1): 0.0})
-    strategy = Strategy(method="fedbip-l", rule="evidence", layer_shrinkage=0.25)
+    strategy = Strategy(method="fedbip-l", rule="evidence", layer_shrinkage=0.25,
+                        evidence_model_gate=False)
     table = compute_weights(strategy, k=2, report=_Cosines(model, {"layers.0": layer}))
     # 0.25·0.8 + 0.75·0.0 = 0.2 → z = 2 → q = 1/2 → peer 1/3
     torch.testing.assert_close(table.matrices["layers.0"],
@@ -161,3 +162,20 @@ def test_layer_shrinkage_mixes_in_the_model_cosine() -> None:
 def test_ramp_must_rise() -> None:
     with pytest.raises(ValueError, match="evidence_high"):
         Strategy(rule="evidence", evidence_low=2.0, evidence_high=2.0)
+
+
+def test_a_layer_needs_evidence_at_the_model_level_too() -> None:
+    # layer 0 says clients 0 and 1 share a task; the model level says they do not
+    model = sym(2, {(0, 1): 0.0})
+    layer = sym(2, {(0, 1): 0.9})
+    gated = compute_weights(Strategy(method="fedbip-l", rule="evidence"), k=2,
+                            report=_Cosines(model, {"layers.0": layer}))
+    torch.testing.assert_close(gated.matrices["layers.0"], torch.eye(2, dtype=torch.float64))
+    free = compute_weights(Strategy(method="fedbip-l", rule="evidence",
+                                    evidence_model_gate=False), k=2,
+                           report=_Cosines(model, {"layers.0": layer}))
+    assert float(free.matrices["layers.0"][0, 1]) == pytest.approx(0.5)
+    # partial model-level evidence caps the layer's: model 0.2 → q = 1/2 → peer 1/3
+    half = compute_weights(Strategy(method="fedbip-l", rule="evidence"), k=2,
+                           report=_Cosines(sym(2, {(0, 1): 0.2}), {"layers.0": layer}))
+    assert float(half.matrices["layers.0"][0, 1]) == pytest.approx(1 / 3)

@@ -18,6 +18,7 @@ from fedbip_hub.weighting import (
     WeightOptions,
     group_weights,
     local_weights,
+    model_credibility,
     similarity_weights,
     size_weights,
     uniform_weights,
@@ -122,7 +123,7 @@ def test_allowed_mask_restricts_peers_to_the_fresh_ones_plus_self():
                [0.5 / 1.6, 1 / 1.6, 0.1 / 1.6, 0.0],
                [0.0, 0.0, 1.0, 0.0],
                [0.3 / 1.7, 0.0, 0.4 / 1.7, 1 / 1.7]])
-    for rule in ("normalize", "softmax", "zscore"):
+    for rule in ("normalize", "softmax", "zscore", "evidence"):
         w = similarity_weights(COS, WeightOptions(rule=rule, clip_negative=False), allowed)
         for i in range(4):
             for k in range(4):
@@ -148,7 +149,7 @@ def test_uniform_local_group():
             [0, 0.5, 0, 0.5, 0], [1 / 3, 0, 1 / 3, 0, 1 / 3]])
 
 
-@pytest.mark.parametrize("rule", ["normalize", "softmax", "zscore"])
+@pytest.mark.parametrize("rule", ["normalize", "softmax", "zscore", "evidence"])
 def test_all_zero_task_vector_keeps_only_its_self_weight(rule):
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(30, generator=gen, dtype=F64)
@@ -163,7 +164,7 @@ def test_all_zero_task_vector_keeps_only_its_self_weight(rule):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 6),
-       rule=st.sampled_from(["normalize", "softmax", "zscore"]),
+       rule=st.sampled_from(["normalize", "softmax", "zscore", "evidence"]),
        top_k=st.one_of(st.none(), st.integers(0, 5)),
        floor=st.one_of(st.none(), st.floats(0.0, 1.0)),
        masked=st.booleans())
@@ -207,8 +208,8 @@ def test_strategy_validation_errors_are_config_errors(options):
 def test_strategy_json_round_trip_and_defaults():
     strategy = Strategy.parse("fedbip", rule="zscore", top_k=2, rank=8, personal_heads=True)
     assert Strategy.model_validate_json(strategy.model_dump_json()) == strategy
-    assert Strategy().method == "fedbip-l" and Strategy().rule == "zscore"
-    assert Strategy().self_share == 0.3
+    assert Strategy().method == "fedbip-l" and Strategy().rule == "evidence"
+    assert Strategy().self_share == 0.3  # the zscore rule's, when chosen
     assert Strategy().clip_negative is True
     assert Strategy.parse("fedbip-l").effective_granularity == "layer"
     assert Strategy.parse("fedbip").effective_granularity == "model"
@@ -232,19 +233,31 @@ def _report():
     return report, vectors
 
 
-def test_compute_weights_per_layer():
+@pytest.mark.parametrize("rule", ["normalize", "evidence"])
+def test_compute_weights_per_layer(rule):
     report, vectors = _report()
-    strategy = Strategy.parse("fedbip-l")
+    strategy = Strategy.parse("fedbip-l", rule=rule,
+                              layer_shrinkage=0.5 if rule == "evidence" else 0.0)
     table = compute_weights(strategy, k=3, report=report)
     assert table.granularity == "layer"
     layers = {"model.layers.0": ["model.layers.0.q", "model.layers.0.v"],
               "model.layers.1": ["model.layers.1.q"], "score": ["score.weight"]}
     assert set(table.matrices) == set(layers)
+    # the evidence rule caps each layer's credibility by the model level's
+    whole = [torch.cat([vectors[m][k] for m in vectors]) for k in range(3)]
+    model_cos = brute_cosine(whole)
+    cap = model_credibility(model_cos, strategy.weight_options) if rule == "evidence" else None
     for layer, modules in layers.items():
         flat = [torch.cat([vectors[m][k] for m in modules]) for k in range(3)]
-        expected = similarity_weights(brute_cosine(flat), strategy.weight_options)
+        # per-layer cosines shrunk halfway to the model level (evidence) or not at all
+        cos = brute_cosine(flat)
+        if rule == "evidence":
+            cos = 0.5 * model_cos + 0.5 * cos
+        expected = similarity_weights(cos, strategy.weight_options, cap=cap)
         torch.testing.assert_close(table.matrices[layer], expected)
-    assert not torch.allclose(table.matrices["model.layers.0"], table.matrices["model.layers.1"])
+    if rule == "normalize":  # (the evidence rule finds no peer among 3 random vectors)
+        assert not torch.allclose(table.matrices["model.layers.0"],
+                                  table.matrices["model.layers.1"])
     assert table.for_module("model.layers.1.q") is table.matrices["model.layers.1"]
     assert table.for_module("score.weight") is table.matrices["score"]
 

@@ -47,10 +47,9 @@ class Method:
     description: str = ""
 
 
-# The FedBip weighting the demo and the benchmark use, chosen by benchmarks/bench_quality.py
-# (see benchmarks/README.md, "Quality benchmark"): a fixed self share of 0.3, the rest split
-# over peers by z-scored cosines. The paper's row normalisation is run beside it.
-FEDBIP_OPTIONS: dict[str, Any] = {"rule": "zscore", "self_share": 0.3}
+# The FedBip weighting the demo and the benchmark use: the project's default (the evidence
+# rule, see fedbip_hub/weighting.py). The paper's row normalisation is run beside it.
+FEDBIP_OPTIONS: dict[str, Any] = {"rule": "evidence"}
 
 
 def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
@@ -69,7 +68,7 @@ def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
     if paper_variant and options.get("rule", "normalize") != "normalize":
         methods.append(Method("fedbip-l-paper",
                               Strategy(method="fedbip-l", rule="normalize",
-                                       similarity_memory=0),
+                                       similarity_memory=0, layer_shrinkage=0.0),
                               "per-layer, the paper's row normalisation of this round's "
                               "cosines"))
     methods.append(Method("oracle", Strategy(method="oracle"),
@@ -103,7 +102,7 @@ class ScenarioConfig:
     late: dict[int, tuple[str, ...]] = field(
         default_factory=lambda: {2: ("low-2", "even-2")})
     epochs: float = 2
-    learning_rate: float = 5e-3
+    learning_rate: float = 2.5e-3  # constant schedule: the same total step as linear at 5e-3
     batch_size: int = 16
     lora_r: int = 4
     lora_alpha: float = 8.0
