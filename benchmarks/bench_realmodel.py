@@ -143,7 +143,7 @@ class RealModelScenario(Scenario):
 
 def methods(extra: Mapping[str, dict[str, Any]] | None = None) -> list[Method]:
     """The issue's rows: baselines, the paper's FedBip and FedBip-L, the project default."""
-    paper = {"rule": "normalize", "similarity_memory": 0, "layer_shrinkage": 0.0}
+    paper = {"rule": "normalize", "similarity_memory": 0}
     rows = [
         Method("local", Strategy(method="local")),
         Method("fedit", Strategy(method="fedit")),

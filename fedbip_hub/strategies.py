@@ -86,9 +86,9 @@ class Strategy(BaseModel):
         "credibility: a peer needs evidence in the layer and overall.")
     # Per-layer cosines of a few examples are noisy; halfway to the model level won on
     # both benchmarks (benchmarks/README.md, "Real-model benchmark").
-    layer_shrinkage: float = Field(
-        0.5, ge=0, le=1, description="Per-layer (or per-module) cosines are shrunk toward "
-        "the model-level cosine by this fraction before weighting: λ·c_model + (1−λ)·c_layer.")
+    evidence_layer_shrinkage: float = Field(
+        0.5, ge=0, le=1, description="The evidence rule's per-layer (or per-module) cosines "
+        "are shrunk toward the model level by this fraction: λ·c_model + (1−λ)·c_layer.")
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
     similarity_space: Space = "delta"
@@ -264,8 +264,9 @@ def compute_weights(
         options = strategy.weight_options
         model_cos = report.model_cosine()
         cosines = report.cosines(granularity)
-        if granularity != "model" and strategy.layer_shrinkage > 0:
-            lam = strategy.layer_shrinkage
+        if (options.rule == "evidence" and granularity != "model"
+                and strategy.evidence_layer_shrinkage > 0):
+            lam = strategy.evidence_layer_shrinkage
             cosines = {key: lam * model_cos.to(cos.dtype) + (1 - lam) * cos
                        for key, cos in cosines.items()}
         cap = (model_credibility(model_cos, options, allowed)

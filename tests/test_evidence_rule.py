@@ -147,10 +147,10 @@ class _Cosines:
         return self._model
 
 
-def test_layer_shrinkage_mixes_in_the_model_cosine() -> None:
+def test_evidence_layer_shrinkage_mixes_in_the_model_cosine() -> None:
     model = sym(2, {(0, 1): 0.8})
     layer = sym(2, {(0, 1): 0.0})
-    strategy = Strategy(method="fedbip-l", rule="evidence", layer_shrinkage=0.25,
+    strategy = Strategy(method="fedbip-l", rule="evidence", evidence_layer_shrinkage=0.25,
                         evidence_model_gate=False)
     table = compute_weights(strategy, k=2, report=_Cosines(model, {"layers.0": layer}))
     # 0.25·0.8 + 0.75·0.0 = 0.2 → z = 2 → q = 1/2 → peer 1/3

@@ -236,8 +236,7 @@ def _report():
 @pytest.mark.parametrize("rule", ["normalize", "evidence"])
 def test_compute_weights_per_layer(rule):
     report, vectors = _report()
-    strategy = Strategy.parse("fedbip-l", rule=rule,
-                              layer_shrinkage=0.5 if rule == "evidence" else 0.0)
+    strategy = Strategy.parse("fedbip-l", rule=rule)
     table = compute_weights(strategy, k=3, report=report)
     assert table.granularity == "layer"
     layers = {"model.layers.0": ["model.layers.0.q", "model.layers.0.v"],
@@ -249,7 +248,7 @@ def test_compute_weights_per_layer(rule):
     cap = model_credibility(model_cos, strategy.weight_options) if rule == "evidence" else None
     for layer, modules in layers.items():
         flat = [torch.cat([vectors[m][k] for m in modules]) for k in range(3)]
-        # per-layer cosines shrunk halfway to the model level (evidence) or not at all
+        # the evidence rule shrinks per-layer cosines halfway to the model level
         cos = brute_cosine(flat)
         if rule == "evidence":
             cos = 0.5 * model_cos + 0.5 * cos

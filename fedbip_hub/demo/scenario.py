@@ -68,7 +68,7 @@ def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
     if paper_variant and options.get("rule", "normalize") != "normalize":
         methods.append(Method("fedbip-l-paper",
                               Strategy(method="fedbip-l", rule="normalize",
-                                       similarity_memory=0, layer_shrinkage=0.0),
+                                       similarity_memory=0),
                               "per-layer, the paper's row normalisation of this round's "
                               "cosines"))
     methods.append(Method("oracle", Strategy(method="oracle"),
