@@ -101,6 +101,9 @@ class Strategy(BaseModel):
     sketch_kind: Literal["gaussian", "rademacher"] = "gaussian"
     compute_dtype: Literal["fp32", "fp64"] = Field(
         "fp32", description="Merge and similarity precision (bf16 inputs are upcast).")
+    max_size_share: float | None = Field(
+        None, gt=0, le=1, description="Cap on any one client's share of data-size weights "
+        "(fedavg, fedit), by water-filling; None: no cap.")
 
     @field_validator("method")
     @classmethod
@@ -194,7 +197,8 @@ def compute_weights(
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":
-        matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed)
+        matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed,
+                              max_share=strategy.max_size_share)
     elif weighting == "uniform":
         matrix = uniform_weights(k, allowed)
     elif weighting == "local":
