@@ -178,3 +178,17 @@ def test_brute_force_reference_is_itself_right():
     assert _brute_capped([1, 0], 0.3) == pytest.approx([1.0, 0.0])
     for n, cap in itertools.product(([3, 1], [1, 2, 3]), (0.4, 0.9)):
         assert sum(_brute_capped(n, cap)) == pytest.approx(1)
+
+
+def test_a_hostile_start_file_is_refused_with_a_reason(tmp_path):
+    from fedbip_hub.client import START_FILE, read_start_revision
+    from fedbip_hub.errors import ConfigError
+
+    (tmp_path / START_FILE).write_bytes(b'{"start_revision": ' + b"[" * 5000 + b"]" * 5000
+                                        + b"}")
+    with pytest.raises(ConfigError, match="nested deeper than 32 levels"):
+        read_start_revision(tmp_path)
+    (tmp_path / START_FILE).write_text('["not", "an", "object"]')
+    assert read_start_revision(tmp_path) is None
+    (tmp_path / START_FILE).write_text(json.dumps({"start_revision": "a" * 40}))
+    assert read_start_revision(tmp_path) == "a" * 40
