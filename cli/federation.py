@@ -168,6 +168,8 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
                       "refused" if m.get("refused") else ("yes" if m.get("pending") else "no"),
                       str(m["personalized_versions"]), str(m.get("staleness", "–")))
     out_console.print(table)
+    for path, why in (report.get("member_problems") or {}).items():
+        out_console.print(f"[yellow]left out[/] {path}: {why}", markup=True, highlight=False)
     last = report["last_round"]
     if last and last.get("model_cosine"):
         out_console.print(matrix_table(f"round {last['round']}: model-level cosine",

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from fedbip_hub.errors import AdapterError
+from fedbip_hub.patterns import PatternKeyError, PatternTable
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 1024 * KIB
+# Hard ceilings, whatever the federation's limits: past them a rank or an alpha is not a
+# number the maths can hold (the federation's own limits are checked in validation.py).
+MAX_RANK_VALUE = 1 << 20
+MAX_ALPHA_VALUE = 1e30
 
 # Options that change what a LoRA module computes beyond ΔW = s·B·A; we refuse them
 # rather than silently federating something else.
@@ -27,12 +33,13 @@ def pattern_value(patterns: dict[str, Any], module_name: str) -> Any | None:
     """Look a module up in a rank_pattern/alpha_pattern the way PEFT does.
 
     PEFT treats each key as a regex that must match the end of the module name at a dot
-    boundary, and takes the first key (in insertion order) that matches.
+    boundary, and takes the first key (in insertion order) that matches; only plain
+    module names or suffixes are accepted (``fedbip_hub.patterns``), matched in linear time.
+
+    Raises:
+        PatternKeyError: a key is not a plain module name or suffix.
     """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return None
+    return PatternTable(patterns).value_for(module_name)
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,20 @@ class LoraAdapterConfig:
     task_type: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @cached_property
+    def _rank_table(self) -> PatternTable:
+        return PatternTable(self.rank_pattern)
+
+    @cached_property
+    def _alpha_table(self) -> PatternTable:
+        return PatternTable(self.alpha_pattern)
+
     def rank_of(self, module_name: str) -> int:
-        value = pattern_value(self.rank_pattern, module_name)
+        value = self._rank_table.value_for(module_name)
         return int(value) if value is not None else self.r
 
     def alpha_of(self, module_name: str) -> float:
-        value = pattern_value(self.alpha_pattern, module_name)
+        value = self._alpha_table.value_for(module_name)
         return float(value) if value is not None else float(self.lora_alpha)
 
     def scale_of(self, module_name: str) -> float:
@@ -85,41 +100,38 @@ class LoraAdapterConfig:
                     f"{source} sets {flag}=true: {why}.",
                     hint=f"Train with {flag}=false to federate this adapter.",
                 )
-        try:
-            r = int(data["r"])
-            alpha = float(data["lora_alpha"])
-        except (KeyError, TypeError, ValueError) as exc:
+        if "r" not in data or "lora_alpha" not in data:
             raise AdapterError(
-                f"{source} lacks a valid 'r' or 'lora_alpha' ({exc}).",
+                f"{source} lacks 'r' or 'lora_alpha'.",
                 hint="Save the adapter with PeftModel.save_pretrained so the config is complete.",
-            ) from exc
-        if r <= 0 or not math.isfinite(alpha):
-            raise AdapterError(
-                f"{source} has r={r}, lora_alpha={alpha}; r must be positive, alpha finite.",
-                hint="Re-save the adapter with a valid LoraConfig.",
             )
+        field = "r"
         try:  # hostile or hand-edited configs must fail as AdapterError, never crash
-            rank_pattern = {str(k): int(v) for k, v in dict(data.get("rank_pattern") or {}
-                                                             ).items()}
-            alpha_pattern = {str(k): float(v) for k, v in dict(data.get("alpha_pattern") or {}
-                                                                ).items()}
-            for key in (*rank_pattern, *alpha_pattern):
-                re.compile(key)
-            modules_to_save = tuple(str(m) for m in data.get("modules_to_save") or ())
-        except (TypeError, ValueError, re.error) as exc:
+            r = _rank(data["r"], "r")
+            field = "lora_alpha"
+            alpha = _alpha(data["lora_alpha"], "lora_alpha")
+            field = "rank_pattern"
+            rank_pattern = {k: _rank(v, f"rank_pattern[{_short(k)}]")
+                            for k, v in _mapping(data.get("rank_pattern"), field)}
+            PatternTable(rank_pattern)
+            field = "alpha_pattern"
+            alpha_pattern = {k: _alpha(v, f"alpha_pattern[{_short(k)}]")
+                             for k, v in _mapping(data.get("alpha_pattern"), field)}
+            PatternTable(alpha_pattern)
+            field = "modules_to_save"
+            modules_to_save = _strings(data.get("modules_to_save"), field)
+        except (TypeError, ValueError) as exc:
             raise AdapterError(
-                f"{source} has a malformed rank_pattern, alpha_pattern or modules_to_save "
-                f"({exc}).",
-                hint="Re-save the adapter with PeftModel.save_pretrained.",
+                f"{source} has a malformed {field} ({exc}).",
+                hint=_HINTS.get(type(exc), "Re-save the adapter with PeftModel.save_pretrained."),
             ) from exc
-        if any(v <= 0 for v in rank_pattern.values()):
-            raise AdapterError(
-                f"{source} has a non-positive rank in rank_pattern.",
-                hint="Every rank_pattern entry must be a positive integer.",
-            )
         targets = data.get("target_modules")
         if isinstance(targets, list):
             targets = tuple(sorted(map(str, targets)))
+        elif targets is not None and not isinstance(targets, str):
+            raise AdapterError(f"{source} has a malformed target_modules (a "
+                               f"{type(targets).__name__}).",
+                               hint="Re-save the adapter with PeftModel.save_pretrained.")
         return cls(
             r=r,
             lora_alpha=alpha,
@@ -128,9 +140,9 @@ class LoraAdapterConfig:
             alpha_pattern=alpha_pattern,
             target_modules=targets,
             modules_to_save=modules_to_save,
-            base_model_name_or_path=data.get("base_model_name_or_path"),
-            base_model_revision=data.get("revision"),
-            task_type=data.get("task_type"),
+            base_model_name_or_path=_optional_string(data.get("base_model_name_or_path")),
+            base_model_revision=_optional_string(data.get("revision")),
+            task_type=_optional_string(data.get("task_type")),
             raw=dict(data),
         )
 
@@ -149,12 +161,70 @@ class LoraAdapterConfig:
                 "(it holds adapter_config.json and adapter_model.safetensors).",
             )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = loads_bounded(path.read_bytes(), max_bytes=MAX_CONFIG_BYTES)
+        except JsonLimitError as exc:
             raise AdapterError(
-                f"{path} is not valid JSON ({exc}).",
+                f"{path} is refused: {exc}.",
                 hint="Re-save the adapter with PeftModel.save_pretrained.",
             ) from exc
         if not isinstance(data, dict):
             raise AdapterError(f"{path} must hold a JSON object.", hint="Re-save the adapter.")
         return cls.from_dict(data, source=str(path))
+
+
+_HINTS = {PatternKeyError: "Write rank_pattern/alpha_pattern keys as plain module names or "
+          "suffixes (PEFT matches them the same way), then re-save the adapter."}
+
+
+def _number(value: object, what: str) -> float | int:
+    # bool is an int subclass; "8" or None is not a number a PEFT config writes
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} is {type(value).__name__} {_short(value)}, not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what} is {value}, not a finite number")
+    return value
+
+
+def _rank(value: object, what: str) -> int:
+    number = _number(value, what)
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(f"{what} is {number}, not an integer")
+    if number <= 0:
+        raise ValueError(f"{what} must be positive (it is {_short(number)}): a non-positive "
+                         "rank")
+    if number > MAX_RANK_VALUE:
+        raise ValueError(f"{what} is {_short(number)}; a rank is at most {MAX_RANK_VALUE}")
+    return int(number)
+
+
+def _alpha(value: object, what: str) -> float:
+    number = _number(value, what)
+    if not 0 < number <= MAX_ALPHA_VALUE:
+        raise ValueError(f"{what} is {_short(number)}; an alpha must be positive and at "
+                         f"most {MAX_ALPHA_VALUE:g}")
+    return float(number)
+
+
+def _mapping(value: object, what: str) -> list[tuple[str, object]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} is a {type(value).__name__}, not an object")
+    return list(value.items())
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{what} must be a list of module names")
+    return tuple(value)
+
+
+def _optional_string(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 
 from fedbip_hub.adapter_config import LoraAdapterConfig
 from fedbip_hub.errors import AdapterError
+from fedbip_hub.safe_json import JsonLimitError, loads_bounded
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -23,6 +23,10 @@ PEFT_PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+# A LoRA on every linear layer of a large MoE model has tens of thousands of tensors;
+# more, or longer names, is a header built to make the server spin.
+MAX_TENSORS = 1 << 17
+MAX_KEY_LENGTH = 1024
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _UNSUPPORTED_KEYS = {
     "lora_embedding_": "LoRA on embedding layers is not supported yet",
@@ -80,8 +84,9 @@ def _read_safetensors_header(path: Path, *, label: str | None) -> dict:
                 client=label,
             )
         try:
-            header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header = loads_bounded(handle.read(header_len), max_bytes=MAX_HEADER_BYTES,
+                                   max_depth=4)
+        except JsonLimitError as exc:
             raise AdapterError(f"{path} has an unreadable safetensors header ({exc}).",
                                client=label, hint="Re-save the adapter.") from exc
     if not isinstance(header, dict):
@@ -89,8 +94,16 @@ def _read_safetensors_header(path: Path, *, label: str | None) -> dict:
                            client=label,
                            hint="Re-save the adapter with PeftModel.save_pretrained.")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise AdapterError(f"{path} has {len(header)} tensors (at most {MAX_TENSORS}).",
+                           client=label, hint="Save only the LoRA factors and "
+                           "modules_to_save (PeftModel.save_pretrained does).")
     data_len = size - 8 - header_len
     for key, entry in header.items():
+        if len(key) > MAX_KEY_LENGTH:
+            raise AdapterError(f"{path}: a tensor name is {len(key)} characters long (at "
+                               f"most {MAX_KEY_LENGTH}).", client=label,
+                               hint="Re-save the adapter with PeftModel.save_pretrained.")
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (_int_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
@@ -145,9 +158,10 @@ class LoraAdapter:
         header = _read_safetensors_header(self.weights_path, label=label)
         self._shapes: dict[str, tuple[int, ...]] = {}
         for key, entry in header.items():
-            if entry.get("dtype") not in ALLOWED_DTYPES:
+            dtype = entry.get("dtype")
+            if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise AdapterError(
-                    f"{self.weights_path}: tensor {key!r} has dtype {entry.get('dtype')}; "
+                    f"{self.weights_path}: tensor {key!r} has dtype {str(dtype)[:40]}; "
                     "only F32, BF16 and F16 are accepted.",
                     hint="Cast the adapter to float32, bfloat16 or float16 before saving.",
                     client=label,

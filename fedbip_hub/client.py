@@ -24,15 +24,18 @@ from fedbip_hub.federation import (
     FederationState,
     Member,
     dump_json,
-    is_client_name,
     utc_now,
 )
+from fedbip_hub.identity import client_name_problem, repo_id_problem
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
+from fedbip_hub.task_vectors import TaskVector
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
-from fedbip_hub.validation import validate_upload
+from fedbip_hub.validation import check_task_vector, validate_upload
 
 PUBLISH_TITLE = "fedbip: personalized adapter"
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME)
 START_FILE = "fedbip_start.json"
+MAX_START_FILE_BYTES = 64 * KIB
 _COMMIT_RETRIES = 8
 
 
@@ -86,13 +89,26 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
 def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
     """Create the member's private repo and record the membership in the federation repo.
 
-    Joining is idempotent; joining under a name already taken by another repo is refused.
+    Joining is idempotent; joining under a name already taken by another repo is refused,
+    and so is a repo that another member (or the federation itself) already has: one
+    member, one repo.
     """
     _check_name(client)
     head = fed.head()
     fed.config(head)
     members = fed.members(head)
     repo_id = repo_id or fed.default_client_repo(client)
+    if (problem := repo_id_problem(repo_id)) is not None:
+        raise ConfigError(problem, hint="Pass another --repo.", client=client)
+    if repo_id == fed.repo_id:
+        raise ConfigError(f"{repo_id} is the federation's own repo; a member needs a repo of "
+                          "its own.", hint="Pass another --repo, or omit it.", client=client)
+    holder = next((m.name for m in members.values()
+                   if m.repo_id == repo_id and m.name != client), None)
+    if holder is not None:
+        raise ConfigError(f"repo {repo_id} is already member {holder}'s; one member, one repo.",
+                          hint="Pass another --repo, or omit it for a repo of your own.",
+                          client=client)
     if client in members:
         if members[client].repo_id != repo_id:
             raise ConfigError(f"{client} already joined with repo {members[client].repo_id}.",
@@ -108,9 +124,8 @@ def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
 
 
 def _check_name(client: str) -> None:
-    if not is_client_name(client):
-        raise ConfigError(f"invalid client name {client!r}.",
-                          hint="Use letters, digits, '-', '_' and '.'.")
+    if (problem := client_name_problem(client)) is not None:
+        raise ConfigError(f"{problem}.", hint="Pick another client name.")
 
 
 @dataclass
@@ -157,7 +172,13 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
             if stray.suffix.lower() in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
                 shutil.copyfile(stray, staged / stray.name)
         metadata.write(staged)
-        validate_upload(staged, config, init, label=client)
+        adapter, _ = validate_upload(staged, config, init, label=client)
+        start = init
+        if metadata.start_revision is not None:
+            start = LoraAdapter(fed.store.fetch_folder(
+                member.repo_id, metadata.start_revision, PERSONALIZED_DIR,
+                only=(CONFIG_NAME, WEIGHTS_NAME)), label=f"{client} start")
+        check_task_vector(TaskVector(adapter, start, name=client), config.limits, label=client)
         files = {name: (staged / name).read_bytes() for name in UPLOAD_FILES}
     commit = commit_with_retry(
         fed, member.repo_id, lambda _head: files,
@@ -180,12 +201,22 @@ def _check_start(fed: Federation, member: Member, revision: str) -> None:
 
 
 def read_start_revision(adapter_dir: Path) -> str | None:
-    import json
+    """The start revision ``fedbip pull`` (or ``fedbip train``) recorded in the folder.
 
+    Raises:
+        ConfigError: the file is not a small JSON object.
+    """
     path = Path(adapter_dir) / START_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("start_revision")
+    try:
+        data = loads_bounded(path.read_bytes(), max_bytes=MAX_START_FILE_BYTES)
+    except JsonLimitError as exc:
+        raise ConfigError(f"{path} is refused: {exc}.",
+                          hint="Delete it and pass --start-revision, or `fedbip pull` "
+                          "again.") from exc
+    revision = data.get("start_revision") if isinstance(data, dict) else None
+    return revision if isinstance(revision, str) else None
 
 
 def latest_personalized_revision(fed: Federation, repo_id: str) -> str | None:

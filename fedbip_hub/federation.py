@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedbip_hub import __version__
-from fedbip_hub.errors import ConfigError, NotFoundError
+from fedbip_hub.errors import ConfigError, FedbipError, NotFoundError
+from fedbip_hub.identity import client_name_problem, repo_id_problem
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
+from fedbip_hub.upload_metadata import describe_error
 
 if TYPE_CHECKING:
     from fedbip_hub.strategies import Strategy
@@ -32,6 +36,7 @@ ROUNDS_DIR = "rounds"
 PERSONALIZED_DIR = "personalized"
 MERGE_RECORD = "fedbip_merge.json"
 LOCAL_FEDERATION_REPO = "federation"
+MAX_MEMBER_FILE_BYTES = 64 * KIB
 
 TaskType = Literal["SEQ_CLS", "CAUSAL_LM"]
 
@@ -41,9 +46,10 @@ def utc_now() -> str:
 
 
 def is_client_name(name: object) -> bool:
-    """Member names: letters, digits, '-', '_' and '.' (they name files and repos)."""
-    return isinstance(name, str) and bool(name) and all(c.isalnum() or c in "-_."
-                                                        for c in name)
+    """Member names (they name files and repos): ``fedbip_hub.identity``'s grammar."""
+    from fedbip_hub.identity import client_name_problem
+
+    return client_name_problem(name) is None
 
 
 class LoraSpec(BaseModel):
@@ -59,12 +65,27 @@ class LoraSpec(BaseModel):
 
 
 class Limits(BaseModel):
-    """What the server accepts from a client upload."""
+    """What the server (and ``fedbip push``) accepts from a client upload.
+
+    The numeric bounds are checked for each client alone, in float64, before its numbers
+    meet any other client's (fedbip_hub.validation): past them a single upload could
+    overflow the round's float32 maths for everyone.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_rank: int = Field(256, gt=0)
     max_adapter_mb: float = Field(4096, gt=0)
+    max_scaling: float = Field(
+        1e4, gt=0, description="Largest LoRA scaling s (alpha/r, or alpha/sqrt(r) with "
+        "rsLoRA) of any module.")
+    max_task_vector_norm: float = Field(
+        1e6, gt=0, description="Largest Frobenius norm of a client's whole task vector.")
+    max_factor_norm: float = Field(
+        1e8, gt=0, description="Largest Frobenius norm of one module's task-vector factors "
+        "(s·B and A, stacked with its start's), which bounds every Gram entry.")
+    max_n_examples: int = Field(10**9, gt=0, le=10**15,
+                                description="Largest n_examples an upload may declare.")
 
 
 class FederationConfig(BaseModel):
@@ -116,8 +137,30 @@ class Member(BaseModel):
 
     name: str
     repo_id: str
-    joined_at: str = Field(default_factory=utc_now)
-    joined_by: str | None = None
+    joined_at: str = Field(default_factory=utc_now, max_length=64)
+    joined_by: str | None = Field(None, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if (problem := client_name_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str) -> str:
+        if (problem := repo_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+
+@dataclass
+class Membership:
+    """The members read from ``members/``, and why any member file was left out."""
+
+    members: dict[str, Member]
+    problems: dict[str, str]  # member file path → why it was left out
 
 
 class ClientState(BaseModel):
@@ -204,13 +247,63 @@ class Federation:
         return FederationState.model_validate(self._json(STATE_FILE, revision))
 
     def members(self, revision: str | None = None) -> dict[str, Member]:
+        """The members; a member file that is invalid is left out (see ``membership``)."""
+        return self.membership(revision).members
+
+    def membership(self, revision: str | None = None) -> Membership:
+        """Every valid member, and why each other member file was left out.
+
+        One bad member file (an invalid name, a name too long for a file system, JSON
+        that is not a member, a repo another member or the federation already has) never
+        stops the federation: it is left out, with a reason, and the others are read.
+        When two member files claim one repo, the member that joined first keeps it.
+        """
         revision = revision or self.head()
-        members = {}
+        found: list[Member] = []
+        problems: dict[str, str] = {}
         for path in self.store.list_files(self.repo_id, revision):
-            if path.startswith(f"{MEMBERS_DIR}/") and path.endswith(".json"):
-                member = Member.model_validate(self._json(path, revision))
-                members[member.name] = member
-        return dict(sorted(members.items()))
+            if not (path.startswith(f"{MEMBERS_DIR}/") and path.endswith(".json")):
+                continue
+            try:
+                found.append(self._member_file(path, revision))
+            except FedbipError as exc:
+                problems[_shown_path(path)] = exc.message
+        claimed: dict[str, Member] = {}
+        for member in sorted(found, key=lambda m: (_joined_key(m.joined_at), m.name)):
+            holder = claimed.get(member.repo_id)
+            if member.repo_id == self.repo_id:
+                problems[f"{MEMBERS_DIR}/{member.name}.json"] = (
+                    f"member {member.name} claims the federation's own repo {self.repo_id}; "
+                    "left out (fix: join with a repo of its own)")
+            elif holder is not None:
+                problems[f"{MEMBERS_DIR}/{member.name}.json"] = (
+                    f"member {member.name} claims repo {member.repo_id}, which member "
+                    f"{holder.name} joined with first; left out (fix: join with a repo of "
+                    "its own)")
+            else:
+                claimed[member.repo_id] = member
+        members = {m.name: m for m in claimed.values()}
+        return Membership(dict(sorted(members.items())), dict(sorted(problems.items())))
+
+    def _member_file(self, path: str, revision: str) -> Member:
+        """Read one ``members/<name>.json``; its name must be the file's."""
+        name = path[len(MEMBERS_DIR) + 1:-len(".json")]
+        problem = client_name_problem(name)
+        if problem is not None:  # checked before any read: the name makes cache paths
+            raise ConfigError(f"{_shown_path(path)} is not a member file: {problem}; left "
+                              "out (fix: delete it from the federation repo)")
+        try:
+            data = loads_bounded(self.store.read_bytes(self.repo_id, path, revision),
+                                 max_bytes=MAX_MEMBER_FILE_BYTES)
+            member = Member.model_validate(data)
+        except (JsonLimitError, ValidationError) as exc:
+            raise ConfigError(f"{path} is not a valid member file ({describe_error(exc)}); left "
+                              f"out (fix: `fedbip join {self.address} --client {name}` "
+                              "again, or delete the file)") from exc
+        if member.name != name:
+            raise ConfigError(f"{path} names member {member.name!r}, not {name!r}; left out "
+                              "(fix: a member file must carry its own name)")
+        return member
 
     def member(self, name: str, revision: str | None = None) -> Member:
         members = self.members(revision)
@@ -228,6 +321,19 @@ class Federation:
             return f"clients/{client}"
         namespace, name = self.repo_id.split("/")
         return f"{namespace}/{name}-{client}"
+
+
+def _shown_path(path: str) -> str:
+    return path if len(path) <= 100 else path[:97] + "..."
+
+
+def _joined_key(joined_at: str) -> datetime:
+    """When a member joined, for "first joiner keeps the repo" (unreadable: last)."""
+    try:
+        when = datetime.fromisoformat(joined_at)
+    except ValueError:
+        return datetime.max.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def _env_path(name: str) -> Path | None:

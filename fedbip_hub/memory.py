@@ -105,6 +105,14 @@ class SimilarityMemory:
                                 {k: v[pick] for k, v in self.cross.items()},
                                 {k: v[pick] for k, v in self.own.items()})
 
+    def nonfinite_clients(self) -> set[str]:
+        """Clients with a NaN or infinite entry in their row or column of any sum."""
+        bad = torch.zeros(len(self.clients), dtype=torch.bool)
+        for matrix in (*self.cross.values(), *self.own.values()):
+            finite = torch.isfinite(matrix)
+            bad |= ~finite.all(dim=1) | ~finite.all(dim=0)
+        return {c for c, b in zip(self.clients, bad.tolist(), strict=True) if b}
+
     def _grown(self, key: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cross = torch.zeros(k, k, dtype=torch.float64)
         own = torch.zeros(k, k, dtype=torch.float64)

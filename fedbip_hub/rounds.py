@@ -10,7 +10,6 @@ the record and the new state.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from fedbip_hub.adapter_io import LoraAdapter
+from fedbip_hub.adapter_config import CONFIG_NAME
+from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
@@ -50,6 +50,7 @@ from fedbip_hub.federation import (
 from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
 from fedbip_hub.robust import norm_guard, sign_guard
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.secrets import redact
 from fedbip_hub.similarity import CosineSource, SimilarityReport
 from fedbip_hub.sketch import round_similarity
@@ -71,9 +72,12 @@ from fedbip_hub.streaming import (
     resident_peers,
 )
 from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, describe_error
-from fedbip_hub.validation import check_upload_listing, validate_upload
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.validation import check_task_vector, check_upload_listing, validate_upload
 
+# What the server reads of a personalized folder (a member may commit anything beside).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+MAX_MERGE_RECORD_BYTES = 16 * 1024 * KIB
 ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
 LogFn = Callable[[str], None]
 
@@ -108,6 +112,10 @@ class RoundPlan(BaseModel):
     # (recreated, or its history squashed); its ``latest`` is None (the init) and its
     # history is reset when the round completes.
     restarted: dict[str, str] = Field(default_factory=dict)
+    # client → its input, taken out of ``inputs`` because it made this round's maths fail
+    # (its reason is in ``skipped``); recorded in the lease, so a resumed round never
+    # replays it. A fresh one is refused when the round completes, a stale one evicted.
+    dropped: dict[str, PinnedInput] = Field(default_factory=dict)
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
@@ -150,6 +158,8 @@ class RoundRunner:
     # client → (reason, skipped text): this round's publish failures, for _complete.
     _publish_failed: dict[str, tuple[str, str]] | None = None
     _memory_read: tuple[tuple[str, str], SimilarityMemory] | None = None
+    # client → why its consumed update left the pool this round, for _complete.
+    _evicted: dict[str, str] | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -236,8 +246,9 @@ class RoundRunner:
                     "(or wait for the lease to expire) to resume the same round.")
             self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}).")
             return plan
-        members = self.fed.members(head)
-        inputs, skipped, restarted = self._collect(members, state)
+        membership = self.fed.membership(head)
+        inputs, skipped, restarted = self._collect(membership.members, state)
+        skipped.update(membership.problems)
         self._last_skips = skipped
         if not any(i.fresh for i in inputs.values()):
             return None
@@ -320,11 +331,7 @@ class RoundRunner:
         uid = upload_id(raw)
         if uid in (client_state.consumed_upload, client_state.refused_upload):
             return None
-        try:
-            metadata = UploadMetadata.model_validate(json.loads(raw))
-        except ValueError as exc:
-            raise FedbipError(f"fedbip_upload.json is malformed ({describe_error(exc)})",
-                              hint="Push again with `fedbip push`.", client=name) from exc
+        metadata = UploadMetadata.parse(raw, label=name)
         history = client_state.personalized_history
         if metadata.start_revision is None:
             staleness = len(history)
@@ -349,7 +356,10 @@ class RoundRunner:
         init = LoraAdapter(init_dir, label="federation init")
         vectors: list[TaskVector] = []
         inputs: list[PinnedInput] = []
-        refused: dict[str, str] = {}
+        refused = {n: p.upload_id for n, p in plan.dropped.items() if p.fresh}
+        # client → why its consumed (stale) update leaves the pool; see _complete
+        evicted = self._evicted = {n: skipped[n] for n, p in plan.dropped.items()
+                                   if not p.fresh}
         init_name = f"{self.fed.repo_id}@{plan.federation_revision[:12]}/{INIT_DIR}"
         self._latest_folders = {}
         fetched = OrderedMap(lambda p: self._read_input(plan, p, config, init, init_name),
@@ -366,6 +376,8 @@ class RoundRunner:
                 skipped[pinned.client] = reason(exc)
                 if pinned.fresh:
                     refused[pinned.client] = pinned.upload_id
+                else:  # consumed earlier, refused now (its numbers, or a tighter gate)
+                    skipped[pinned.client] = evicted[pinned.client] = _evicted_reason(exc)
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
                 skipped[pinned.client] = internal_reason(exc)
                 self.log(f"Internal error reading {pinned.client}'s upload "
@@ -374,19 +386,29 @@ class RoundRunner:
                     self.log(redact("".join(traceback.format_exception(exc))))
         self._lap("download_validate")
         self.checkpoint("downloaded")
-        report = weights = similarity = memory = None
-        merged: list[MergedAdapter] = []
-        guard: dict[str, dict] = {}
-        signs: dict[str, dict] = {}
-        if any(p.fresh for p in inputs):
-            report = self._similarity(strategy, vectors, inputs)
-            report, vectors, inputs, scale, guard = self._norm_guard(
-                strategy, report, vectors, inputs, skipped, refused)
-            if any(p.fresh for p in inputs):
-                memory, similarity = self._remember(plan, strategy, report, inputs, scale)
-                blocked, signs = self._sign_guard(strategy, similarity, inputs)
-                weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
-                                              similarity, scale, blocked)
+        while True:  # until the maths passes; each pass drops at least one client
+            attempt_skipped, attempt_refused = dict(skipped), dict(refused)
+            try:
+                (report, weights, similarity, memory, merged, guard, signs, vectors_used,
+                 inputs_used) = self._compute(plan, strategy, config, init, vectors, inputs,
+                                              attempt_skipped, attempt_refused)
+                break
+            except Exception as exc:
+                self._close_staging()
+                drops = self._culprits(exc, plan, strategy, config, init, vectors, inputs)
+                if not drops:
+                    raise
+                self._drop_from_plan(plan, drops)
+                for name, why in drops.items():
+                    skipped[name] = why
+                    if plan.dropped[name].fresh:
+                        refused[name] = plan.dropped[name].upload_id
+                    else:
+                        evicted[name] = why
+                keep = [k for k, p in enumerate(inputs) if p.client not in drops]
+                vectors, inputs = [vectors[k] for k in keep], [inputs[k] for k in keep]
+        skipped, refused = attempt_skipped, attempt_refused
+        vectors, inputs = vectors_used, inputs_used
         names = [p.client for p in inputs]
         self._lap("compute")
         self.checkpoint("computed")
@@ -400,6 +422,8 @@ class RoundRunner:
                                    if isinstance(similarity, SimilarityView) else None)
         record["norm_guard"] = guard
         record["sign_guard"] = signs
+        record["dropped_from_plan"] = sorted(plan.dropped)
+        record["evicted"] = dict(evicted)
         record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
@@ -412,6 +436,85 @@ class RoundRunner:
                            "uploaded": self.store.traffic.uploaded}
         return record
 
+    def _compute(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
+                 init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
+                 skipped: dict[str, str], refused: dict[str, str]) -> tuple:
+        """Similarity, guards, memory and merge over the clients that passed the gate."""
+        report = weights = similarity = memory = None
+        merged: list[MergedAdapter] = []
+        guard: dict[str, dict] = {}
+        signs: dict[str, dict] = {}
+        if any(p.fresh for p in inputs):
+            report = self._similarity(strategy, vectors, inputs)
+            _require_finite(report)
+            report, vectors, inputs, scale, guard = self._norm_guard(
+                strategy, report, vectors, inputs, skipped, refused)
+            if any(p.fresh for p in inputs):
+                memory, similarity = self._remember(plan, strategy, report, inputs, scale)
+                blocked, signs = self._sign_guard(strategy, similarity, inputs)
+                weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
+                                              similarity, scale, blocked)
+        return report, weights, similarity, memory, merged, guard, signs, vectors, inputs
+
+    def _culprits(self, exc: Exception, plan: RoundPlan, strategy: Strategy,
+                  config: FederationConfig, init: LoraAdapter, vectors: list[TaskVector],
+                  inputs: list[PinnedInput]) -> dict[str, str]:
+        """The clients that made the round's maths fail, each with its reason; empty when
+        it cannot be pinned on some clients and not others (a server-side failure)."""
+        names = [p.client for p in inputs]
+        if isinstance(exc, FedbipError) and not isinstance(exc, StoreError) and (
+                exc.client in names and len(names) > 1):
+            return {exc.client: _dropped_reason(reason(exc))}
+        self.log(f"The round's computation failed ({exception_text(exc)}); trying each "
+                 "client alone to find the input that causes it.")
+        failures: dict[str, str] = {}
+        streaming, self.streaming = self.streaming, False  # probes stay in memory
+        try:
+            for k, pinned in enumerate(inputs):
+                try:
+                    self._probe(plan, strategy, config, init, vectors[k], pinned)
+                except Exception as probe_exc:
+                    failures[pinned.client] = _dropped_reason(exception_text(probe_exc))
+        finally:
+            self.streaming = streaming
+        return failures if len(failures) < len(inputs) else {}
+
+    def _probe(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
+               init: LoraAdapter, vector: TaskVector, pinned: PinnedInput) -> None:
+        """The round's maths for one client alone, as if it were fresh."""
+        alone = pinned.model_copy(update={"fresh": True, "staleness": 0})
+        report = self._similarity(strategy, [vector], [alone])
+        _require_finite(report)
+        self._merge(plan, strategy, config, init, [vector], [alone], report,
+                    torch.ones(1, dtype=torch.float64), [])
+
+    def _drop_from_plan(self, plan: RoundPlan, drops: dict[str, str]) -> None:
+        """Move clients from the plan's inputs to its drops, and commit the lease with
+        them, so a resumed round never reads them again."""
+        for name, why in drops.items():
+            plan.dropped[name] = plan.inputs.pop(name)
+            plan.skipped[name] = why
+            self.log(f"{name}: {why}")
+        if self.dry_run:
+            return
+
+        def build(head: str) -> dict:
+            state = self.fed.state(head)
+            if (state.in_progress or {}).get("plan_id") != plan.plan_id:
+                raise RoundInProgressError(
+                    f"round {plan.round} was completed or replaced by another job.",
+                    hint="Nothing to do; check `fedbip status`.")
+            state.in_progress = plan.model_dump(mode="json")
+            return {STATE_FILE: dump_json(state)}
+
+        commit_with_retry(self.fed, self.fed.repo_id, build,
+                          f"fedbip: round {plan.round}: dropped {', '.join(sorted(drops))}")
+
+    def _close_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.close()
+
     def _read_input(self, plan: RoundPlan, pinned: PinnedInput, config: FederationConfig,
                     init: LoraAdapter, init_name: str) -> TaskVector:
         """``_task_vector``, then the client's latest personalized adapter fetched into the
@@ -420,7 +523,8 @@ class RoundRunner:
         revision = plan.latest.get(pinned.client)
         if revision is not None:
             try:
-                folder = self.store.fetch_folder(pinned.repo_id, revision, PERSONALIZED_DIR)
+                folder = self.store.fetch_folder(pinned.repo_id, revision, PERSONALIZED_DIR,
+                                                 only=ADAPTER_FILES)
             except StoreError as exc:
                 exc.message = (f"could not read its latest personalized adapter "
                                f"{pinned.repo_id}@{revision[:12]}/{PERSONALIZED_DIR} "
@@ -446,11 +550,13 @@ class RoundRunner:
             start = init
             if pinned.start_revision is not None:
                 start_dir = self.store.fetch_folder(pinned.repo_id, pinned.start_revision,
-                                                    PERSONALIZED_DIR)
+                                                    PERSONALIZED_DIR, only=ADAPTER_FILES)
                 names[start_dir] = (f"{pinned.repo_id}@{pinned.start_revision[:12]}/"
                                     f"{PERSONALIZED_DIR}")
                 start = LoraAdapter(start_dir, label=f"{pinned.client} start")
-            return TaskVector(upload, start, name=pinned.client)
+            vector = TaskVector(upload, start, name=pinned.client)
+            check_task_vector(vector, config.limits, label=pinned.client)
+            return vector
         except FedbipError as exc:
             exc.message = public_paths(exc.message, names, self.store.cache_dir)
             if exc.hint:
@@ -529,8 +635,12 @@ class RoundRunner:
             return None, report
         previous = self._stored_memory(plan, strategy)
         # A client that starts over (its repo was recreated) starts with no evidence too.
-        memory = previous.without(plan.restarted).updated(report, [p.fresh for p in inputs],
-                                  decay=strategy.similarity_memory, scale=scale)
+        # So does a client whose consumed update left the pool, and any client whose
+        # stored evidence is not finite (remembered before the per-client bounds).
+        leaving = {*plan.restarted, *(self._evicted or {}), *previous.nonfinite_clients()}
+        memory = previous.without(leaving).updated(report, [p.fresh for p in inputs],
+                                                   decay=strategy.similarity_memory,
+                                                   scale=scale)
         return memory, memory.view(report)
 
     def _stored_memory(self, plan: RoundPlan, strategy: Strategy) -> SimilarityMemory:
@@ -680,8 +790,12 @@ class RoundRunner:
         path = f"{PERSONALIZED_DIR}/{MERGE_RECORD}"
         if not self.store.file_exists(repo_id, path, head):
             return None
-        record = json.loads(self.store.read_bytes(repo_id, path, head))
-        if record.get("plan_id") != plan.plan_id:
+        try:  # the member's repo: anything may have been committed there
+            record = loads_bounded(self.store.read_bytes(repo_id, path, head),
+                                   max_bytes=MAX_MERGE_RECORD_BYTES)
+        except JsonLimitError:
+            return None
+        if not isinstance(record, dict) or record.get("plan_id") != plan.plan_id:
             return None
         from fedbip_hub.client import latest_personalized_revision
 
@@ -725,6 +839,7 @@ class RoundRunner:
         from fedbip_hub.modelcard import dashboard_card
 
         failed, self._publish_failed = self._publish_failed or {}, None
+        evicted, self._evicted = self._evicted or {}, None
         record["publish_failed"] = {name: why for name, (why, _) in failed.items()}
         record["skipped"].update({name: text for name, (_, text) in failed.items()})
 
@@ -756,6 +871,9 @@ class RoundRunner:
                     client_state.last_round = plan.round
             for name, uid in refused.items():
                 state.client(name).refused_upload = uid
+            for name in evicted:  # its consumed update leaves the pool; it stays consumed
+                state.clients[name] = state.client(name).model_copy(
+                    update={"consumed_commit": None, "consumed_start": None})
             state.round = plan.round
             state.in_progress = None
             files = {STATE_FILE: dump_json(state),
@@ -770,6 +888,28 @@ class RoundRunner:
 
         commit_with_retry(self.fed, self.fed.repo_id, build,
                           f"fedbip: round {plan.round} completed")
+
+
+def _require_finite(report: SimilarityReport) -> None:
+    """Refuse to weigh anyone with a non-finite Gram matrix or norm: a NaN cosine is read
+    as "no similarity", and every update would silently be lost."""
+    bad = sorted(m for m, g in report.grams.items() if not bool(torch.isfinite(g).all()))
+    if not bool(torch.isfinite(report.norms()).all()):
+        bad.append("the norms")
+    if bad:
+        raise ArithmeticError(f"non-finite task-vector inner products in {bad[:3]}")
+
+
+def _dropped_reason(why: str) -> str:
+    return one_line(redact(
+        f"its input made the round's computation fail ({why}); dropped from this round's "
+        "plan, and its upload is not used (fix: check the adapter's values and scaling, "
+        "then push a new upload)"))
+
+
+def _evicted_reason(exc: FedbipError) -> str:
+    return one_line(f"its consumed update no longer passes the gate and left the pool: "
+                    f"{reason(exc)}")
 
 
 def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput | None:

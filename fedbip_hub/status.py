@@ -8,7 +8,7 @@ from typing import Any
 from fedbip_hub.client import upload_id
 from fedbip_hub.errors import FedbipError
 from fedbip_hub.federation import ROUNDS_DIR, Federation
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
 
 
 def federation_status(fed: Federation) -> dict[str, Any]:
@@ -21,7 +21,8 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         path = f"{ROUNDS_DIR}/{state.round:06d}.json"
         last_record = json.loads(fed.store.read_bytes(fed.repo_id, path, head))
     members = []
-    for name, member in fed.members(head).items():
+    membership = fed.membership(head)
+    for name, member in membership.members.items():
         client_state = state.clients.get(name)
         entry: dict[str, Any] = {"name": name, "repo_id": member.repo_id,
                                  "joined_at": member.joined_at}
@@ -33,8 +34,13 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         except FedbipError as exc:
             entry["error"] = exc.message
             raw = None
+        meta: dict = {}
         if raw is not None:
-            meta = json.loads(raw)
+            try:  # the member's repo: anything may have been committed there
+                meta = UploadMetadata.parse(raw, label=name).model_dump()
+            except FedbipError as exc:
+                entry["error"] = exc.message
+        if raw is not None:
             uid = upload_id(raw)
             entry["last_upload"] = {"uploaded_at": meta.get("uploaded_at"),
                                     "n_examples": meta.get("n_examples"),
@@ -52,7 +58,8 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         "federation": fed.address, "store": fed.store.describe(), "revision": head,
         "config": config.model_dump(mode="json"), "round": state.round,
         "round_in_progress": state.in_progress is not None,
-        "members": members, "last_round": _round_summary(last_record),
+        "members": members, "member_problems": membership.problems,
+        "last_round": _round_summary(last_record),
     }
 
 

@@ -127,15 +127,17 @@ class Strategy(BaseModel):
     @field_validator("groups")
     @classmethod
     def _group_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from fedbip_hub.federation import is_client_name
+        from fedbip_hub.identity import client_name_problem
 
         for client, group in (value or {}).items():
-            if not is_client_name(client):
-                raise ValueError(f"groups: invalid client name {client!r} (use letters, "
-                                 "digits, '-', '_' and '.')")
+            if (problem := client_name_problem(client)) is not None:
+                raise ValueError(f"groups: {problem}")
             if not group:
                 raise ValueError(f"groups: {client} has an empty group")
         return value
+    max_size_share: float | None = Field(
+        None, gt=0, le=1, description="Cap on any one client's share of data-size weights "
+        "(fedavg, fedit), by water-filling; None: no cap.")
 
     @field_validator("method")
     @classmethod
@@ -278,7 +280,8 @@ def compute_weights(
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":
-        matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed)
+        matrix = size_weights(n_examples if n_examples is not None else [1.0] * k, allowed,
+                              max_share=strategy.max_size_share)
     elif weighting == "uniform":
         matrix = uniform_weights(k, allowed)
     elif weighting == "local":

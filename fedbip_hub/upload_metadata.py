@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbip_hub.errors import AdapterError
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 
 UPLOAD_METADATA_NAME = "fedbip_upload.json"
+MAX_METADATA_BYTES = 64 * KIB
+# A hard ceiling whatever the federation's limit (Limits.max_n_examples, checked by
+# validation.check_metadata): a count no dataset has, that every float still holds exactly.
+MAX_N_EXAMPLES = 10**15
 
 
 class UploadMetadata(BaseModel):
@@ -25,12 +29,29 @@ class UploadMetadata(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    start_revision: str | None = None
-    n_examples: int = Field(1, ge=0)
-    base_model: str | None = None
-    base_revision: str | None = None
-    task: str | None = None
-    fedbip_version: str | None = None
+    start_revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
+    n_examples: int = Field(1, ge=0, le=MAX_N_EXAMPLES, strict=True)
+    base_model: str | None = Field(None, max_length=1024)
+    base_revision: str | None = Field(None, max_length=256)
+    task: str | None = Field(None, max_length=256)
+    fedbip_version: str | None = Field(None, max_length=64)
+
+    @classmethod
+    def parse(cls, raw: bytes, *, label: str | None = None, source: str = UPLOAD_METADATA_NAME
+              ) -> UploadMetadata:
+        """Parse the file's bytes within bounds (size, depth, number sizes).
+
+        Raises:
+            AdapterError: the content is not well-formed metadata.
+        """
+        try:
+            return cls.model_validate(loads_bounded(raw, max_bytes=MAX_METADATA_BYTES))
+        except (JsonLimitError, ValidationError) as exc:
+            raise AdapterError(
+                f"{source} is malformed ({describe_error(exc)})",
+                hint="Push again with `fedbip push`, which writes this file for you.",
+                client=label,
+            ) from exc
 
     @classmethod
     def read(cls, folder: str | Path, *, label: str | None = None) -> UploadMetadata | None:
@@ -42,14 +63,7 @@ class UploadMetadata(BaseModel):
         path = Path(folder) / UPLOAD_METADATA_NAME
         if not path.is_file():
             return None
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
-            raise AdapterError(
-                f"{path} is malformed: {describe_error(exc)}",
-                hint="Push again with `fedbip push`, which writes this file for you.",
-                client=label,
-            ) from exc
+        return cls.parse(path.read_bytes(), label=label, source=str(path))
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / UPLOAD_METADATA_NAME

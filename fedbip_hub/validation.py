@@ -1,18 +1,29 @@
 """The gate every upload passes before any maths: one precise, actionable reason per refusal.
 
-Headers are checked first (cheap), values last (every tensor must be finite).
+``fedbip push`` and the server run the same functions. Headers are checked first (cheap),
+then every number the member controls against the federation's limits, values last
+(every tensor finite), and finally the task vector's own norms, in float64, for this
+client alone: an upload past the bounds is refused before its numbers meet anyone else's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.errors import AdapterError
-from fedbip_hub.federation import FederationConfig
+from fedbip_hub.federation import FederationConfig, Limits
+from fedbip_hub.lowrank import lowrank_gram
+from fedbip_hub.task_vectors import TaskVector
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+
+_DIVERGED = ("Check the training for divergence or a scaling bug (lora_alpha, r), then "
+             "push again")
 
 
 def _refuse(message: str, hint: str, label: str | None) -> AdapterError:
@@ -78,14 +89,95 @@ def validate_upload(folder: str | Path, config: FederationConfig, init: LoraAdap
     if metadata is None:
         raise _refuse("upload has no fedbip_upload.json (start revision, examples, base).",
                       "Push with `fedbip push`, which writes it.", label)
-    _check_base(metadata, config, label)
+    check_metadata(metadata, config, label=label)
     _check_modules(adapter, init, config, label)
+    _check_scaling(adapter, config.limits, label)
     if check_values:
         for module in adapter.modules:
             adapter.lora_factors(module)
         for name in adapter.dense:
             adapter.dense_tensor(name)
     return adapter, metadata
+
+
+def check_metadata(metadata: UploadMetadata, config: FederationConfig, *,
+                   label: str | None = None) -> None:
+    """The upload's metadata against the federation: its base model and n_examples.
+
+    Raises:
+        AdapterError: naming the client, the problem and the fix.
+    """
+    limit = config.limits.max_n_examples
+    if metadata.n_examples > limit:
+        raise _refuse(f"declares n_examples={metadata.n_examples}, over the federation's "
+                      f"limit of {limit}.",
+                      "Declare the number of examples the adapter was trained on (`fedbip "
+                      "push --n-examples N`).", label)
+    _check_base(metadata, config, label)
+
+
+def _check_scaling(adapter: LoraAdapter, limits: Limits, label: str | None) -> None:
+    config = adapter.config
+    ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v
+                                for k, v in config.rank_pattern.items()}}
+    for where, rank in ranks.items():
+        if rank > limits.max_rank:
+            raise _refuse(f"{CONFIG_NAME} has {where}={rank}, over the limit "
+                          f"{limits.max_rank}.", "Train with a smaller r.", label)
+    for name, info in adapter.modules.items():
+        if not (math.isfinite(info.scale) and 0 < info.scale <= limits.max_scaling):
+            raise _refuse(
+                f"module {name} has LoRA scaling {info.scale:.6g} (lora_alpha "
+                f"{config.alpha_of(name):.6g}, rank {info.rank}"
+                f"{', rsLoRA' if config.use_rslora else ''}), over the federation's limit "
+                f"of {limits.max_scaling:g}.",
+                "Train with a usual lora_alpha (such as 2·r) and push again.", label)
+
+
+def check_task_vector(vector: TaskVector, limits: Limits, *, label: str | None = None
+                      ) -> float:
+    """Bound one client's task vector on its own, in float64, before it meets others.
+
+    Each module's factors (s·B and A, stacked with its start's) must have a finite
+    Frobenius norm within ``limits.max_factor_norm``: by Cauchy–Schwarz that bounds every
+    Gram entry the round computes in float32 with this client. Each module's own Gram
+    entry ‖τ_m‖² must be finite, and ‖τ‖ over the whole model within
+    ``limits.max_task_vector_norm``.
+
+    Returns:
+        ‖τ‖_F.
+
+    Raises:
+        AdapterError: naming the client, the module and the bound.
+    """
+    exact = TaskVector(vector.upload, vector.start, name=vector.name, dtype=torch.float64)
+    total = 0.0
+    for module in exact.lora_modules:
+        delta = exact.lowrank(module)
+        for which, factor in (("s·B", delta.u), ("A", delta.v)):
+            norm = float(torch.linalg.vector_norm(factor))
+            if not (math.isfinite(norm) and norm <= limits.max_factor_norm):
+                raise _refuse(f"module {module}: the task vector's {which} factors have norm "
+                              f"{norm:.6g}, over the federation's limit of "
+                              f"{limits.max_factor_norm:g} (limits.max_factor_norm).",
+                              _DIVERGED + ".", label)
+        total += _own_sq_norm(module, float(lowrank_gram([delta.u], [delta.v])[0, 0]), label)
+    for name in exact.dense_params:
+        value = exact.dense(name).value
+        total += _own_sq_norm(name, float((value * value).sum()), label)
+    norm = math.sqrt(total)
+    if not (math.isfinite(norm) and norm <= limits.max_task_vector_norm):
+        raise _refuse(f"the task vector has norm {norm:.6g}, over the federation's limit of "
+                      f"{limits.max_task_vector_norm:g} (limits.max_task_vector_norm).",
+                      _DIVERGED + ".", label)
+    return norm
+
+
+def _own_sq_norm(module: str, value: float, label: str | None) -> float:
+    if not math.isfinite(value):
+        raise _refuse(f"module {module}: the task vector's squared norm is {value} in "
+                      "float64.", _DIVERGED + ".", label)
+    return max(value, 0.0)
 
 
 def _check_base(metadata: UploadMetadata, config: FederationConfig, label: str | None) -> None:

@@ -25,6 +25,7 @@ row (``zscore``, the paper's ``normalize``) turn that background into weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -280,15 +281,59 @@ def _with_diagonal(allowed: torch.Tensor | None, k: int) -> torch.Tensor:
     return mask
 
 
-def size_weights(n_examples: Sequence[float], allowed: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """FedAvg weights p_ik = n_k / Σ_j n_j over the allowed peers (the same for every row)."""
-    n = torch.tensor([float(x) for x in n_examples], dtype=torch.float64).clamp_min(0)
+def size_weights(n_examples: Sequence[float], allowed: torch.Tensor | None = None, *,
+                 max_share: float | None = None) -> torch.Tensor:
+    """FedAvg weights p_ik = n_k / Σ_j n_j over the allowed peers (the same for every row).
+
+    Counts of any size are safe: past 2^53 they are divided by the largest first (Python's
+    exact integer division), so nothing overflows a float.
+
+    Args:
+        n_examples: per-client data sizes, finite and non-negative (negative counts as 0).
+        allowed: K×K bool, which peers row i may draw from (the diagonal is forced on).
+        max_share: cap c on any one peer's weight in a row, by water-filling:
+            p_ik = min(c', λ_i·n_k) with λ_i making the row sum to 1, where c' =
+            max(c, 1/m) for the m allowed peers with data (no weighting of m peers can
+            give each less than 1/m).
+    """
+    values = [_size(x) for x in n_examples]
+    top = max(values, default=0)
+    exact = top <= 2**53  # as floats, exactly; else as ratios to the largest
+    n = torch.tensor([float(x) if exact else x / top for x in values], dtype=torch.float64)
     mask = _with_diagonal(allowed, n.numel())
     scores = torch.where(mask, n.expand(n.numel(), -1), torch.zeros(1, dtype=torch.float64))
     totals = scores.sum(dim=1, keepdim=True)
     uniform = mask.to(torch.float64) / mask.sum(dim=1, keepdim=True)
-    return torch.where(totals > 0, scores / totals.clamp_min(1e-300), uniform)
+    weights = torch.where(totals > 0, scores / totals.clamp_min(1e-300), uniform)
+    if max_share is None:
+        return weights
+    return torch.stack([_water_fill(row, scores[i], max_share) if totals[i] > 0 else row
+                        for i, row in enumerate(weights)])
+
+
+def _size(value: float) -> float | int:
+    if isinstance(value, int):
+        return max(value, 0)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"n_examples must be finite, got {value}")
+    return max(value, 0.0)
+
+
+def _water_fill(weights: torch.Tensor, scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """Cap each weight at ``cap`` (raised to 1/m for m positive scores), handing the excess
+    to the uncapped peers in proportion to their scores, until none is over."""
+    cap = max(cap, 1.0 / int((scores > 0).sum()))
+    capped = torch.zeros_like(weights, dtype=torch.bool)
+    while True:
+        over = (weights > cap) & ~capped
+        if not bool(over.any()):
+            return weights
+        capped |= over
+        free_total = scores[~capped].sum()
+        rest = max(1.0 - cap * int(capped.sum()), 0.0)
+        share = scores * (rest / free_total) if free_total > 0 else torch.zeros_like(scores)
+        weights = torch.where(capped, torch.full_like(weights, cap), share)
 
 
 def uniform_weights(k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:

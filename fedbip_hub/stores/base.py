@@ -116,7 +116,8 @@ class Store(ABC):
         """Download to a private temporary name, then rename: readers (other processes
         sharing the cache included) never see a partial file."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        # A short name: ``target``'s own may already be near the 255-byte limit.
+        partial = target.with_name(f".{uuid.uuid4().hex}.partial")
         try:
             self._download(repo_id, path, revision, partial)
             size = partial.stat().st_size
