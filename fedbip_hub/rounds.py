@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
+    ConfigError,
     ConflictError,
     FedbipError,
     NotFoundError,
@@ -38,13 +39,13 @@ from fedbip_hub.federation import (
     INIT_DIR,
     MERGE_RECORD,
     PERSONALIZED_DIR,
-    ROUNDS_DIR,
     STATE_FILE,
     Federation,
     FederationConfig,
     FederationState,
     Member,
     dump_json,
+    round_record_path,
     utc_now,
 )
 from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
@@ -75,6 +76,7 @@ from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, des
 from fedbip_hub.validation import check_upload_listing, validate_upload
 
 ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
+_PUBLISH_TRIES = 8
 LogFn = Callable[[str], None]
 
 
@@ -111,6 +113,20 @@ class RoundPlan(BaseModel):
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
+
+
+def read_lease(raw: Any, address: str) -> RoundPlan:
+    """state.json's ``in_progress`` as a RoundPlan; ConfigError (with the fix) when it is
+    not one."""
+    try:
+        return RoundPlan.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"the round lease (in_progress in state.json) of {address} is invalid: "
+            f"{describe_error(exc)}.",
+            hint="Restore state.json from the federation repo's history: the version the "
+            "last 'fedbip: round N started' (or 'resumed') commit wrote, whose round is "
+            "then resumed; never edit the lease by hand.") from exc
 
 
 def staleness_discount(staleness: int, beta: float) -> float:
@@ -179,21 +195,27 @@ class RoundRunner:
         """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
         start = time.perf_counter()
         resolve_device(self.device)  # a bad --device fails before any lease is taken
+        seen: list[str | None] = []  # the lease holder at each read (None: no lease)
         for _ in range(5):
             head = self.fed.head()
             config = self.fed.config(head)
             state = self.fed.state(head)
-            plan = self._plan_or_resume(head, config, state)
+            seen.append(None if state.in_progress is None
+                        else str(state.in_progress.get("job_id")))
+            plan = self._plan_or_resume(head, config, state, first_holder=seen[0])
             if plan is None:
                 self.log("Nothing new since the last round: no commit.")
                 return {"status": "nothing-new", "round": state.round,
                         "skipped": self._last_skips}
-            if self.dry_run or state.in_progress is not None:
+            if self.dry_run:
                 break
+            # Planning a round and resuming one both commit the lease with the head as
+            # parent: of concurrent jobs (takeovers included) exactly one wins it.
+            verb = "started" if state.in_progress is None else "resumed"
             state.in_progress = plan.model_dump(mode="json")
             try:
                 self.store.commit(self.fed.repo_id, {STATE_FILE: dump_json(state)},
-                                  message=f"fedbip: round {plan.round} started",
+                                  message=f"fedbip: round {plan.round} {verb}",
                                   parent=head)
                 break
             except ConflictError:
@@ -207,20 +229,30 @@ class RoundRunner:
         record["timings"]["total"] = round(time.perf_counter() - start, 4)
         return record
 
-    def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState
-                        ) -> RoundPlan | None:
+    def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState,
+                        *, first_holder: str | None = None) -> RoundPlan | None:
+        self.fed.check_not_rolled_back(head, state)
         if state.in_progress is not None:
-            plan = RoundPlan.model_validate(state.in_progress)
-            if not (plan.lease_expired() or self.takeover):
+            plan = read_lease(state.in_progress, self.fed.address)
+            # --takeover vouches only for the job it found: a lease that another job has
+            # claimed since (a concurrent takeover, or a new round) is that job's.
+            takeover = self.takeover and plan.job_id == first_holder
+            if not (plan.lease_expired() or takeover):
                 raise RoundInProgressError(
                     f"round {plan.round} is in progress (job {plan.job_id}, started "
                     f"{plan.started_at}, lease until {plan.lease_until}).",
                     hint="Wait for it to finish. If that job died, rerun with --takeover "
                     "(or wait for the lease to expire) to resume the same round.")
-            self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}).")
-            return plan
+            self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}, taking the "
+                     f"lease over from job {plan.job_id}).")
+            now = datetime.now(timezone.utc)
+            return plan.model_copy(update={
+                "job_id": uuid.uuid4().hex[:12],
+                "lease_until": (now + timedelta(minutes=config.lease_minutes)).isoformat(
+                    timespec="seconds")})
         members = self.fed.members(head)
         inputs, skipped, restarted = self._collect(members, state)
+        skipped.update(self.fed.invalid_members)  # broken members/*.json: file → why
         self._last_skips = skipped
         if not any(i.fresh for i in inputs.values()):
             return None
@@ -617,7 +649,8 @@ class RoundRunner:
         from fedbip_hub.modelcard import personalized_card
 
         name, pinned = names[index], inputs[index]
-        done = self._already_published(plan, pinned.repo_id)
+        head = self.store.head(pinned.repo_id)
+        done = self._already_published(plan, pinned.repo_id, head)
         if done is not None:
             return done
         adapter = merged[index]
@@ -642,24 +675,55 @@ class RoundRunner:
         files[f"{PERSONALIZED_DIR}/{MERGE_RECORD}"] = dump_json(merge_record)
         files[f"{PERSONALIZED_DIR}/README.md"] = card.encode()
         files[f"{PERSONALIZED_DIR}/similarity.png"] = heatmap
-        commit = commit_with_retry(self.fed, pinned.repo_id, lambda _head, f=files: f,
-                                   f"{PUBLISH_TITLE} (round {plan.round})")
-        return {"repo_id": pinned.repo_id, "commit": commit,
-                "max_discarded_energy": adapter.max_discarded_energy}
+        # Exactly one publish per plan and member, whatever runs concurrently: the commit
+        # is made on the head that was checked, and a lost race is checked again.
+        for _ in range(_PUBLISH_TRIES):
+            self._check_lease(plan)
+            try:
+                commit = self.store.commit(pinned.repo_id, files, parent=head,
+                                           message=f"{PUBLISH_TITLE} (round {plan.round})")
+            except ConflictError:
+                head = self.store.head(pinned.repo_id)
+                done = self._already_published(plan, pinned.repo_id, head)
+                if done is not None:
+                    return done
+                continue
+            return {"repo_id": pinned.repo_id, "commit": commit,
+                    "max_discarded_energy": adapter.max_discarded_energy}
+        raise ConflictError(f"{pinned.repo_id} kept moving while publishing; gave up after "
+                            f"{_PUBLISH_TRIES} tries.", hint="A later run publishes it.")
 
-    def _already_published(self, plan: RoundPlan, repo_id: str) -> dict | None:
-        head = self.store.head(repo_id)
+    def _check_lease(self, plan: RoundPlan, state: FederationState | None = None) -> None:
+        """Stop (RoundInProgressError) unless this job still holds the plan's lease (in
+        ``state``, default: the federation's state at its head)."""
+        state = state if state is not None else self.fed.state(self.fed.head())
+        current = state.in_progress or {}
+        if current.get("plan_id") != plan.plan_id:
+            raise RoundInProgressError(
+                f"round {plan.round} was completed or replaced by another job.",
+                hint="Nothing to do; check `fedbip status`.")
+        if current.get("job_id") != plan.job_id:
+            raise RoundInProgressError(
+                f"job {current.get('job_id')} took over round {plan.round} from this job "
+                f"({plan.job_id}); stopping here, it finishes the round.",
+                hint="Nothing to do; check `fedbip status`.")
+
+    def _already_published(self, plan: RoundPlan, repo_id: str, head: str) -> dict | None:
         path = f"{PERSONALIZED_DIR}/{MERGE_RECORD}"
         if not self.store.file_exists(repo_id, path, head):
             return None
-        record = json.loads(self.store.read_bytes(repo_id, path, head))
-        if record.get("plan_id") != plan.plan_id:
+        try:  # the member can write anything there: unreadable means not ours
+            record = json.loads(self.store.read_bytes(repo_id, path, head))
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(record, dict) or record.get("plan_id") != plan.plan_id:
             return None
         from fedbip_hub.client import latest_personalized_revision
 
+        energy = record.get("max_discarded_energy", 0.0)
         return {"repo_id": repo_id, "commit": latest_personalized_revision(self.fed, repo_id),
-                "max_discarded_energy": record.get("max_discarded_energy", 0.0),
-                "resumed": True}
+                "max_discarded_energy": float(energy) if isinstance(energy, int | float)
+                else 0.0, "resumed": True}
 
     def _record(self, plan: RoundPlan, strategy: Strategy, inputs: list[PinnedInput],
                 report: SimilarityReport | None, weights: WeightTable | None,
@@ -702,11 +766,14 @@ class RoundRunner:
 
         def build(head: str) -> dict:
             state = self.fed.state(head)
-            current = state.in_progress or {}
-            if current.get("plan_id") != plan.plan_id:
-                raise RoundInProgressError(
-                    f"round {plan.round} was completed or replaced by another job.",
-                    hint="Nothing to do; check `fedbip status`.")
+            self._check_lease(plan, state)
+            self.fed.check_not_rolled_back(head, state)  # never overwrite a round record
+            if round_record_path(plan.round) in self.fed.files(head):
+                raise ConfigError(
+                    f"{round_record_path(plan.round)} already exists in {self.fed.address}: "
+                    f"state.json was rolled back while round {plan.round} ran; its record "
+                    "is not overwritten.", hint="Restore state.json from the federation "
+                    "repo's history (the version of the last 'round N completed' commit).")
             # A client whose publish failed (not in ``outputs``) is still consumed: its
             # update reached the other clients, and consuming it again would apply it
             # twice. Its history does not advance (nothing was published), so its
@@ -731,7 +798,7 @@ class RoundRunner:
             state.round = plan.round
             state.in_progress = None
             files = {STATE_FILE: dump_json(state),
-                     f"{ROUNDS_DIR}/{plan.round:06d}.json": dump_json(record),
+                     round_record_path(plan.round): dump_json(record),
                      "README.md": dashboard_card(config, self.fed.members(head), state,
                                                  record).encode()}
             if report is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fedbip_hub.client import upload_id
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.federation import ROUNDS_DIR, Federation
+from fedbip_hub.federation import Federation
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
 
 
@@ -18,8 +18,7 @@ def federation_status(fed: Federation) -> dict[str, Any]:
     state = fed.state(head)
     last_record = None
     if state.round:
-        path = f"{ROUNDS_DIR}/{state.round:06d}.json"
-        last_record = json.loads(fed.store.read_bytes(fed.repo_id, path, head))
+        last_record = fed.round_record(state.round, head)
     members = []
     for name, member in fed.members(head).items():
         client_state = state.clients.get(name)
@@ -33,8 +32,10 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         except FedbipError as exc:
             entry["error"] = exc.message
             raw = None
-        if raw is not None:
-            meta = json.loads(raw)
+        meta = _json_object(raw) if raw is not None else None
+        if raw is not None and meta is None:
+            entry["error"] = f"its {UPLOAD_METADATA_NAME} is not a JSON object"
+        if raw is not None and meta is not None:
             uid = upload_id(raw)
             entry["last_upload"] = {"uploaded_at": meta.get("uploaded_at"),
                                     "n_examples": meta.get("n_examples"),
@@ -52,8 +53,18 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         "federation": fed.address, "store": fed.store.describe(), "revision": head,
         "config": config.model_dump(mode="json"), "round": state.round,
         "round_in_progress": state.in_progress is not None,
-        "members": members, "last_round": _round_summary(last_record),
+        "members": members, "invalid_member_files": dict(fed.invalid_members),
+        "last_round": _round_summary(last_record),
     }
+
+
+def _json_object(raw: bytes) -> dict | None:
+    """A member-written JSON file as an object, or None when it is not one."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _round_summary(record: dict | None) -> dict | None:

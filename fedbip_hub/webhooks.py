@@ -152,15 +152,15 @@ def request_followup(fed: Federation, trigger: Mapping[str, Any] | None = None, 
     Returns False, writing nothing, when no round is in progress any more (or its lease
     has expired): then nobody would see the marker and the caller should run the round.
     """
-    from fedbip_hub.rounds import RoundPlan
+    from fedbip_hub.rounds import read_lease
 
     log = log or (lambda _msg: None)
     entry = {**(trigger or {}), "requested_at": utc_now()}
     for _ in range(_WRITE_TRIES):
         head = fed.head()
         state = fed.state(head)
-        if state.in_progress is None or RoundPlan.model_validate(
-                state.in_progress).lease_expired():
+        if state.in_progress is None or read_lease(state.in_progress,
+                                                   fed.address).lease_expired():
             return False
         marker = read_pending(fed, head) or {"first_requested_at": entry["requested_at"],
                                              "count": 0, "triggers": []}
