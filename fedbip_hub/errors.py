@@ -66,3 +66,7 @@ class ConflictError(StoreError):
 
 class RoundInProgressError(FedbipError):
     """Another server job holds the round lease."""
+
+
+class ResourceError(FedbipError):
+    """The machine running fedbip ran out of something: disk space, quota, memory."""

@@ -106,6 +106,11 @@ class ClientState(BaseModel):
     refused_upload: str | None = None
     personalized_history: list[str] = Field(default_factory=list)
     last_round: int | None = None
+    # An upload skipped for an internal error (a bug on the server's side): the version
+    # and round that hit it. It is retried with other news or by another version only.
+    internal_error_upload: str | None = None
+    internal_error_version: str | None = None
+    internal_error_round: int | None = None
 
 
 class RoundRecordHeader(BaseModel):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+import fedbip_hub
 from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
@@ -50,6 +51,7 @@ from fedbip_hub.federation import (
 )
 from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
+from fedbip_hub.resources import is_resource_error, resource_error
 from fedbip_hub.robust import norm_guard, sign_guard
 from fedbip_hub.secrets import redact
 from fedbip_hub.similarity import CosineSource, SimilarityReport
@@ -164,6 +166,8 @@ class RoundRunner:
     _staging: StagingArea | None = None
     # client → (reason, skipped text): this round's publish failures, for _complete.
     _publish_failed: dict[str, tuple[str, str]] | None = None
+    # client → upload id: fresh uploads this round skipped for an internal error.
+    _internal_errors: dict[str, str] | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -192,7 +196,25 @@ class RoundRunner:
 
     # -- planning ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
+        """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing.
+
+        Raises:
+            ResourceError: the machine ran out of disk space, a quota or memory; the
+                lease (if taken) stays, so ``--takeover`` resumes the round.
+        """
+        try:
+            return self._run()
+        except (OSError, MemoryError) as exc:
+            if not is_resource_error(exc):
+                raise
+            raise resource_error(exc, "running a round of "
+                                 f"{self.fed.address}") from exc
+        finally:
+            if self._staging is not None:  # a round stopped by an error: free its disk
+                self._staging.close()
+                self._staging = None
+
+    def _run(self) -> dict:
         start = time.perf_counter()
         resolve_device(self.device)  # a bad --device fails before any lease is taken
         seen: list[str | None] = []  # the lease holder at each read (None: no lease)
@@ -254,7 +276,11 @@ class RoundRunner:
         inputs, skipped, restarted = self._collect(members, state)
         skipped.update(self.fed.invalid_members)  # broken members/*.json: file → why
         self._last_skips = skipped
-        if not any(i.fresh for i in inputs.values()):
+        waiting = {name for name, pinned in inputs.items()
+                   if pinned.fresh and _waits(state.client(name), pinned)}
+        if not any(p.fresh for name, p in inputs.items() if name not in waiting):
+            for name in waiting:
+                skipped[name] = waiting_reason(state.client(name).internal_error_round)
             return None
         now = datetime.now(timezone.utc)
         latest = {name: None if name in restarted else
@@ -370,10 +396,13 @@ class RoundRunner:
         fetched = OrderedMap(lambda p: self._read_input(plan, p, config, init, init_name),
                              list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
+        self._internal_errors = {}
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
             if exc is None:
                 vectors.append(vector)
                 inputs.append(pinned)
+            elif is_resource_error(exc):  # the server's disk, not the upload: stop
+                raise resource_error(exc, f"reading {pinned.client}'s upload") from exc
             elif isinstance(exc, StoreError):  # the Hub, not the upload: retry next round
                 skipped[pinned.client] = (f"{reason(exc)}; the upload was NOT refused and "
                                           "will be retried next round")
@@ -383,8 +412,11 @@ class RoundRunner:
                     refused[pinned.client] = pinned.upload_id
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
                 skipped[pinned.client] = internal_reason(exc)
+                if pinned.fresh:
+                    self._internal_errors[pinned.client] = pinned.upload_id
                 self.log(f"Internal error reading {pinned.client}'s upload "
-                         f"({exception_text(exc)}); skipped this round, retried next round.")
+                         f"({exception_text(exc)}); skipped, retried with the next round "
+                         "that has other news.")
                 if os.environ.get("FEDBIP_DEBUG"):  # the CLI's convention for tracebacks
                     self.log(redact("".join(traceback.format_exception(exc))))
         self._lap("download_validate")
@@ -472,6 +504,8 @@ class RoundRunner:
             exc.args = (str(exc),)
             raise
         except Exception as exc:
+            if is_resource_error(exc):
+                raise
             raise InternalError(public_paths(describe(exc), names, self.store.cache_dir)) from exc
 
     def _latest_adapter(self, name: str, init: LoraAdapter) -> LoraAdapter:
@@ -761,6 +795,7 @@ class RoundRunner:
         from fedbip_hub.modelcard import dashboard_card
 
         failed, self._publish_failed = self._publish_failed or {}, None
+        internal, self._internal_errors = self._internal_errors or {}, None
         record["publish_failed"] = {name: why for name, (why, _) in failed.items()}
         record["skipped"].update({name: text for name, (_, text) in failed.items()})
 
@@ -788,6 +823,9 @@ class RoundRunner:
                     client_state.consumed_commit = pinned.commit
                     client_state.consumed_start = pinned.start_revision
                     client_state.consumed_n_examples = pinned.n_examples
+                    client_state.internal_error_upload = None
+                    client_state.internal_error_version = None
+                    client_state.internal_error_round = None
                 output = outputs.get(pinned.client)
                 if output and output.get("commit") and (
                         output["commit"] not in client_state.personalized_history):
@@ -795,6 +833,11 @@ class RoundRunner:
                     client_state.last_round = plan.round
             for name, uid in refused.items():
                 state.client(name).refused_upload = uid
+            for name, uid in internal.items():  # see _waits
+                client_state = state.client(name)
+                client_state.internal_error_upload = uid
+                client_state.internal_error_version = fedbip_hub.__version__
+                client_state.internal_error_round = plan.round
             state.round = plan.round
             state.in_progress = None
             files = {STATE_FILE: dump_json(state),
@@ -821,6 +864,23 @@ def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput
                        upload_id=client_state.consumed_upload, start_revision=start,
                        n_examples=client_state.consumed_n_examples, staleness=staleness,
                        fresh=False)
+
+
+def _waits(client_state: Any, pinned: PinnedInput) -> bool:
+    """Whether a fresh upload is one this server version already failed on with an
+    internal error. It is then no news by itself: it joins the next round that has other
+    news (or runs on another fedbip version), so a bug that hits one upload records one
+    round, not an empty round every run."""
+    return (client_state.internal_error_upload == pinned.upload_id
+            and client_state.internal_error_version == fedbip_hub.__version__)
+
+
+def waiting_reason(round_number: int | None) -> str:
+    where = f"round {round_number}" if round_number else "an earlier round"
+    return (f"its upload hit an internal error on the server in {where} (that round's "
+            "record says which); it was NOT refused and is retried with the next round "
+            "that has other news, or after the server is upgraded (fix: nothing to change "
+            "on the client's side)")
 
 
 def _started_over(client_state: Any) -> Any:

@@ -61,8 +61,9 @@ def exception_text(exc: BaseException, limit: int = 500) -> str:
 
 def internal_reason(exc: BaseException) -> str:
     return (f"internal error on the server while reading this upload "
-            f"({exception_text(exc)}); the upload was NOT refused and will be retried "
-            "next round (fix: nothing to change on the client's side; please report this "
+            f"({exception_text(exc)}); the upload was NOT refused and is retried with the "
+            "next round that has other news, or after the server is upgraded (fix: nothing "
+            "to change on the client's side; please report this "
             "error to the federation's operator, who gets the traceback by running the server "
             "job with FEDBIP_DEBUG=1)")
 

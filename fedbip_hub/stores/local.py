@@ -31,11 +31,14 @@ MARKER = ".fedbip-store.json"
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
 
 
 class LocalStore(Store):
