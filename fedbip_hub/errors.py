@@ -64,6 +64,10 @@ class ConflictError(StoreError):
     """A write lost an optimistic-concurrency race (the branch moved)."""
 
 
+class VisibilityError(StoreError):
+    """A repo that must be private (it would receive peer-mixed adapters) is public."""
+
+
 class RoundInProgressError(FedbipError):
     """Another server job holds the round lease."""
 

@@ -76,6 +76,9 @@ class FederationConfig(BaseModel):
     strategy: dict = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     lease_minutes: float = Field(120, gt=0)
+    # Publish personalized adapters (which mix peers' updates) into public member repos
+    # too; by default a public member repo gets nothing until it is private again.
+    allow_public_members: bool = False
     seed: int = 0
     created_at: str = Field(default_factory=utc_now)
     created_by: str | None = None

@@ -35,6 +35,7 @@ from fedbip_hub.errors import (
     NotFoundError,
     RoundInProgressError,
     StoreError,
+    VisibilityError,
 )
 from fedbip_hub.federation import (
     INIT_DIR,
@@ -687,6 +688,11 @@ class RoundRunner:
         done = self._already_published(plan, pinned.repo_id, head)
         if done is not None:
             return done
+        if not config.allow_public_members and not self.store.is_private(pinned.repo_id):
+            raise VisibilityError(
+                f"{pinned.repo_id} is public, and its personalized adapter mixes other "
+                "members' updates", hint=f"the member makes {pinned.repo_id} private again "
+                "(or the federation sets allow_public_members in federation.json)")
         adapter = merged[index]
         merge_record = {
             "plan_id": plan.plan_id, "round": plan.round, "client": name,
