@@ -53,7 +53,14 @@ from fedbip_hub.federation import (
 from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
 from fedbip_hub.resources import is_resource_error, resource_error
-from fedbip_hub.robust import norm_guard, sign_guard
+from fedbip_hub.robust import (
+    DuplicateGroups,
+    bound_weights,
+    describe_duplicates,
+    find_duplicates,
+    norm_guard,
+    sign_guard,
+)
 from fedbip_hub.secrets import redact
 from fedbip_hub.similarity import CosineSource, SimilarityReport
 from fedbip_hub.sketch import round_similarity
@@ -426,15 +433,22 @@ class RoundRunner:
         merged: list[MergedAdapter] = []
         guard: dict[str, dict] = {}
         signs: dict[str, dict] = {}
+        duplicates: list[dict] = []
         if any(p.fresh for p in inputs):
             report = self._similarity(strategy, vectors, inputs)
+            # Copies first: the guards' statistics and the weights then count each set once.
+            copies, before = self._duplicates(strategy, report, inputs), list(inputs)
             report, vectors, inputs, scale, guard = self._norm_guard(
-                strategy, report, vectors, inputs, skipped, refused)
+                strategy, report, vectors, inputs, skipped, refused, copies)
+            if copies is not None:
+                copies = copies.remap([p.client for p in before], [p.client for p in inputs])
             if any(p.fresh for p in inputs):
                 memory, similarity = self._remember(plan, strategy, report, inputs, scale)
-                blocked, signs = self._sign_guard(strategy, similarity, inputs)
+                blocked, signs = self._sign_guard(strategy, similarity, inputs, copies)
                 weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
-                                              similarity, scale, blocked)
+                                              similarity, scale, blocked, copies)
+            if copies is not None:
+                duplicates = describe_duplicates(copies, [p.client for p in inputs])
         names = [p.client for p in inputs]
         self._lap("compute")
         self.checkpoint("computed")
@@ -448,6 +462,7 @@ class RoundRunner:
                                    if isinstance(similarity, SimilarityView) else None)
         record["norm_guard"] = guard
         record["sign_guard"] = signs
+        record["duplicates"] = duplicates
         record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
@@ -539,29 +554,40 @@ class RoundRunner:
 
     def _norm_guard(self, strategy: Strategy, report: SimilarityReport,
                     vectors: list[TaskVector], inputs: list[PinnedInput],
-                    skipped: dict[str, str], refused: dict[str, str]
+                    skipped: dict[str, str], refused: dict[str, str],
+                    copies: DuplicateGroups | None = None
                     ) -> tuple[SimilarityReport, list[TaskVector], list[PinnedInput],
                                torch.Tensor, dict[str, dict]]:
-        """Clip (scale down) or exclude fresh updates whose norm is a robust outlier."""
+        """Clip (scale down) or exclude fresh updates whose norm is a robust outlier. A
+        set of copies counts once in the statistics, and its copies share its kept
+        member's verdict."""
         scale = torch.ones(len(inputs), dtype=torch.float64)
         if strategy.norm_guard == "off":
             return report, vectors, inputs, scale, {}
-        result = norm_guard(report.norms(), threshold=strategy.norm_guard_threshold)
-        flagged = [k for k in result.outliers if inputs[k].fresh]
-        details = {inputs[k].client: {"norm": float(result.norms[k]),
-                                      "robust_z": float(result.robust_z[k]),
+        norms = report.norms()
+        result = norm_guard(copies.without_copies(norms) if copies is not None else norms,
+                            threshold=strategy.norm_guard_threshold)
+
+        def judged(k: int) -> int:  # whose verdict applies to input k
+            kept = copies.kept_for(k) if copies is not None else None
+            return k if kept is None else kept
+
+        flagged = [k for k in range(len(inputs))
+                   if judged(k) in result.outliers and inputs[k].fresh]
+        details = {inputs[k].client: {"norm": float(norms[k]),
+                                      "robust_z": float(result.robust_z[judged(k)]),
                                       "cap": result.cap, "action": strategy.norm_guard}
                    for k in flagged}
         for k in flagged:
             self.log(f"Norm guard ({strategy.norm_guard}): {inputs[k].client}: "
-                     f"{result.explain(k)}.")
+                     f"{result.explain(judged(k))}.")
         if strategy.norm_guard == "clip":
             for k in flagged:
-                scale[k] = result.scale[k]
+                scale[k] = result.scale[judged(k)]
             return report, vectors, inputs, scale, details
         for k in flagged:
             skipped[inputs[k].client] = (
-                f"{result.explain(k)}; excluded by the norm guard (fix: check the training "
+                f"{result.explain(judged(k))}; excluded by the norm guard (fix: check the training "
                 "for divergence or a scaling bug, then push again)")
             refused[inputs[k].client] = inputs[k].upload_id
         keep = [k for k in range(len(inputs)) if k not in flagged]
@@ -588,12 +614,17 @@ class RoundRunner:
         return memory, memory.view(report)
 
     def _sign_guard(self, strategy: Strategy, similarity: CosineSource,
-                    inputs: list[PinnedInput]) -> tuple[list[int], dict[str, dict]]:
-        """Fresh updates that mirror a group of peers: shared with no one this round."""
+                    inputs: list[PinnedInput], copies: DuplicateGroups | None = None
+                    ) -> tuple[list[int], dict[str, dict]]:
+        """Fresh updates that mirror a group of peers: shared with no one this round.
+        Dropped copies (shared with no one anyway) neither oppose nor support anyone, so
+        copies cannot outvote an honest update."""
         if strategy.sign_guard == "off":
             return [], {}
         names = [p.client for p in inputs]
-        result = sign_guard(similarity.model_cosine(), floor=strategy.sign_guard_floor,
+        cosine = similarity.model_cosine()
+        result = sign_guard(copies.without_copies(cosine) if copies is not None else cosine,
+                            floor=strategy.sign_guard_floor,
                             min_opposed=strategy.sign_guard_min_peers)
         flagged = [k for k in result.flagged if inputs[k].fresh]
         details = {}
@@ -605,14 +636,31 @@ class RoundRunner:
                                  "action": "not shared with other clients this round"}
         return flagged, details
 
+    def _duplicates(self, strategy: Strategy, report: SimilarityReport,
+                    inputs: list[PinnedInput]) -> DuplicateGroups | None:
+        """Near-identical task vectors of different members (this round's cosines)."""
+        if strategy.duplicate_cosine is None:
+            return None
+        copies = find_duplicates(report.model_cosine(), report.norms(),
+                                 fresh=[p.fresh for p in inputs],
+                                 min_cosine=strategy.duplicate_cosine,
+                                 norm_tolerance=strategy.duplicate_norm_tolerance)
+        for group, kept in zip(copies.groups, copies.kept, strict=True):
+            self.log(f"Duplicates: {', '.join(inputs[i].client for i in group)} uploaded "
+                     f"near-identical updates; only {inputs[kept].client}'s is weighted.")
+        return copies
+
     def _merge(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
                init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
-               similarity: CosineSource, scale: torch.Tensor, blocked: list[int]
+               similarity: CosineSource, scale: torch.Tensor, blocked: list[int],
+               copies: DuplicateGroups | None = None
                ) -> tuple[WeightTable, list[MergedAdapter]]:
         k = len(vectors)
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
         allowed = fresh[None, :].expand(k, k).clone()
+        if copies is not None:  # copies weigh as one upload (robust.DuplicateGroups.mask)
+            allowed &= copies.mask(k)
         groups = ([self.groups.get(p.client, p.client) for p in inputs]
                   if self.groups is not None else None)
         weights = compute_weights(strategy, k=k, report=similarity,
@@ -621,6 +669,7 @@ class RoundRunner:
         contribution = torch.tensor(
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
              for p in inputs], dtype=torch.float64) * scale
+        weights = _bounded(weights, strategy, fresh & (contribution > 0))
         latest = [self._latest_adapter(p.client, init) for p in inputs]
         merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
                                latest=latest)
@@ -870,6 +919,22 @@ def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput
                        upload_id=client_state.consumed_upload, start_revision=start,
                        n_examples=client_state.consumed_n_examples, staleness=staleness,
                        fresh=False)
+
+
+def _bounded(weights: WeightTable, strategy: Strategy, contributes: torch.Tensor
+             ) -> WeightTable:
+    """``weights`` under the strategy's max_peer_weight and min_contributors (unchanged,
+    the same tensors, when neither is set)."""
+    if strategy.max_peer_weight is None and strategy.min_contributors is None:
+        return weights
+
+    def bound(matrix: torch.Tensor) -> torch.Tensor:
+        return bound_weights(matrix, contributes, max_peer_weight=strategy.max_peer_weight,
+                             min_contributors=strategy.min_contributors)
+
+    return WeightTable(weights.granularity, {key: bound(m) for key, m in
+                                             weights.matrices.items()},
+                       bound(weights.fallback) if weights.fallback is not None else None)
 
 
 def _waits(client_state: Any, pinned: PinnedInput) -> bool:

@@ -101,6 +101,19 @@ class Strategy(BaseModel):
     sketch_kind: Literal["gaussian", "rademacher"] = "gaussian"
     compute_dtype: Literal["fp32", "fp64"] = Field(
         "fp32", description="Merge and similarity precision (bf16 inputs are upcast).")
+    # Collusion and copying (fedbip_hub.robust): near-identical uploads from different
+    # members count once; optional bounds on what one peer weighs in anyone's adapter.
+    duplicate_cosine: float | None = Field(
+        0.99, gt=0, le=1, description="Task vectors with at least this cosine and norms "
+        "within duplicate_norm_tolerance are copies: counted once. None: off.")
+    duplicate_norm_tolerance: float = Field(0.05, ge=0, lt=1)
+    min_contributors: int | None = Field(
+        None, ge=1, description="A personalized adapter mixing fewer contributors (self "
+        "included) keeps only self, so no single peer's update can be solved for from "
+        "it. 3 or more hides each peer behind another.")
+    max_peer_weight: float | None = Field(
+        None, gt=0, le=1, description="Cap on any one peer's weight; the excess stays "
+        "with self.")
 
     @field_validator("method")
     @classmethod
