@@ -247,7 +247,8 @@ def check_transplant(fed, client: str, folder: Path, source: Path, source_start:
 
 
 def _pushed_upload(fed, client: str, out: Path) -> tuple[Path, Path]:
-    """``client``'s upload now at the head of its repo, and the start it trained from."""
+    """``client``'s upload now at the head of its repo (copied into ``out``), and the
+    start it trained from."""
     from fedbip_hub.client import UPLOAD_FILES
 
     repo = fed.member(client).repo_id
@@ -255,9 +256,8 @@ def _pushed_upload(fed, client: str, out: Path) -> tuple[Path, Path]:
     revision = json.loads((folder / UPLOAD_METADATA_NAME).read_text()).get("start_revision")
     start = (fed.init_folder() if revision is None
              else fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR))
-    local = out / "source"
-    shutil.copytree(folder, local, dirs_exist_ok=True)
-    return local, start
+    shutil.copytree(folder, out, dirs_exist_ok=True)
+    return out, start
 
 
 def check_exact(fed, client: str, folder: Path, out: Path, attack: str) -> float:
@@ -279,12 +279,13 @@ def make_hook(attackers: Sequence[str], attack: str, out_root: Path, seed: int,
 
     def copying(fed, client: str, round_index: int, folder: Path, out: Path,
                 params_space: bool) -> Path:
+        scratch = out.with_name(f"{out.name}-source")  # out itself is rewritten
         if attack == "duplicate":  # the same task's first client: an honest member
-            source, start = _pushed_upload(fed, f"{client.rsplit('-', 1)[0]}-1", out)
+            source, start = _pushed_upload(fed, f"{client.rsplit('-', 1)[0]}-1", scratch)
         else:  # the first attacker's own update, poisoned; everyone pushes a copy
             key = (fed.config().name, round_index)
             if key not in sybil:
-                keep = out / "sybil-source"
+                keep = scratch
                 shutil.copytree(folder, keep, dirs_exist_ok=True)
                 sybil[key] = (keep, _start_folder(fed, client, folder))
             source, start = sybil[key]

@@ -6,6 +6,12 @@ as a lease before any output is written. Each published adapter carries the plan
 ``personalized/fedbip_merge.json``, so a re-run resumes the same plan, skips clients it
 already published, and never applies an update twice. The round ends with one commit of
 the record and the new state.
+
+Exclusivity: taking the lease (a new plan, or a takeover of a dead job's plan) is a commit
+with the head it read as parent, so of concurrent jobs exactly one holds it; a job checks
+that it still holds it before each write, and publishes to a member repo on the head it
+checked for this plan's adapter, so each member gets one publish per plan whatever runs
+at the same time.
 """
 
 from __future__ import annotations
@@ -86,8 +92,8 @@ from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, des
 from fedbip_hub.validation import check_upload_listing, validate_upload
 
 ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
-_PUBLISH_TRIES = 8
 LogFn = Callable[[str], None]
+_PUBLISH_TRIES = 8
 
 
 class PinnedInput(BaseModel):
@@ -225,14 +231,14 @@ class RoundRunner:
     def _run(self) -> dict:
         start = time.perf_counter()
         resolve_device(self.device)  # a bad --device fails before any lease is taken
-        seen: list[str | None] = []  # the lease holder at each read (None: no lease)
-        for _ in range(5):
+        first_holder: str | None = None  # the lease holder this job first found
+        for attempt in range(5):
             head = self.fed.head()
             config = self.fed.config(head)
             state = self.fed.state(head)
-            seen.append(None if state.in_progress is None
-                        else str(state.in_progress.get("job_id")))
-            plan = self._plan_or_resume(head, config, state, first_holder=seen[0])
+            if attempt == 0 and state.in_progress is not None:
+                first_holder = str(state.in_progress.get("job_id"))
+            plan = self._plan_or_resume(head, config, state, first_holder=first_holder)
             if plan is None:
                 self.log("Nothing new since the last round: no commit.")
                 return {"status": "nothing-new", "round": state.round,
