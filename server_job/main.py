@@ -47,9 +47,10 @@ def run(
 
     Started by a Hub webhook (WEBHOOK_PAYLOAD set), it first checks the webhook's secret
     (WEBHOOK_SECRET against the job secret FEDBIP_WEBHOOK_SECRET; a mismatch fails the
-    job), then runs only for a client upload and exits 0 otherwise; during another job's round it leaves a follow-up request instead.
-    After a round it runs one follow-up round per request left while it ran. Started any
-    other way during another job's round, it says so and exits 0 (status "in-progress").
+    job), then runs only for a client upload and exits 0 otherwise; during another
+    job's round it leaves a follow-up request instead. After a round it runs one
+    follow-up round per request left while it ran. Started any other way during another
+    job's round, it says so and exits 0 (status "in-progress").
     """
     from cli._common import progress
     from fedbip_hub.compute import resolve_device
