@@ -11,7 +11,13 @@ start + f(τ):
 * ``scale``: f(τ) = 100·τ;
 * ``flip``: f(τ) = −τ;
 * ``noise``: f(τ) = Gaussian noise with τ's norm, per module and per head tensor (the
-  LoRA modules get rank-r noise ΔW = G₁·G₂, scaled to ‖ΔW_τ‖).
+  LoRA modules get rank-r noise ΔW = G₁·G₂, scaled to ‖ΔW_τ‖);
+* ``sybil``: one adversary behind every attacker account. The first attacker's update
+  is poisoned (its LoRA modules kept, so it still looks like its group's, its classifier
+  head flipped: τ_head → −τ_head), and every attacker pushes that same task vector
+  (start_A + τ_sybil, each from its own start A): identical copies;
+* ``duplicate``: free-riding. Each attacker pushes a copy of an honest member's update of
+  this round (``<its task>-1``): start_A + (upload_V − start_V).
 
 The transforms are exact in ΔW space: module m is written with factors
 U = [s_P·U_P, U_f], V = [V_P; V_f] (rank 2r), so ΔW = ΔW_start + f(ΔW_τ) to float
@@ -80,7 +86,8 @@ from fedbip_hub.strategies import Strategy  # noqa: E402
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
-ATTACKS = ("none", "scale", "flip", "noise")
+ATTACKS = ("none", "scale", "flip", "noise", "sybil", "duplicate")
+COPYING = ("sybil", "duplicate")  # attacks that push (near-)copies of one task vector
 CONDITIONS = ("absent", *ATTACKS)
 SCALE = 100.0
 TARGET_DROP = 1.0  # points of honest accuracy FedBip-L (norm guard) may lose
@@ -109,8 +116,9 @@ def methods() -> list[Method]:
 def config(seed: int, quick: bool) -> tuple[ScenarioConfig, list[str]]:
     """The demo's scenario (its --quick sizes with ``quick``, else a base model per seed)
     plus attackers, the last clients; returns the config and the attackers' names."""
-    if quick:
-        demo, extra, attackers = demo_config(quick=True, seed=seed), ("low",), ["low-3"]
+    if quick:  # two attackers, so that Sybils have copies
+        demo, extra, attackers = (demo_config(quick=True, seed=seed), ("low", "even"),
+                                  ["low-3", "even-3"])
     else:
         demo = ScenarioConfig(seed=seed, base=BaseModelSpec(seed=seed))
         extra, attackers = ("low", "marked"), ["low-4", "marked-3"]
@@ -188,6 +196,70 @@ def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
     return out
 
 
+def transplanted_upload(fed, client: str, folder: Path, source: Path, source_start: Path,
+                        out: Path, *, flip_heads: bool = False,
+                        params_space: bool = False) -> Path:
+    """Write start_A + g(source − source_start) into ``out``, where start_A is the
+    attacker's own start and g flips the classifier heads (``flip_heads``) or keeps
+    everything; exact in ΔW space (rank-3r factors [U_A, U_s, −U_s0]·[V_A; V_s; V_s0]), or
+    on the factors themselves with ``params_space``. Returns ``out``."""
+    start = LoraAdapter(_start_folder(fed, client, folder), label=f"{client} start")
+    upload, base = LoraAdapter(source), LoraAdapter(source_start)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in upload.modules:
+        ua, va = (t.double() for t in start.delta_factors(name))
+        us, vs = (t.double() for t in upload.delta_factors(name))
+        u0, v0 = (t.double() for t in base.delta_factors(name))
+        if params_space:
+            modules[name] = (ua + us - u0, va + vs - v0)
+        else:
+            modules[name] = (torch.cat([ua, us, -u0], 1), torch.cat([va, vs, v0], 0))
+    dense = {}
+    for name in upload.dense:
+        step = upload.dense_tensor(name).double() - (
+            base.dense_tensor(name).double() if name in base.dense else 0.0)
+        own = (start.dense_tensor(name).double() if name in start.dense
+               else torch.zeros_like(step))
+        dense[name] = own - step if flip_heads else own + step
+    if out.exists():
+        shutil.rmtree(out)
+    save_lora_adapter(out, {k: (u.float(), v.float()) for k, (u, v) in modules.items()},
+                      LoraAdapter(folder).config,
+                      dense={k: v.float() for k, v in dense.items()},
+                      fold_scale="b" if params_space else "balanced")
+    for extra in (START_FILE, UPLOAD_METADATA_NAME):
+        if (folder / extra).is_file():
+            shutil.copyfile(folder / extra, out / extra)
+    return out
+
+
+def check_transplant(fed, client: str, folder: Path, source: Path, source_start: Path,
+                     out: Path) -> float:
+    """Relative error of ΔW_out − ΔW_start against ΔW_source − ΔW_source_start."""
+    done, start = LoraAdapter(out), LoraAdapter(_start_folder(fed, client, folder))
+    upload, base = LoraAdapter(source), LoraAdapter(source_start)
+    worst = 0.0
+    for name in upload.modules:
+        want = upload.delta_weight(name) - base.delta_weight(name)
+        got = done.delta_weight(name) - start.delta_weight(name)
+        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _pushed_upload(fed, client: str, out: Path) -> tuple[Path, Path]:
+    """``client``'s upload now at the head of its repo (copied into ``out``), and the
+    start it trained from."""
+    from fedbip_hub.client import UPLOAD_FILES
+
+    repo = fed.member(client).repo_id
+    folder = fed.store.fetch_folder(repo, fed.store.head(repo), only=UPLOAD_FILES)
+    revision = json.loads((folder / UPLOAD_METADATA_NAME).read_text()).get("start_revision")
+    start = (fed.init_folder() if revision is None
+             else fed.store.fetch_folder(repo, revision, PERSONALIZED_DIR))
+    shutil.copytree(folder, out, dirs_exist_ok=True)
+    return out, start
+
+
 def check_exact(fed, client: str, folder: Path, out: Path, attack: str) -> float:
     """Relative error of ΔW_out − ΔW_start against f(ΔW_upload − ΔW_start) (scale/flip)."""
     upload, done = LoraAdapter(folder), LoraAdapter(out)
@@ -203,6 +275,27 @@ def check_exact(fed, client: str, folder: Path, out: Path, attack: str) -> float
 
 def make_hook(attackers: Sequence[str], attack: str, out_root: Path, seed: int,
               checks: list[float]) -> Callable[[Any, str, int, Path], Path]:
+    sybil: dict[tuple[str, int], tuple[Path, Path]] = {}  # (federation, round) → update
+
+    def copying(fed, client: str, round_index: int, folder: Path, out: Path,
+                params_space: bool) -> Path:
+        scratch = out.with_name(f"{out.name}-source")  # out itself is rewritten
+        if attack == "duplicate":  # the same task's first client: an honest member
+            source, start = _pushed_upload(fed, f"{client.rsplit('-', 1)[0]}-1", scratch)
+        else:  # the first attacker's own update, poisoned; everyone pushes a copy
+            key = (fed.config().name, round_index)
+            if key not in sybil:
+                keep = scratch
+                shutil.copytree(folder, keep, dirs_exist_ok=True)
+                sybil[key] = (keep, _start_folder(fed, client, folder))
+            source, start = sybil[key]
+        result = transplanted_upload(fed, client, folder, source, start, out,
+                                     flip_heads=attack == "sybil",
+                                     params_space=params_space)
+        if not params_space:
+            checks.append(check_transplant(fed, client, folder, source, start, result))
+        return result
+
     def hook(fed, client: str, round_index: int, folder: Path) -> Path:
         if attack == "none" or client not in attackers:
             return folder
@@ -211,6 +304,8 @@ def make_hook(attackers: Sequence[str], attack: str, out_root: Path, seed: int,
         strategy = Strategy.model_validate(fed.config().strategy)
         params_space = strategy.spec.merge_space == "params"
         out = out_root / fed.config().name / client / f"round-{round_index}"
+        if attack in COPYING:
+            return copying(fed, client, round_index, folder, out, params_space)
         result = attacked_upload(fed, client, folder, attack, out, gen,
                                  params_space=params_space)
         if attack in ("scale", "flip") and not params_space:
@@ -247,6 +342,8 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
                      for r in result.rounds if r.get("skipped")]
             shielded = [{"round": r["round"], "sign_guard": r["sign_guard"]}
                         for r in result.rounds if r.get("sign_guard")]
+            copies = [{"round": r["round"], "duplicates": r["duplicates"]}
+                      for r in result.rounds if r.get("duplicates")]
             honest_accuracy = sum(acc.values()) / len(acc)
             out["runs"][f"{method.label}/{attack}"] = {
                 "honest_accuracy": honest_accuracy,
@@ -254,6 +351,7 @@ def run_seed(seed: int, quick: bool, work: Path) -> dict[str, Any]:
                 "attacker_accuracy": {c: result.accuracy.get(c) for c in attackers},
                 "skipped": guard,
                 "sign_guard": shielded,
+                "duplicates": copies,
                 "seconds": round(time.perf_counter() - began, 2),
             }
             console.print(f"  [dim]seed {seed}[/] {method.label:17s} {attack:6s} honest "
@@ -353,7 +451,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "scenario": cfg.to_json(), "attackers": attackers,
         "attackers_fraction": len(attackers) / len(cfg.groups),
         "attacks": {"scale": f"start + {SCALE:g}·τ", "flip": "start − τ",
-                    "noise": "start + Gaussian noise with ‖τ‖ (per module / head tensor)"},
+                    "noise": "start + Gaussian noise with ‖τ‖ (per module / head tensor)",
+                    "sybil": "every attacker: start + the first attacker's τ with its "
+                             "heads flipped (identical copies)",
+                    "duplicate": "each attacker: start + τ of its task's first (honest) "
+                                 "client this round (free-riding)"},
         "methods": {m.label: {"description": m.description,
                               "strategy": m.strategy.model_dump(mode="json")}
                     for m in methods()},

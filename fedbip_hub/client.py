@@ -12,7 +12,7 @@ from pathlib import Path
 from fedbip_hub import __version__
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
-from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError
+from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError, StoreError
 from fedbip_hub.federation import (
     FEDERATION_FILE,
     INIT_DIR,
@@ -72,7 +72,7 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
         raise ConfigError(f"a federation already exists at {address}.",
                           hint="Pick another name, or inspect it with `fedbip status`.")
     config.created_by = config.created_by or fed.store.whoami()
-    fed.store.create_repo(fed.repo_id, private=True)
+    create_private_repo(fed, fed.repo_id, "the federation repo")
     with tempfile.TemporaryDirectory() as tmp:
         init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR)
         files: dict = {f"{INIT_DIR}/{p.name}": p.read_bytes() for p in init_dir.iterdir()
@@ -113,14 +113,37 @@ def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
         if members[client].repo_id != repo_id:
             raise ConfigError(f"{client} already joined with repo {members[client].repo_id}.",
                               hint="Pick another client name.", client=client)
-        fed.store.create_repo(repo_id, private=True)
+        create_private_repo(fed, repo_id, f"{client}'s repo", client=client)
         return members[client]
-    fed.store.create_repo(repo_id, private=True)
+    create_private_repo(fed, repo_id, f"{client}'s repo", client=client)
     member = Member(name=client, repo_id=repo_id, joined_by=fed.store.whoami())
     commit_with_retry(fed, fed.repo_id,
                       lambda _head: {f"{MEMBERS_DIR}/{client}.json": dump_json(member)},
                       f"fedbip: {client} joins ({repo_id})")
     return member
+
+
+def create_private_repo(fed: Federation, repo_id: str, what: str, *,
+                        client: str | None = None) -> None:
+    """Create ``repo_id`` private, or make an existing public one private.
+
+    ``create_repo(private=True)`` leaves an existing repo's visibility as it is, and a
+    federation's repos hold peer-mixed adapters: they are private by construction.
+
+    Raises:
+        ConfigError: the repo is public and this token cannot change that.
+    """
+    fed.store.create_repo(repo_id, private=True)
+    if fed.store.is_private(repo_id):
+        return
+    try:
+        fed.store.make_private(repo_id)
+    except StoreError as exc:
+        raise ConfigError(
+            f"{repo_id} ({what}) exists and is public, and it could not be made private "
+            f"({exc.message}).", client=client,
+            hint=f"Make {repo_id} private in its settings on the Hub (or give this token "
+            "the right to), or use another repo.") from exc
 
 
 def _check_name(client: str) -> None:

@@ -64,5 +64,13 @@ class ConflictError(StoreError):
     """A write lost an optimistic-concurrency race (the branch moved)."""
 
 
+class VisibilityError(StoreError):
+    """A repo that must be private (it would receive peer-mixed adapters) is public."""
+
+
 class RoundInProgressError(FedbipError):
     """Another server job holds the round lease."""
+
+
+class ResourceError(FedbipError):
+    """The machine running fedbip ran out of something: disk space, quota, memory."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,6 +40,8 @@ LOCAL_FEDERATION_REPO = "federation"
 MAX_MEMBER_FILE_BYTES = 64 * KIB
 
 TaskType = Literal["SEQ_CLS", "CAUSAL_LM"]
+M = TypeVar("M", bound=BaseModel)
+_ROUND_FILE = re.compile(rf"{ROUNDS_DIR}/(\d{{6,}})\.json")
 
 
 def utc_now() -> str:
@@ -102,6 +105,9 @@ class FederationConfig(BaseModel):
     strategy: dict = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
     lease_minutes: float = Field(120, gt=0)
+    # Publish personalized adapters (which mix peers' updates) into public member repos
+    # too; by default a public member repo gets nothing until it is private again.
+    allow_public_members: bool = False
     seed: int = 0
     created_at: str = Field(default_factory=utc_now)
     created_by: str | None = None
@@ -173,12 +179,26 @@ class ClientState(BaseModel):
     refused_upload: str | None = None
     personalized_history: list[str] = Field(default_factory=list)
     last_round: int | None = None
+    # An upload skipped for an internal error (a bug on the server's side): the version
+    # and round that hit it. It is retried with other news or by another version only.
+    internal_error_upload: str | None = None
+    internal_error_version: str | None = None
+    internal_error_round: int | None = None
+
+
+class RoundRecordHeader(BaseModel):
+    """What is checked of a ``rounds/NNNNNN.json`` record when it is read back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int = Field(ge=1)
+    plan_id: str
 
 
 class FederationState(BaseModel):
     """``state.json``: the last completed round, the round in progress, per-client state."""
 
-    round: int = 0
+    round: int = Field(0, ge=0)
     in_progress: dict | None = None
     clients: dict[str, ClientState] = Field(default_factory=dict)
 
@@ -204,6 +224,9 @@ class Federation:
         self.store = store
         self.repo_id = repo_id
         self.address = address
+        # members/*.json files the last members() call skipped: file → why
+        self.invalid_members: dict[str, str] = {}
+        self._listing: tuple[str, list[str]] | None = None
 
     @classmethod
     def at(cls, address: str, *, token: str | None = None, cache_dir: Path | None = None
@@ -224,27 +247,83 @@ class Federation:
                 hint="Check the address, or create one with `fedbip init "
                 f"{self.address} --base-model ...`.") from exc
 
-    def _json(self, path: str, revision: str) -> dict:
+    def _json(self, path: str, revision: str) -> Any:
         try:
-            return json.loads(self.store.read_bytes(self.repo_id, path, revision))
+            raw = self.store.read_bytes(self.repo_id, path, revision)
         except NotFoundError as exc:
             raise NotFoundError(
                 f"{self.address} is not a fedbip federation (no {path}).",
                 hint=f"Create it with `fedbip init {self.address} --base-model ...`.") from exc
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8, absurd nesting
+            raise ConfigError(
+                f"{path} of {self.address} (at {revision[:12]}) is not valid JSON "
+                f"({describe_json_error(exc)}).", hint=_restore_hint(path)) from exc
+
+    def _record(self, model: type[M], path: str, revision: str) -> M:
+        """``path`` read at ``revision`` and validated as ``model``: ConfigError, naming
+        the file, the field and the fix, for anything else."""
+        data = self._json(path, revision)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path} of {self.address} (at {revision[:12]}) is invalid: "
+                              f"{describe_error(exc)}.", hint=_restore_hint(path)) from exc
 
     def config(self, revision: str | None = None) -> FederationConfig:
-        revision = revision or self.head()
-        try:
-            return FederationConfig.model_validate(self._json(FEDERATION_FILE, revision))
-        except ValidationError as exc:
-            raise ConfigError(f"{FEDERATION_FILE} of {self.address} is invalid: {exc}",
-                              hint="Fix the file in the federation repo.") from exc
+        return self._record(FederationConfig, FEDERATION_FILE, revision or self.head())
 
     def state(self, revision: str | None = None) -> FederationState:
         revision = revision or self.head()
         if not self.store.file_exists(self.repo_id, STATE_FILE, revision):
             return FederationState()
-        return FederationState.model_validate(self._json(STATE_FILE, revision))
+        return self._record(FederationState, STATE_FILE, revision)
+
+    def files(self, revision: str) -> list[str]:
+        """The federation repo's files at ``revision`` (a commit id never changes, so the
+        last listing is kept: planning reads it more than once)."""
+        if self._listing is None or self._listing[0] != revision:
+            self._listing = (revision, self.store.list_files(self.repo_id, revision))
+        return list(self._listing[1])
+
+    def round_record(self, number: int, revision: str | None = None) -> dict:
+        """``rounds/NNNNNN.json``, checked to be a round record of that round."""
+        revision = revision or self.head()
+        path = round_record_path(number)
+        if path not in self.files(revision):
+            raise ConfigError(f"{path} is missing from {self.address}, although its state "
+                              f"says round {number} completed.", hint=_restore_hint(path))
+        record = self._record(RoundRecordHeader, path, revision)
+        if record.round != number:
+            raise ConfigError(f"{path} of {self.address} holds round {record.round}.",
+                              hint=_restore_hint(path))
+        return record.model_dump(mode="json")
+
+    def last_recorded_round(self, revision: str) -> int:
+        """The highest N of the ``rounds/NNNNNN.json`` records at ``revision`` (0: none)."""
+        numbers = [int(m.group(1)) for f in self.files(revision)
+                   if (m := _ROUND_FILE.fullmatch(f))]
+        return max(numbers, default=0)
+
+    def check_not_rolled_back(self, revision: str, state: FederationState) -> None:
+        """Refuse a state.json older than the round records beside it (a rollback, or a
+        state replaced by hand): running on it would re-run a round, overwrite its record
+        and apply uploads twice."""
+        last = self.last_recorded_round(revision)
+        if last <= state.round:
+            return
+        title = f"fedbip: round {last} completed"
+        commit = next((c.id for c in self.store.history(self.repo_id) if c.title == title),
+                      None)
+        where = (f"the version written by commit {commit} ('{title}')" if commit else
+                 f"the version written with {round_record_path(last)}")
+        raise ConfigError(
+            f"state.json of {self.address} says the last completed round is {state.round}, "
+            f"but {round_record_path(last)} exists: the state was rolled back or replaced. "
+            "The server refuses to run on it (it would re-run rounds, overwrite their "
+            "records and refuse honest uploads).",
+            hint=f"Restore state.json from the federation repo's history: {where}.")
 
     def members(self, revision: str | None = None) -> dict[str, Member]:
         """The members; a member file that is invalid is left out (see ``membership``)."""
@@ -261,7 +340,7 @@ class Federation:
         revision = revision or self.head()
         found: list[Member] = []
         problems: dict[str, str] = {}
-        for path in self.store.list_files(self.repo_id, revision):
+        for path in self.files(revision):
             if not (path.startswith(f"{MEMBERS_DIR}/") and path.endswith(".json")):
                 continue
             try:
@@ -283,7 +362,8 @@ class Federation:
             else:
                 claimed[member.repo_id] = member
         members = {m.name: m for m in claimed.values()}
-        return Membership(dict(sorted(members.items())), dict(sorted(problems.items())))
+        self.invalid_members = dict(sorted(problems.items()))
+        return Membership(dict(sorted(members.items())), self.invalid_members)
 
     def _member_file(self, path: str, revision: str) -> Member:
         """Read one ``members/<name>.json``; its name must be the file's."""
@@ -307,6 +387,10 @@ class Federation:
 
     def member(self, name: str, revision: str | None = None) -> Member:
         members = self.members(revision)
+        problem = self.invalid_members.get(f"{MEMBERS_DIR}/{name}.json")
+        if name not in members and problem is not None:
+            raise ConfigError(f"the membership file of {name} is broken: {problem}",
+                              client=name)
         if name not in members:
             raise NotFoundError(f"{name} is not a member of {self.address}.",
                                 hint=f"Join first: `fedbip join {self.address} --client {name}`.",
@@ -334,6 +418,28 @@ def _joined_key(joined_at: str) -> datetime:
     except ValueError:
         return datetime.max.replace(tzinfo=timezone.utc)
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def round_record_path(number: int) -> str:
+    return f"{ROUNDS_DIR}/{number:06d}.json"
+
+
+def describe_json_error(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _restore_hint(path: str) -> str:
+    if path == STATE_FILE:
+        return ("Restore state.json from the federation repo's history: the version "
+                "written by the last 'fedbip: round N completed' commit.")
+    if path.startswith(f"{MEMBERS_DIR}/"):
+        return (f"Restore {path} from the federation repo's history, or delete it and "
+                "have that member run `fedbip join` again.")
+    if path.startswith(f"{ROUNDS_DIR}/"):
+        return f"Restore {path} from the federation repo's history (never edit it by hand)."
+    return f"Fix {path} in the federation repo, or restore it from the repo's history."
 
 
 def _env_path(name: str) -> Path | None:

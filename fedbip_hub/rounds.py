@@ -6,6 +6,12 @@ as a lease before any output is written. Each published adapter carries the plan
 ``personalized/fedbip_merge.json``, so a re-run resumes the same plan, skips clients it
 already published, and never applies an update twice. The round ends with one commit of
 the record and the new state.
+
+Exclusivity: taking the lease (a new plan, or a takeover of a dead job's plan) is a commit
+with the head it read as parent, so of concurrent jobs exactly one holds it; a job checks
+that it still holds it before each write, and publishes to a member repo on the head it
+checked for this plan's adapter, so each member gets one publish per plan whatever runs
+at the same time.
 """
 
 from __future__ import annotations
@@ -21,35 +27,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+import fedbip_hub
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
+    ConfigError,
     ConflictError,
     FedbipError,
     NotFoundError,
     RoundInProgressError,
     StoreError,
+    VisibilityError,
 )
 from fedbip_hub.federation import (
     INIT_DIR,
     MERGE_RECORD,
     PERSONALIZED_DIR,
-    ROUNDS_DIR,
     STATE_FILE,
     Federation,
     FederationConfig,
     FederationState,
     Member,
     dump_json,
+    round_record_path,
     utc_now,
 )
 from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory, SimilarityView, storage_granularity
 from fedbip_hub.merge import MergedAdapter, MergePlan, personalize
-from fedbip_hub.robust import norm_guard, sign_guard
+from fedbip_hub.resources import is_resource_error, resource_error
+from fedbip_hub.robust import (
+    DuplicateGroups,
+    bound_weights,
+    describe_duplicates,
+    find_duplicates,
+    norm_guard,
+    sign_guard,
+)
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.secrets import redact
 from fedbip_hub.similarity import CosineSource, SimilarityReport
@@ -72,7 +89,7 @@ from fedbip_hub.streaming import (
     resident_peers,
 )
 from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, describe_error
 from fedbip_hub.validation import check_task_vector, check_upload_listing, validate_upload
 
 # What the server reads of a personalized folder (a member may commit anything beside).
@@ -80,6 +97,7 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 MAX_MERGE_RECORD_BYTES = 16 * 1024 * KIB
 ProgressFn = Callable[[Iterable[Any], str], Iterable[Any]]
 LogFn = Callable[[str], None]
+_PUBLISH_TRIES = 8
 
 
 class PinnedInput(BaseModel):
@@ -121,6 +139,20 @@ class RoundPlan(BaseModel):
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
 
 
+def read_lease(raw: Any, address: str) -> RoundPlan:
+    """state.json's ``in_progress`` as a RoundPlan; ConfigError (with the fix) when it is
+    not one."""
+    try:
+        return RoundPlan.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"the round lease (in_progress in state.json) of {address} is invalid: "
+            f"{describe_error(exc)}.",
+            hint="Restore state.json from the federation repo's history: the version the "
+            "last 'fedbip: round N started' (or 'resumed') commit wrote, whose round is "
+            "then resumed; never edit the lease by hand.") from exc
+
+
 def staleness_discount(staleness: int, beta: float) -> float:
     """σ(a) = (1 + a)^(−β), FedAsync's polynomial discount."""
     return float((1.0 + staleness) ** (-beta))
@@ -160,6 +192,8 @@ class RoundRunner:
     _memory_read: tuple[tuple[str, str], SimilarityMemory] | None = None
     # client → why its consumed update left the pool this round, for _complete.
     _evicted: dict[str, str] | None = None
+    # client → upload id: fresh uploads this round skipped for an internal error.
+    _internal_errors: dict[str, str] | None = None
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -192,25 +226,49 @@ class RoundRunner:
 
     # -- planning ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing."""
+        """Run (or resume) a round. Returns its record; status "nothing-new" writes nothing.
+
+        Raises:
+            ResourceError: the machine ran out of disk space, a quota or memory; the
+                lease (if taken) stays, so ``--takeover`` resumes the round.
+        """
+        try:
+            return self._run()
+        except (OSError, MemoryError) as exc:
+            if not is_resource_error(exc):
+                raise
+            raise resource_error(exc, "running a round of "
+                                 f"{self.fed.address}") from exc
+        finally:
+            if self._staging is not None:  # a round stopped by an error: free its disk
+                self._staging.close()
+                self._staging = None
+
+    def _run(self) -> dict:
         self._started = time.perf_counter()
         resolve_device(self.device)  # a bad --device fails before any lease is taken
-        for _ in range(5):
+        first_holder: str | None = None  # the lease holder this job first found
+        for attempt in range(5):
             head = self.fed.head()
             config = self.fed.config(head)
             state = self.fed.state(head)
-            plan = self._plan_or_resume(head, config, state)
+            if attempt == 0 and state.in_progress is not None:
+                first_holder = str(state.in_progress.get("job_id"))
+            plan = self._plan_or_resume(head, config, state, first_holder=first_holder)
             if plan is None:
                 self.log("Nothing new since the last round: no commit.")
                 return {"status": "nothing-new", "round": state.round,
                         "skipped": self._last_skips}
             self._preflight(config, plan)
-            if self.dry_run or state.in_progress is not None:
+            if self.dry_run:
                 break
+            # Planning a round and resuming one both commit the lease with the head as
+            # parent: of concurrent jobs (takeovers included) exactly one wins it.
+            verb = "started" if state.in_progress is None else "resumed"
             state.in_progress = plan.model_dump(mode="json")
             try:
                 self.store.commit(self.fed.repo_id, {STATE_FILE: dump_json(state)},
-                                  message=f"fedbip: round {plan.round} started",
+                                  message=f"fedbip: round {plan.round} {verb}",
                                   parent=head)
                 break
             except ConflictError:
@@ -234,23 +292,36 @@ class RoundRunner:
         if strategy.similarity_memory != 0:
             self._stored_memory(plan, strategy)
 
-    def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState
-                        ) -> RoundPlan | None:
+    def _plan_or_resume(self, head: str, config: FederationConfig, state: FederationState,
+                        *, first_holder: str | None = None) -> RoundPlan | None:
+        self.fed.check_not_rolled_back(head, state)
         if state.in_progress is not None:
-            plan = RoundPlan.model_validate(state.in_progress)
-            if not (plan.lease_expired() or self.takeover):
+            plan = read_lease(state.in_progress, self.fed.address)
+            # --takeover vouches only for the job it found: a lease that another job has
+            # claimed since (a concurrent takeover, or a new round) is that job's.
+            takeover = self.takeover and plan.job_id == first_holder
+            if not (plan.lease_expired() or takeover):
                 raise RoundInProgressError(
                     f"round {plan.round} is in progress (job {plan.job_id}, started "
                     f"{plan.started_at}, lease until {plan.lease_until}).",
                     hint="Wait for it to finish. If that job died, rerun with --takeover "
                     "(or wait for the lease to expire) to resume the same round.")
-            self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}).")
-            return plan
+            self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}, taking the "
+                     f"lease over from job {plan.job_id}).")
+            now = datetime.now(timezone.utc)
+            return plan.model_copy(update={
+                "job_id": uuid.uuid4().hex[:12],
+                "lease_until": (now + timedelta(minutes=config.lease_minutes)).isoformat(
+                    timespec="seconds")})
         membership = self.fed.membership(head)
         inputs, skipped, restarted = self._collect(membership.members, state)
-        skipped.update(membership.problems)
+        skipped.update(membership.problems)  # broken members/*.json: file → why
         self._last_skips = skipped
-        if not any(i.fresh for i in inputs.values()):
+        waiting = {name for name, pinned in inputs.items()
+                   if pinned.fresh and _waits(state.client(name), pinned)}
+        if not any(p.fresh for name, p in inputs.items() if name not in waiting):
+            for name in waiting:
+                skipped[name] = waiting_reason(state.client(name).internal_error_round)
             return None
         now = datetime.now(timezone.utc)
         latest = {name: None if name in restarted else
@@ -365,10 +436,13 @@ class RoundRunner:
         fetched = OrderedMap(lambda p: self._read_input(plan, p, config, init, init_name),
                              list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
+        self._internal_errors = {}
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
             if exc is None:
                 vectors.append(vector)
                 inputs.append(pinned)
+            elif is_resource_error(exc):  # the server's disk, not the upload: stop
+                raise resource_error(exc, f"reading {pinned.client}'s upload") from exc
             elif isinstance(exc, StoreError):  # the Hub, not the upload: retry next round
                 skipped[pinned.client] = (f"{reason(exc)}; the upload was NOT refused and "
                                           "will be retried next round")
@@ -380,8 +454,11 @@ class RoundRunner:
                     skipped[pinned.client] = evicted[pinned.client] = _evicted_reason(exc)
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
                 skipped[pinned.client] = internal_reason(exc)
+                if pinned.fresh:
+                    self._internal_errors[pinned.client] = pinned.upload_id
                 self.log(f"Internal error reading {pinned.client}'s upload "
-                         f"({exception_text(exc)}); skipped this round, retried next round.")
+                         f"({exception_text(exc)}); skipped, retried with the next round "
+                         "that has other news.")
                 if os.environ.get("FEDBIP_DEBUG"):  # the CLI's convention for tracebacks
                     self.log(redact("".join(traceback.format_exception(exc))))
         self._lap("download_validate")
@@ -389,9 +466,10 @@ class RoundRunner:
         while True:  # until the maths passes; each pass drops at least one client
             attempt_skipped, attempt_refused = dict(skipped), dict(refused)
             try:
-                (report, weights, similarity, memory, merged, guard, signs, vectors_used,
-                 inputs_used) = self._compute(plan, strategy, config, init, vectors, inputs,
-                                              attempt_skipped, attempt_refused)
+                (report, weights, similarity, memory, merged, guard, signs, duplicates,
+                 vectors_used, inputs_used) = self._compute(
+                    plan, strategy, config, init, vectors, inputs, attempt_skipped,
+                    attempt_refused)
                 break
             except Exception as exc:
                 self._close_staging()
@@ -424,6 +502,7 @@ class RoundRunner:
         record["sign_guard"] = signs
         record["dropped_from_plan"] = sorted(plan.dropped)
         record["evicted"] = dict(evicted)
+        record["duplicates"] = duplicates
         record["compute"] = self._compute_record(strategy)
         if not self.dry_run:
             self.checkpoint("before-record")
@@ -439,22 +518,31 @@ class RoundRunner:
     def _compute(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
                  init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
                  skipped: dict[str, str], refused: dict[str, str]) -> tuple:
-        """Similarity, guards, memory and merge over the clients that passed the gate."""
+        """Similarity, copies, guards, memory and merge over the clients that passed the
+        gate."""
         report = weights = similarity = memory = None
         merged: list[MergedAdapter] = []
         guard: dict[str, dict] = {}
         signs: dict[str, dict] = {}
+        duplicates: list[dict] = []
         if any(p.fresh for p in inputs):
             report = self._similarity(strategy, vectors, inputs)
             _require_finite(report)
+            # Copies first: the guards' statistics and the weights then count each set once.
+            copies, before = self._duplicates(strategy, report, inputs), list(inputs)
             report, vectors, inputs, scale, guard = self._norm_guard(
-                strategy, report, vectors, inputs, skipped, refused)
+                strategy, report, vectors, inputs, skipped, refused, copies)
+            if copies is not None:
+                copies = copies.remap([p.client for p in before], [p.client for p in inputs])
             if any(p.fresh for p in inputs):
                 memory, similarity = self._remember(plan, strategy, report, inputs, scale)
-                blocked, signs = self._sign_guard(strategy, similarity, inputs)
+                blocked, signs = self._sign_guard(strategy, similarity, inputs, copies)
                 weights, merged = self._merge(plan, strategy, config, init, vectors, inputs,
-                                              similarity, scale, blocked)
-        return report, weights, similarity, memory, merged, guard, signs, vectors, inputs
+                                              similarity, scale, blocked, copies)
+            if copies is not None:
+                duplicates = describe_duplicates(copies, [p.client for p in inputs])
+        return (report, weights, similarity, memory, merged, guard, signs, duplicates, vectors,
+                inputs)
 
     def _culprits(self, exc: Exception, plan: RoundPlan, strategy: Strategy,
                   config: FederationConfig, init: LoraAdapter, vectors: list[TaskVector],
@@ -500,9 +588,10 @@ class RoundRunner:
 
         def build(head: str) -> dict:
             state = self.fed.state(head)
-            if (state.in_progress or {}).get("plan_id") != plan.plan_id:
+            lease = state.in_progress or {}
+            if (lease.get("plan_id"), lease.get("job_id")) != (plan.plan_id, plan.job_id):
                 raise RoundInProgressError(
-                    f"round {plan.round} was completed or replaced by another job.",
+                    f"round {plan.round} was completed or taken over by another job.",
                     hint="Nothing to do; check `fedbip status`.")
             state.in_progress = plan.model_dump(mode="json")
             return {STATE_FILE: dump_json(state)}
@@ -564,6 +653,8 @@ class RoundRunner:
             exc.args = (str(exc),)
             raise
         except Exception as exc:
+            if is_resource_error(exc):
+                raise
             raise InternalError(public_paths(describe(exc), names, self.store.cache_dir)) from exc
 
     def _latest_adapter(self, name: str, init: LoraAdapter) -> LoraAdapter:
@@ -596,29 +687,40 @@ class RoundRunner:
 
     def _norm_guard(self, strategy: Strategy, report: SimilarityReport,
                     vectors: list[TaskVector], inputs: list[PinnedInput],
-                    skipped: dict[str, str], refused: dict[str, str]
+                    skipped: dict[str, str], refused: dict[str, str],
+                    copies: DuplicateGroups | None = None
                     ) -> tuple[SimilarityReport, list[TaskVector], list[PinnedInput],
                                torch.Tensor, dict[str, dict]]:
-        """Clip (scale down) or exclude fresh updates whose norm is a robust outlier."""
+        """Clip (scale down) or exclude fresh updates whose norm is a robust outlier. A
+        set of copies counts once in the statistics, and its copies share its kept
+        member's verdict."""
         scale = torch.ones(len(inputs), dtype=torch.float64)
         if strategy.norm_guard == "off":
             return report, vectors, inputs, scale, {}
-        result = norm_guard(report.norms(), threshold=strategy.norm_guard_threshold)
-        flagged = [k for k in result.outliers if inputs[k].fresh]
-        details = {inputs[k].client: {"norm": float(result.norms[k]),
-                                      "robust_z": float(result.robust_z[k]),
+        norms = report.norms()
+        result = norm_guard(copies.without_copies(norms) if copies is not None else norms,
+                            threshold=strategy.norm_guard_threshold)
+
+        def judged(k: int) -> int:  # whose verdict applies to input k
+            kept = copies.kept_for(k) if copies is not None else None
+            return k if kept is None else kept
+
+        flagged = [k for k in range(len(inputs))
+                   if judged(k) in result.outliers and inputs[k].fresh]
+        details = {inputs[k].client: {"norm": float(norms[k]),
+                                      "robust_z": float(result.robust_z[judged(k)]),
                                       "cap": result.cap, "action": strategy.norm_guard}
                    for k in flagged}
         for k in flagged:
             self.log(f"Norm guard ({strategy.norm_guard}): {inputs[k].client}: "
-                     f"{result.explain(k)}.")
+                     f"{result.explain(judged(k))}.")
         if strategy.norm_guard == "clip":
             for k in flagged:
-                scale[k] = result.scale[k]
+                scale[k] = result.scale[judged(k)]
             return report, vectors, inputs, scale, details
         for k in flagged:
             skipped[inputs[k].client] = (
-                f"{result.explain(k)}; excluded by the norm guard (fix: check the training "
+                f"{result.explain(judged(k))}; excluded by the norm guard (fix: check the training "
                 "for divergence or a scaling bug, then push again)")
             refused[inputs[k].client] = inputs[k].upload_id
         keep = [k for k in range(len(inputs)) if k not in flagged]
@@ -659,12 +761,17 @@ class RoundRunner:
         return memory
 
     def _sign_guard(self, strategy: Strategy, similarity: CosineSource,
-                    inputs: list[PinnedInput]) -> tuple[list[int], dict[str, dict]]:
-        """Fresh updates that mirror a group of peers: shared with no one this round."""
+                    inputs: list[PinnedInput], copies: DuplicateGroups | None = None
+                    ) -> tuple[list[int], dict[str, dict]]:
+        """Fresh updates that mirror a group of peers: shared with no one this round.
+        Dropped copies (shared with no one anyway) neither oppose nor support anyone, so
+        copies cannot outvote an honest update."""
         if strategy.sign_guard == "off":
             return [], {}
         names = [p.client for p in inputs]
-        result = sign_guard(similarity.model_cosine(), floor=strategy.sign_guard_floor,
+        cosine = similarity.model_cosine()
+        result = sign_guard(copies.without_copies(cosine) if copies is not None else cosine,
+                            floor=strategy.sign_guard_floor,
                             min_opposed=strategy.sign_guard_min_peers)
         flagged = [k for k in result.flagged if inputs[k].fresh]
         details = {}
@@ -676,22 +783,44 @@ class RoundRunner:
                                  "action": "not shared with other clients this round"}
         return flagged, details
 
+    def _duplicates(self, strategy: Strategy, report: SimilarityReport,
+                    inputs: list[PinnedInput]) -> DuplicateGroups | None:
+        """Near-identical task vectors of different members (this round's cosines)."""
+        if strategy.duplicate_cosine is None:
+            return None
+        copies = find_duplicates(report.model_cosine(), report.norms(),
+                                 fresh=[p.fresh for p in inputs],
+                                 min_cosine=strategy.duplicate_cosine,
+                                 norm_tolerance=strategy.duplicate_norm_tolerance)
+        for group, kept in zip(copies.groups, copies.kept, strict=True):
+            self.log(f"Duplicates: {', '.join(inputs[i].client for i in group)} uploaded "
+                     f"near-identical updates; only {inputs[kept].client}'s is weighted.")
+        return copies
+
     def _merge(self, plan: RoundPlan, strategy: Strategy, config: FederationConfig,
                init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
-               similarity: CosineSource, scale: torch.Tensor, blocked: list[int]
+               similarity: CosineSource, scale: torch.Tensor, blocked: list[int],
+               copies: DuplicateGroups | None = None
                ) -> tuple[WeightTable, list[MergedAdapter]]:
         k = len(vectors)
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
         allowed = fresh[None, :].expand(k, k).clone()
+        if copies is not None:  # copies weigh as one upload (robust.DuplicateGroups.mask)
+            allowed &= copies.mask(k)
         groups = (oracle_groups(strategy, [p.client for p in inputs], self.groups)
                   if strategy.spec.weighting == "oracle" else None)
+        population = torch.ones(k, dtype=torch.bool)
+        population[blocked] = False
+        if copies is not None:
+            population[copies.dropped] = False
         weights = compute_weights(strategy, k=k, report=similarity,
                                   n_examples=[p.n_examples for p in inputs], allowed=allowed,
-                                  groups=groups)
+                                  groups=groups, population=population)
         contribution = torch.tensor(
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
              for p in inputs], dtype=torch.float64) * scale
+        weights = _bounded(weights, strategy, fresh & (contribution > 0))
         latest = [self._latest_adapter(p.client, init) for p in inputs]
         merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
                                latest=latest)
@@ -755,9 +884,15 @@ class RoundRunner:
         from fedbip_hub.modelcard import personalized_card
 
         name, pinned = names[index], inputs[index]
-        done = self._already_published(plan, pinned.repo_id)
+        head = self.store.head(pinned.repo_id)
+        done = self._already_published(plan, pinned.repo_id, head)
         if done is not None:
             return done
+        if not config.allow_public_members and not self.store.is_private(pinned.repo_id):
+            raise VisibilityError(
+                f"{pinned.repo_id} is public, and its personalized adapter mixes other "
+                "members' updates", hint=f"the member makes {pinned.repo_id} private again "
+                "(or the federation sets allow_public_members in federation.json)")
         adapter = merged[index]
         merge_record = {
             "plan_id": plan.plan_id, "round": plan.round, "client": name,
@@ -780,13 +915,40 @@ class RoundRunner:
         files[f"{PERSONALIZED_DIR}/{MERGE_RECORD}"] = dump_json(merge_record)
         files[f"{PERSONALIZED_DIR}/README.md"] = card.encode()
         files[f"{PERSONALIZED_DIR}/similarity.png"] = heatmap
-        commit = commit_with_retry(self.fed, pinned.repo_id, lambda _head, f=files: f,
-                                   f"{PUBLISH_TITLE} (round {plan.round})")
-        return {"repo_id": pinned.repo_id, "commit": commit,
-                "max_discarded_energy": adapter.max_discarded_energy}
+        # Exactly one publish per plan and member, whatever runs concurrently: the commit
+        # is made on the head that was checked, and a lost race is checked again.
+        for _ in range(_PUBLISH_TRIES):
+            self._check_lease(plan)
+            try:
+                commit = self.store.commit(pinned.repo_id, files, parent=head,
+                                           message=f"{PUBLISH_TITLE} (round {plan.round})")
+            except ConflictError:
+                head = self.store.head(pinned.repo_id)
+                done = self._already_published(plan, pinned.repo_id, head)
+                if done is not None:
+                    return done
+                continue
+            return {"repo_id": pinned.repo_id, "commit": commit,
+                    "max_discarded_energy": adapter.max_discarded_energy}
+        raise ConflictError(f"{pinned.repo_id} kept moving while publishing; gave up after "
+                            f"{_PUBLISH_TRIES} tries.", hint="A later run publishes it.")
 
-    def _already_published(self, plan: RoundPlan, repo_id: str) -> dict | None:
-        head = self.store.head(repo_id)
+    def _check_lease(self, plan: RoundPlan, state: FederationState | None = None) -> None:
+        """Stop (RoundInProgressError) unless this job still holds the plan's lease (in
+        ``state``, default: the federation's state at its head)."""
+        state = state if state is not None else self.fed.state(self.fed.head())
+        current = state.in_progress or {}
+        if current.get("plan_id") != plan.plan_id:
+            raise RoundInProgressError(
+                f"round {plan.round} was completed or replaced by another job.",
+                hint="Nothing to do; check `fedbip status`.")
+        if current.get("job_id") != plan.job_id:
+            raise RoundInProgressError(
+                f"job {current.get('job_id')} took over round {plan.round} from this job "
+                f"({plan.job_id}); stopping here, it finishes the round.",
+                hint="Nothing to do; check `fedbip status`.")
+
+    def _already_published(self, plan: RoundPlan, repo_id: str, head: str) -> dict | None:
         path = f"{PERSONALIZED_DIR}/{MERGE_RECORD}"
         if not self.store.file_exists(repo_id, path, head):
             return None
@@ -799,9 +961,10 @@ class RoundRunner:
             return None
         from fedbip_hub.client import latest_personalized_revision
 
+        energy = record.get("max_discarded_energy", 0.0)
         return {"repo_id": repo_id, "commit": latest_personalized_revision(self.fed, repo_id),
-                "max_discarded_energy": record.get("max_discarded_energy", 0.0),
-                "resumed": True}
+                "max_discarded_energy": float(energy) if isinstance(energy, int | float)
+                else 0.0, "resumed": True}
 
     def _record(self, plan: RoundPlan, strategy: Strategy, inputs: list[PinnedInput],
                 report: SimilarityReport | None, weights: WeightTable | None,
@@ -840,16 +1003,20 @@ class RoundRunner:
 
         failed, self._publish_failed = self._publish_failed or {}, None
         evicted, self._evicted = self._evicted or {}, None
+        internal, self._internal_errors = self._internal_errors or {}, None
         record["publish_failed"] = {name: why for name, (why, _) in failed.items()}
         record["skipped"].update({name: text for name, (_, text) in failed.items()})
 
         def build(head: str) -> dict:
             state = self.fed.state(head)
-            current = state.in_progress or {}
-            if current.get("plan_id") != plan.plan_id:
-                raise RoundInProgressError(
-                    f"round {plan.round} was completed or replaced by another job.",
-                    hint="Nothing to do; check `fedbip status`.")
+            self._check_lease(plan, state)
+            self.fed.check_not_rolled_back(head, state)  # never overwrite a round record
+            if round_record_path(plan.round) in self.fed.files(head):
+                raise ConfigError(
+                    f"{round_record_path(plan.round)} already exists in {self.fed.address}: "
+                    f"state.json was rolled back while round {plan.round} ran; its record "
+                    "is not overwritten.", hint="Restore state.json from the federation "
+                    "repo's history (the version of the last 'round N completed' commit).")
             # A client whose publish failed (not in ``outputs``) is still consumed: its
             # update reached the other clients, and consuming it again would apply it
             # twice. Its history does not advance (nothing was published), so its
@@ -864,6 +1031,9 @@ class RoundRunner:
                     client_state.consumed_commit = pinned.commit
                     client_state.consumed_start = pinned.start_revision
                     client_state.consumed_n_examples = pinned.n_examples
+                    client_state.internal_error_upload = None
+                    client_state.internal_error_version = None
+                    client_state.internal_error_round = None
                 output = outputs.get(pinned.client)
                 if output and output.get("commit") and (
                         output["commit"] not in client_state.personalized_history):
@@ -874,10 +1044,15 @@ class RoundRunner:
             for name in evicted:  # its consumed update leaves the pool; it stays consumed
                 state.clients[name] = state.client(name).model_copy(
                     update={"consumed_commit": None, "consumed_start": None})
+            for name, uid in internal.items():  # see _waits
+                client_state = state.client(name)
+                client_state.internal_error_upload = uid
+                client_state.internal_error_version = fedbip_hub.__version__
+                client_state.internal_error_round = plan.round
             state.round = plan.round
             state.in_progress = None
             files = {STATE_FILE: dump_json(state),
-                     f"{ROUNDS_DIR}/{plan.round:06d}.json": dump_json(record),
+                     round_record_path(plan.round): dump_json(record),
                      "README.md": dashboard_card(config, self.fed.members(head), state,
                                                  record).encode()}
             if report is not None:
@@ -922,6 +1097,39 @@ def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput
                        upload_id=client_state.consumed_upload, start_revision=start,
                        n_examples=client_state.consumed_n_examples, staleness=staleness,
                        fresh=False)
+
+
+def _bounded(weights: WeightTable, strategy: Strategy, contributes: torch.Tensor
+             ) -> WeightTable:
+    """``weights`` under the strategy's max_peer_weight and min_contributors (unchanged,
+    the same tensors, when neither is set)."""
+    if strategy.max_peer_weight is None and strategy.min_contributors is None:
+        return weights
+
+    def bound(matrix: torch.Tensor) -> torch.Tensor:
+        return bound_weights(matrix, contributes, max_peer_weight=strategy.max_peer_weight,
+                             min_contributors=strategy.min_contributors)
+
+    return WeightTable(weights.granularity, {key: bound(m) for key, m in
+                                             weights.matrices.items()},
+                       bound(weights.fallback) if weights.fallback is not None else None)
+
+
+def _waits(client_state: Any, pinned: PinnedInput) -> bool:
+    """Whether a fresh upload is one this server version already failed on with an
+    internal error. It is then no news by itself: it joins the next round that has other
+    news (or runs on another fedbip version), so a bug that hits one upload records one
+    round, not an empty round every run."""
+    return (client_state.internal_error_upload == pinned.upload_id
+            and client_state.internal_error_version == fedbip_hub.__version__)
+
+
+def waiting_reason(round_number: int | None) -> str:
+    where = f"round {round_number}" if round_number else "an earlier round"
+    return (f"its upload hit an internal error on the server in {where} (that round's "
+            "record says which); it was NOT refused and is retried with the next round "
+            "that has other news, or after the server is upgraded (fix: nothing to change "
+            "on the client's side)")
 
 
 def _started_over(client_state: Any) -> Any:

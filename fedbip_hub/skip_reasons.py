@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedbip_hub.errors import AuthError, FedbipError, NotFoundError, StoreError
+from fedbip_hub.errors import (
+    AuthError,
+    FedbipError,
+    NotFoundError,
+    StoreError,
+    VisibilityError,
+)
 from fedbip_hub.secrets import redact
 
 
@@ -26,6 +32,8 @@ def publish_skip_reason(exc: StoreError, repo_id: str, fresh: bool) -> str:
     """The round record's ``skipped`` entry for a client whose adapter was not published."""
     if isinstance(exc, AuthError):
         failure, fix = exc.message, f"grant the server's token write access to {repo_id}"
+    elif isinstance(exc, VisibilityError):
+        failure, fix = exc.message, exc.hint or f"make {repo_id} private"
     elif isinstance(exc, NotFoundError):
         failure, fix = exc.message, (
             f"if the member deleted {repo_id}, recreate it (`fedbip join`) and push again; "
@@ -61,8 +69,9 @@ def exception_text(exc: BaseException, limit: int = 500) -> str:
 
 def internal_reason(exc: BaseException) -> str:
     return (f"internal error on the server while reading this upload "
-            f"({exception_text(exc)}); the upload was NOT refused and will be retried "
-            "next round (fix: nothing to change on the client's side; please report this "
+            f"({exception_text(exc)}); the upload was NOT refused and is retried with the "
+            "next round that has other news, or after the server is upgraded (fix: nothing "
+            "to change on the client's side; please report this "
             "error to the federation's operator, who gets the traceback by running the server "
             "job with FEDBIP_DEBUG=1)")
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fedbip_hub.client import upload_id
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.federation import ROUNDS_DIR, Federation
+from fedbip_hub.federation import Federation
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
 
 
@@ -18,8 +17,7 @@ def federation_status(fed: Federation) -> dict[str, Any]:
     state = fed.state(head)
     last_record = None
     if state.round:
-        path = f"{ROUNDS_DIR}/{state.round:06d}.json"
-        last_record = json.loads(fed.store.read_bytes(fed.repo_id, path, head))
+        last_record = fed.round_record(state.round, head)
     members = []
     membership = fed.membership(head)
     for name, member in membership.members.items():

@@ -138,6 +138,19 @@ class Strategy(BaseModel):
     max_size_share: float | None = Field(
         None, gt=0, le=1, description="Cap on any one client's share of data-size weights "
         "(fedavg, fedit), by water-filling; None: no cap.")
+    # Collusion and copying (fedbip_hub.robust): near-identical uploads from different
+    # members count once; optional bounds on what one peer weighs in anyone's adapter.
+    duplicate_cosine: float | None = Field(
+        0.99, gt=0, le=1, description="Task vectors with at least this cosine and norms "
+        "within duplicate_norm_tolerance are copies: counted once. None: off.")
+    duplicate_norm_tolerance: float = Field(0.05, ge=0, lt=1)
+    min_contributors: int | None = Field(
+        None, ge=1, description="A personalized adapter mixing fewer contributors (self "
+        "included) keeps only self, so no single peer's update can be solved for from "
+        "it. 3 or more hides each peer behind another.")
+    max_peer_weight: float | None = Field(
+        None, gt=0, le=1, description="Cap on any one peer's weight; the excess stays "
+        "with self.")
 
     @field_validator("method")
     @classmethod
@@ -247,6 +260,7 @@ def compute_weights(
     allowed: torch.Tensor | None = None,
     groups: Sequence[str] | None = None,
     clients: Sequence[str] | None = None,
+    population: torch.Tensor | None = None,
 ) -> WeightTable:
     """Weights for every client under a strategy.
 
@@ -257,6 +271,8 @@ def compute_weights(
         allowed: K×K bool, which peers each row may draw from.
         groups: true task groups (the oracle only); default: ``strategy.groups`` looked
             up by ``clients``' names.
+        population: K bools, the clients whose pairs make up the evidence rule's
+            background (default: all; the round leaves out copies and held-back updates).
     """
     weighting = strategy.spec.weighting
     if weighting == "similarity":
@@ -271,12 +287,13 @@ def compute_weights(
             lam = strategy.evidence_layer_shrinkage
             cosines = {key: lam * model_cos.to(cos.dtype) + (1 - lam) * cos
                        for key, cos in cosines.items()}
-        cap = (model_credibility(model_cos, options, allowed)
+        cap = (model_credibility(model_cos, options, population)
                if options.rule == "evidence" and strategy.evidence_model_gate
                and granularity != "model" else None)
-        matrices = {key: similarity_weights(cos, options, allowed, cap=cap)
+        matrices = {key: similarity_weights(cos, options, allowed, cap=cap,
+                                            population=population)
                     for key, cos in cosines.items()}
-        fallback = (similarity_weights(model_cos, options, allowed)
+        fallback = (similarity_weights(model_cos, options, allowed, population=population)
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":

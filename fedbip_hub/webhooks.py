@@ -10,6 +10,17 @@ repo's bookkeeping, discussions, other branches and unknown repos start no round
 job exits 0 at once. (The payload carries no file list: the job compares the upload
 metadata at the ref's old and new commits, two small reads.)
 
+**The secret.** Anyone who can start the job can set ``WEBHOOK_PAYLOAD``, so a payload
+is acted on only with the webhook's secret. A webhook-triggered HF Job receives that
+secret from the Hub in ``WEBHOOK_SECRET`` (beside ``WEBHOOK_PAYLOAD``; a URL webhook
+would get it verbatim in the ``X-Webhook-Secret`` header, no HMAC). The job knows the
+expected value from its own secret ``FEDBIP_WEBHOOK_SECRET``, which ``create_webhook``
+stores in the webhook's job secrets (encrypted by the Hub, never in the command, the
+environment shown in the job spec, or our output). The two are compared in constant time
+(``hmac.compare_digest``) before the payload is even parsed; a missing or wrong secret
+starts no round and fails the job with the reason. Jobs started without a payload
+(schedules, cron, by hand) need no secret: a round with nothing new does nothing.
+
 **Coalescing.** A triggered job that finds a round in progress writes a marker,
 ``triggers/pending.json``, into the federation repo, with ``parent`` set to a head whose
 state shows the round in progress (so the marker lands before the round's final commit),
@@ -21,6 +32,7 @@ round ended between the check and the marker, the triggered job runs the round i
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import shlex
@@ -29,11 +41,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedbip_hub import scheduling
-from fedbip_hub.errors import ConflictError, FedbipError, RoundInProgressError
+from fedbip_hub.errors import ConfigError, ConflictError, FedbipError, RoundInProgressError
 from fedbip_hub.federation import Federation, dump_json, utc_now
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
 
 PAYLOAD_ENV = "WEBHOOK_PAYLOAD"
+SECRET_ENV = "WEBHOOK_SECRET"  # set by the Hub in a webhook-triggered job
+EXPECTED_SECRET_ENV = "FEDBIP_WEBHOOK_SECRET"  # the job's own secret (create_webhook)
 PENDING_FILE = "triggers/pending.json"
 MAIN_REF = "refs/heads/main"
 MAX_FOLLOWUPS = 3
@@ -152,15 +166,15 @@ def request_followup(fed: Federation, trigger: Mapping[str, Any] | None = None, 
     Returns False, writing nothing, when no round is in progress any more (or its lease
     has expired): then nobody would see the marker and the caller should run the round.
     """
-    from fedbip_hub.rounds import RoundPlan
+    from fedbip_hub.rounds import read_lease
 
     log = log or (lambda _msg: None)
     entry = {**(trigger or {}), "requested_at": utc_now()}
     for _ in range(_WRITE_TRIES):
         head = fed.head()
         state = fed.state(head)
-        if state.in_progress is None or RoundPlan.model_validate(
-                state.in_progress).lease_expired():
+        if state.in_progress is None or read_lease(state.in_progress,
+                                                   fed.address).lease_expired():
             return False
         marker = read_pending(fed, head) or {"first_requested_at": entry["requested_at"],
                                              "count": 0, "triggers": []}
@@ -292,16 +306,43 @@ def _defer_or_run(fed: Federation, trigger: dict, log: LogFn, round_fn: RoundFn,
     raise exc
 
 
-def run_job(fed: Federation, *, payload: str | None = None, log: LogFn | None = None,
+def verify_secret(secret: str | None, expected: str | None) -> None:
+    """Accept a webhook start only with the webhook's secret (see the module docstring).
+
+    Raises:
+        ConfigError: the job has no expected secret (FEDBIP_WEBHOOK_SECRET) to check with.
+        FedbipError: the secret is missing or wrong: a forged or misrouted start.
+    """
+    if not expected:
+        raise ConfigError(
+            f"a webhook start ({PAYLOAD_ENV} is set), but this job has no "
+            f"{EXPECTED_SECRET_ENV} to check the webhook's secret with: no round started.",
+            hint="Run `fedbip-server webhook FED` again: it stores the webhook's secret as "
+            f"the job secret {EXPECTED_SECRET_ENV}.")
+    if not hmac.compare_digest((secret or "").encode(), expected.encode()):
+        raise FedbipError(
+            f"the webhook secret ({SECRET_ENV}) is {'wrong' if secret else 'missing'}: "
+            f"{PAYLOAD_ENV} not trusted, no round started.",
+            hint="If your own webhook started this job, run `fedbip-server webhook FED` "
+            "again to bring its secret and the job's in line; otherwise someone started "
+            "the job with a forged payload.")
+
+
+def run_job(fed: Federation, *, payload: str | None = None, secret: str | None = None,
+            expected_secret: str | None = None, log: LogFn | None = None,
             **options: Any) -> JobOutcome:
-    """What ``fedbip-server run`` does: filter a webhook start, then run with follow-ups.
+    """What ``fedbip-server run`` does: check and filter a webhook start, then run with
+    follow-ups.
 
     Args:
         payload: ``WEBHOOK_PAYLOAD`` (None or empty: not a webhook start).
+        secret: ``WEBHOOK_SECRET``, what the Hub passed with the payload.
+        expected_secret: ``FEDBIP_WEBHOOK_SECRET``, the job's own copy of it.
     """
     log = log or (lambda _msg: None)
     trigger = None
     if payload:
+        verify_secret(secret, expected_secret)
         trigger = classify(fed, payload)
         if not trigger.run:
             log(f"Webhook trigger ignored: {trigger.reason}.")
@@ -312,6 +353,12 @@ def run_job(fed: Federation, *, payload: str | None = None, log: LogFn | None = 
 
 def payload_from_env() -> str | None:
     return os.environ.get(PAYLOAD_ENV) or None
+
+
+def webhook_from_env() -> dict[str, str | None]:
+    """``run_job``'s payload, secret and expected secret, from the job's environment."""
+    return {"payload": payload_from_env(), "secret": os.environ.get(SECRET_ENV) or None,
+            "expected_secret": os.environ.get(EXPECTED_SECRET_ENV) or None}
 
 
 # -- creating the webhook ---------------------------------------------------------------
@@ -345,15 +392,18 @@ def create_webhook(fed_address: str, *, job_id: str | None = None, secret: str |
         job_id, source = _source_job(fed_address, options, token, job_token, api)
     existing = [w for w in scheduling.hub_call("list webhooks", api.list_webhooks)
                 if _runs_server_job(w, fed_address)]
-    job_secrets = {scheduling.SECRET_NAME: job_token}
-    if existing:
-        hook = existing[0]
+    hook = existing[0] if existing else None
+    # The job checks the secret the Hub hands it against its own copy (verify_secret).
+    signing = secret or (hook.secret if hook is not None else None) or \
+        secrets_module.token_hex(16)
+    job_secrets = {scheduling.SECRET_NAME: job_token, EXPECTED_SECRET_ENV: signing}
+    if hook is not None:
+        hook_id = hook.id
         info = scheduling.hub_call("update the webhook", lambda: api.update_webhook(
-            hook.id, job_id=job_id, watched=watched, domains=["repo"], secret=secret,
+            hook_id, job_id=job_id, watched=watched, domains=["repo"], secret=signing,
             secrets=job_secrets))
         action = "updated"
     else:
-        signing = secret or secrets_module.token_hex(16)
         info = scheduling.hub_call("create the webhook", lambda: api.create_webhook(
             job_id=job_id, watched=watched, domains=["repo"], secret=signing,
             secrets=job_secrets))

@@ -149,7 +149,7 @@ class Background:
     estimated: bool  # False: too few pairs, the priors were used
 
 
-def background_of(cos: torch.Tensor, allowed: torch.Tensor, opts: WeightOptions
+def background_of(cos: torch.Tensor, population: torch.Tensor | None, opts: WeightOptions
                   ) -> Background:
     """The background of a cosine matrix: what the pairs of unrelated clients show.
 
@@ -159,8 +159,15 @@ def background_of(cos: torch.Tensor, allowed: torch.Tensor, opts: WeightOptions
     same-task pairs do not inflate it; it is floored at ``evidence_spread_floor``. With
     fewer than ``evidence_min_pairs`` pairs neither can be estimated, and the priors
     (``evidence_prior_background`` and ``evidence_prior_spread``) stand in.
+
+    ``population`` (K bools, default all) names the clients whose pairs make up the
+    background: copies of another member and updates the sign guard holds back are left
+    out, so they cannot move it.
     """
-    pairs = torch.triu(allowed | allowed.T, diagonal=1)
+    k = cos.shape[0]
+    members = (torch.ones(k, dtype=torch.bool) if population is None
+               else population.to(torch.bool))
+    pairs = torch.triu(members[:, None] & members[None, :], diagonal=1)
     values = cos[pairs]
     if values.numel() < max(1, opts.evidence_min_pairs):
         return Background(opts.evidence_prior_background,
@@ -173,12 +180,11 @@ def background_of(cos: torch.Tensor, allowed: torch.Tensor, opts: WeightOptions
 
 
 def model_credibility(cos: torch.Tensor, opts: WeightOptions,
-                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+                      population: torch.Tensor | None = None) -> torch.Tensor:
     """The evidence rule's credibility of every pair at one level (the model's, say)."""
     cos = cos.to(torch.float64).clone()
     cos.fill_diagonal_(1.0)
-    allowed = _with_diagonal(allowed, cos.shape[0])
-    return evidence_credibility(cos, background_of(cos, allowed, opts), opts)
+    return evidence_credibility(cos, background_of(cos, population, opts), opts)
 
 
 def evidence_credibility(cos: torch.Tensor, background: Background, opts: WeightOptions
@@ -205,7 +211,7 @@ def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tens
     (K×K) bounds q: a layer's weights use the model-level credibility as the cap, so a
     peer needs evidence in the layer and overall.
     """
-    background = background or background_of(cos, allowed, opts)
+    background = background or background_of(cos, None, opts)
     q = evidence_credibility(cos, background, opts)
     if cap is not None:
         q = torch.minimum(q, cap.to(q.dtype))
@@ -238,7 +244,8 @@ def _apply_self_floor(weights: torch.Tensor, i: int, floor: float) -> torch.Tens
 
 def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
                        allowed: torch.Tensor | None = None, *,
-                       cap: torch.Tensor | None = None) -> torch.Tensor:
+                       cap: torch.Tensor | None = None,
+                       population: torch.Tensor | None = None) -> torch.Tensor:
     """Row-stochastic K×K weights from a K×K cosine matrix.
 
     Args:
@@ -246,6 +253,8 @@ def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
         opts: the rule and its options.
         allowed: K×K bool, which peers row i may draw from (the diagonal is forced on).
         cap: the evidence rule only: K×K bounds on each pair's credibility.
+        population: the evidence rule only: K bools, the clients whose pairs make up the
+            background (default: all).
     """
     k = cos.shape[0]
     cos = cos.to(torch.float64).clone()
@@ -253,7 +262,7 @@ def similarity_weights(cos: torch.Tensor, opts: WeightOptions,
     allowed = _with_diagonal(allowed, k)
     if opts.rule == "evidence":
         # the background is the whole matrix's (before top-k), so all rows go at once
-        background = background_of(cos, allowed, opts)
+        background = background_of(cos, population, opts)
         if opts.top_k is not None and k:
             allowed = torch.stack([_top_k_mask(cos[i], i, allowed[i], opts.top_k)
                                    for i in range(k)])

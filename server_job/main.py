@@ -45,16 +45,18 @@ def run(
 ) -> None:
     """Run one asynchronous round: consume new uploads, personalize every member.
 
-    Started by a Hub webhook (WEBHOOK_PAYLOAD set), it runs only for a client upload and
-    exits 0 otherwise; during another job's round it leaves a follow-up request instead.
-    After a round it runs one follow-up round per request left while it ran. Started any
-    other way during another job's round, it says so and exits 0 (status "in-progress").
+    Started by a Hub webhook (WEBHOOK_PAYLOAD set), it first checks the webhook's secret
+    (WEBHOOK_SECRET against the job secret FEDBIP_WEBHOOK_SECRET; a mismatch fails the
+    job), then runs only for a client upload and exits 0 otherwise; during another
+    job's round it leaves a follow-up request instead. After a round it runs one
+    follow-up round per request left while it ran. Started any other way during another
+    job's round, it says so and exits 0 (status "in-progress").
     """
     from cli._common import progress
     from fedbip_hub.compute import resolve_device
     from fedbip_hub.errors import RoundInProgressError
     from fedbip_hub.federation import Federation
-    from fedbip_hub.webhooks import JobOutcome, payload_from_env, run_job
+    from fedbip_hub.webhooks import JobOutcome, run_job, webhook_from_env
 
     def step_progress(items, description):
         wrap = progress(description, enabled=not json_output)
@@ -63,7 +65,7 @@ def run(
     resolve_device(device)  # fail before touching the federation
     fed_obj = Federation.at(fed, token=token)
     try:
-        outcome = run_job(fed_obj, payload=payload_from_env(), dry_run=dry_run,
+        outcome = run_job(fed_obj, **webhook_from_env(), dry_run=dry_run,
                           takeover=takeover, device=device, progress=step_progress,
                           log=(lambda msg: None) if json_output else err_console.print)
     except RoundInProgressError as exc:

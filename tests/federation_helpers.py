@@ -183,6 +183,22 @@ def new_local_federation(root: Path, base_dir: Path, *, push_all: bool = True,
     return fed
 
 
+def new_hub_federation(repo_id: str, base_dir: Path, root: Path,
+                       members: Mapping[str, int] = CLIENTS) -> None:
+    """new_local_federation's federation (same config, same uploads), on the Hub."""
+    from fedbip_hub.client import init_federation, join, push
+    from fedbip_hub.federation import FederationConfig, LoraSpec
+
+    config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
+                              lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
+    fed = init_federation(repo_id, config)
+    for i, (client, group) in enumerate(members.items()):
+        join(fed, client)
+        upload = write_upload(fed.init_folder(), root / f"up-{repo_id}-{client}", seed=i,
+                              group=group, rank=4)
+        push(fed, client, upload, n_examples=10)
+
+
 def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
                start: Path | None = None) -> str:
     """Push an upload trained (synthetically) from ``start``, or from the init."""
@@ -194,6 +210,14 @@ def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
     if start is not None and (start / "fedbip_start.json").exists():
         shutil.copy(start / "fedbip_start.json", upload)
     return push(fed, client, upload, n_examples=10).commit
+
+
+def pull_and_push(fed, root: Path, client: str, *, seed: int, group: int) -> str:
+    """Pull ``client``'s personalized adapter and push an upload trained from it."""
+    from fedbip_hub.client import pull
+
+    pulled = pull(fed, client, root / f"pulled-{client}-{seed}").folder
+    return push_fresh(fed, root, client, seed=seed, group=group, start=pulled)
 
 
 def set_strategy(fed, **options: object) -> None:
@@ -268,3 +292,22 @@ def crash_at(step: str):
             raise Crash(step)
 
     return checkpoint
+
+
+def assert_same_adapters(actual: Mapping[str, Mapping[str, torch.Tensor]],
+                         expected: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Published adapters that are the same models: each LoRA module's ΔW = B·A (the
+    factors themselves are free up to a rotation, which ties in the weights can flip),
+    and every other tensor, to float32 precision."""
+    for client, tensors in expected.items():
+        got = actual[client]
+        assert got.keys() == tensors.keys(), client
+        for key, value in tensors.items():
+            if ".lora_B." in key:
+                a_key = key.replace(".lora_B.", ".lora_A.")
+                torch.testing.assert_close(got[key].double() @ got[a_key].double(),
+                                           value.double() @ tensors[a_key].double(),
+                                           rtol=1e-5, atol=1e-6, msg=f"{client} {key}")
+            elif ".lora_A." not in key:
+                torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7,
+                                           msg=f"{client} {key}")

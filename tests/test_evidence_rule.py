@@ -51,7 +51,7 @@ def test_two_clients_use_the_priors(cosine: float, peer_weight: float) -> None:
     expected = torch.tensor([[1 - peer_weight, peer_weight], [peer_weight, 1 - peer_weight]],
                             dtype=torch.float64)
     torch.testing.assert_close(w, expected)
-    assert not background_of(c, torch.ones(2, 2, dtype=torch.bool), OPTS).estimated
+    assert not background_of(c, None, OPTS).estimated
 
 
 def test_three_clients_a_pair_and_a_singleton() -> None:
@@ -74,7 +74,7 @@ def test_background_is_the_median_and_the_lower_semi_mad_with_a_floor() -> None:
     values = sorted(float(c[i, j]) for i, j in itertools.combinations(range(k), 2))
     med = statistics.median_low(values)  # torch's median is the lower one
     below = [med - v for v in values if v < med]
-    bg = background_of(c, torch.ones(k, k, dtype=torch.bool), OPTS)
+    bg = background_of(c, None, OPTS)
     assert bg.estimated
     assert bg.level == pytest.approx(med)
     assert bg.spread == pytest.approx(max(1.4826 * statistics.median_low(below), 0.05))
@@ -88,7 +88,7 @@ def test_same_task_pairs_do_not_inflate_the_noise() -> None:
     pairs = list(itertools.combinations(range(k), 2))
     for n, (i, j) in enumerate(pairs):
         c[i, j] = c[j, i] = 0.6 if n < 6 else 0.05 + 0.01 * ((n % 3) - 1)
-    bg = background_of(c, torch.ones(k, k, dtype=torch.bool),
+    bg = background_of(c, None,
                        WeightOptions(rule="evidence", evidence_spread_floor=1e-6))
     assert bg.spread == pytest.approx(1.4826 * 0.01)
 
@@ -179,3 +179,24 @@ def test_a_layer_needs_evidence_at_the_model_level_too() -> None:
     half = compute_weights(Strategy(method="fedbip-l", rule="evidence"), k=2,
                            report=_Cosines(sym(2, {(0, 1): 0.2}), {"layers.0": layer}))
     assert float(half.matrices["layers.0"][0, 1]) == pytest.approx(1 / 3)
+
+
+def test_clients_outside_the_population_do_not_move_the_background() -> None:
+    # clients 0–3 unrelated (cosines ≈ 0.05); clients 4 and 5 are copies aimed at all of
+    # them (0.3 with everyone): counted, their nine pairs would lift the median to 0.3
+    k = 6
+    c = torch.full((k, k), 0.05, dtype=torch.float64)
+    c[0, 1] = c[1, 0] = 0.04
+    c[2, 3] = c[3, 2] = 0.06
+    c[4:, :] = c[:, 4:] = 0.3
+    c[4, 5] = c[5, 4] = 1.0
+    c.fill_diagonal_(1.0)
+    population = torch.tensor([True, True, True, True, False, False])
+    bg = background_of(c, population, OPTS)
+    alone = background_of(c[:4, :4], None, OPTS)
+    assert (bg.level, bg.spread) == (alone.level, alone.spread)
+    assert background_of(c, None, OPTS).level == pytest.approx(0.3)
+    w = similarity_weights(c, OPTS, population=population)
+    assert float(w[:4, 4:].sum()) > 0  # the copies stand out from the honest background
+    torch.testing.assert_close(w[:4, :4] / w[:4, :4].sum(dim=1, keepdim=True),
+                               similarity_weights(c[:4, :4], OPTS))

@@ -80,6 +80,18 @@ def test_create_private_repo_and_exist_ok(api: HfApi, hub: HubServer) -> None:
     assert info.sha == hub.head(REPO)
 
 
+def test_visibility_behaves_like_the_real_hub(api: HfApi) -> None:
+    """exist_ok never changes an existing repo's visibility; repo info reports it; the
+    settings route (PUT /api/models/{id}/settings) changes it."""
+    api.create_repo(REPO, private=False)
+    api.create_repo(REPO, private=True, exist_ok=True)
+    assert api.repo_info(REPO).private is False
+    api.update_repo_settings(REPO, private=True)
+    assert api.repo_info(REPO, expand=["private"]).private is True
+    api.update_repo_settings(REPO, visibility="public")
+    assert api.model_info(REPO).private is False
+
+
 def test_create_repo_outside_own_namespaces_is_forbidden(api: HfApi) -> None:
     with pytest.raises(HfHubHTTPError) as err:
         api.create_repo("someone-else/repo")

@@ -225,9 +225,10 @@ def test_a_plan_pinned_before_the_repo_was_recreated_skips_that_client_only(
 def _hub_federation(repo_id: str, tiny_base: Path, root: Path) -> tuple[Federation,
                                                                          Federation]:
     """The federation on the local Hub after one round: (server's view, clients' view)."""
-    from test_round_faults import _federation_on_hub, _server
+    from federation_helpers import new_hub_federation
+    from test_round_faults import _server
 
-    _federation_on_hub(repo_id, tiny_base, root)
+    new_hub_federation(repo_id, tiny_base, root)
     server = _server(repo_id, root)
     first = run_round(server)
     assert first["status"] == "completed" and sorted(first["outputs"]) == sorted(CLIENTS)

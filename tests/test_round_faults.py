@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, REPO_ROOT, new_local_federation, write_upload
+from federation_helpers import CLIENTS, REPO_ROOT, new_hub_federation, new_local_federation
 from federation_helpers import published_outputs as _outputs
 
-from fedbip_hub.client import PUBLISH_TITLE, init_federation, join, push
-from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
+from fedbip_hub.client import PUBLISH_TITLE, init_federation
+from fedbip_hub.federation import Federation, FederationConfig
 from fedbip_hub.rounds import run_round
 from fedbip_hub.stores import HubStore
 from fedbip_hub.testing.hub_server import INVALID_CREDENTIALS
@@ -34,19 +34,6 @@ def clean(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     """The same federation on the local-folder store, one clean round: the reference."""
     fed = new_local_federation(tmp_path_factory.mktemp("clean"), tiny_base)
     return run_round(fed), _outputs(fed)
-
-
-def _federation_on_hub(repo_id: str, tiny_base: Path, root: Path,
-                       members: dict[str, int] = CLIENTS) -> None:
-    """new_local_federation's federation (same config, same uploads), on the Hub."""
-    config = FederationConfig(name="t", base_model=str(tiny_base), num_labels=3,
-                              lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
-    fed = init_federation(repo_id, config)
-    for i, (client, group) in enumerate(members.items()):
-        join(fed, client)
-        upload = write_upload(fed.init_folder(), root / f"up-{repo_id}-{client}", seed=i,
-                              group=group, rank=4)
-        push(fed, client, upload, n_examples=10)
 
 
 def _server(repo_id: str, root: Path) -> Federation:
@@ -79,7 +66,7 @@ def _assert_same_as_clean(fed: Federation, record: dict, clean) -> None:
 
 def test_transient_faults_are_retried_and_the_round_matches_a_clean_one(
         hub, tmp_path, tiny_base, clean, monkeypatch):
-    _federation_on_hub("fedorg/flaky", tiny_base, tmp_path)
+    new_hub_federation("fedorg/flaky", tiny_base, tmp_path)
     sleeps: list[float] = []
     real_sleep = time.sleep
     monkeypatch.setattr(time, "sleep", lambda s: (sleeps.append(s), real_sleep(s))[1])
@@ -114,7 +101,7 @@ def test_transient_faults_are_retried_and_the_round_matches_a_clean_one(
 def test_a_member_repo_that_refuses_for_good_is_skipped_and_the_others_proceed(
         hub, tmp_path, tiny_base, clean):
     members = {**CLIENTS, "dave": 0, "erin": 1, "frank": 0}
-    _federation_on_hub("fedorg/perm", tiny_base, tmp_path, members)
+    new_hub_federation("fedorg/perm", tiny_base, tmp_path, members)
     hub.inject_fault(None, r"fedorg/perm-dave/", status=401, message=INVALID_CREDENTIALS,
                      times=None)
     hub.inject_fault(None, r"fedorg/perm-erin/", status=403, times=None)
@@ -162,7 +149,7 @@ def test_a_revoked_server_token_gives_one_clear_error(hub, hub_env, tmp_path, ti
 
 def test_two_server_jobs_at_once_apply_the_round_once(hub, hub_env, tmp_path, tiny_base,
                                                        clean):
-    _federation_on_hub("fedorg/twice", tiny_base, tmp_path)
+    new_hub_federation("fedorg/twice", tiny_base, tmp_path)
     env = {**hub_env, "FEDBIP_CACHE": str(tmp_path / "jobs-cache")}
     procs = [_server_job(env, "fedorg/twice", "--json") for _ in range(2)]
     try:

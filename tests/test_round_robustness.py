@@ -1,9 +1,11 @@
 """A round survives our own bugs for one client, and its reasons name no server paths.
 
 * An unexpected (non-FedbipError) exception while reading one client's upload skips that
-  client for this round only: the reason says it was an internal error, the upload is
-  neither refused nor consumed, the others are published, and the next round retries it.
-  KeyboardInterrupt and SystemExit still stop the round.
+  client: the reason says it was an internal error, the upload is neither refused nor
+  consumed, and the others are published. The next round that has other news retries it
+  (as does another fedbip version); by itself it is no news, so a bug that hits one
+  upload records one round, not an empty round every run. KeyboardInterrupt and
+  SystemExit still stop the round.
 * Reasons recorded for a client name the fetched folders as ``repo@commit[:12]`` (the
   start adapter as ``repo@start[:12]/personalized``), never the server's cache paths.
 """
@@ -25,10 +27,12 @@ from federation_helpers import (
     publish_commits,
     published_outputs,
     published_tensors,
+    pull_and_push,
     push_fresh,
 )
 from safetensors.torch import load_file, save_file
 
+import fedbip_hub
 import fedbip_hub.rounds as rounds
 from fedbip_hub.client import pull, upload_id
 from fedbip_hub.federation import Federation
@@ -67,7 +71,8 @@ def _assert_public(reason: str, fed: Federation) -> None:
 
 def _assert_internal_reason(reason: str, repo: str, commit: str) -> None:
     assert "internal error" in reason and "RuntimeError: parser bug" in reason, reason
-    assert "NOT refused" in reason and "retried next round" in reason, reason
+    assert "NOT refused" in reason and "retried with the next round that has other news" \
+        in reason, reason
     assert "report" in reason, reason
     assert f"{repo}@{commit[:12]}/adapter_model.safetensors" in reason, reason
     assert FAKE_TOKEN not in reason and "hf_RoundRobustness" not in reason, reason
@@ -101,19 +106,25 @@ def test_an_internal_error_skips_one_client_for_one_round_and_it_is_retried(
         assert len(state.client(client).personalized_history) == 1
 
     monkeypatch.undo()
-    second = run_round(fed)
+    head = fed.head()
+    waiting = run_round(fed)  # bob's upload alone is no news: no empty round, no commit
+    assert waiting["status"] == "nothing-new" and fed.head() == head
+    assert "internal error on the server in round 1" in waiting["skipped"]["bob"]
+    pull_and_push(fed, tmp_path, "alice", seed=40, group=0)
+    second = run_round(fed)  # alice's news: bob's upload is retried with it
     assert second["status"] == "completed" and second["round"] == 2
     assert second["inputs"]["bob"]["fresh"] is True
     assert second["inputs"]["bob"]["upload_id"] == bob_upload
     assert {c: v["fresh"] for c, v in second["inputs"].items()} == {
-        "alice": False, "bob": True, "carol": False}
+        "alice": True, "bob": True, "carol": False}
     assert "bob" in second["outputs"] and not second["skipped"]
     bob = fed.state().client("bob")
     assert bob.consumed_upload == bob_upload and bob.refused_upload is None
+    assert bob.internal_error_upload is None
     assert run_round(fed)["status"] == "nothing-new"
 
 
-def test_an_internal_error_on_the_only_fresh_upload_completes_an_empty_round(
+def test_an_internal_error_on_the_only_fresh_upload_records_one_round_not_one_per_run(
         tmp_path, tiny_base, monkeypatch):
     fed = new_local_federation(tmp_path, tiny_base)
     run_round(fed)
@@ -121,19 +132,29 @@ def test_an_internal_error_on_the_only_fresh_upload_completes_an_empty_round(
     carol_upload = _upload_id(fed, "carol")
     _fail_validation_for(monkeypatch, "carol")
 
-    second = run_round(fed)  # like a round whose only fresh upload is refused
+    second = run_round(fed)  # recorded once, like a round whose only fresh upload is refused
     assert second["status"] == "completed" and second["round"] == 2
     assert second["outputs"] == {} and second["weights"] is None
     assert "internal error" in second["skipped"]["carol"]
     carol = fed.state().client("carol")
     assert carol.refused_upload is None and carol.consumed_upload != carol_upload
+    assert carol.internal_error_upload == carol_upload and carol.internal_error_round == 2
     assert fed.state().in_progress is None
 
-    monkeypatch.undo()
+    head = fed.head()
+    for _ in range(3):  # every later run: no lease, no empty round, no commit at all
+        again = run_round(fed)
+        assert again["status"] == "nothing-new" and again["round"] == 2
+        assert "internal error on the server in round 2" in again["skipped"]["carol"]
+    assert fed.head() == head
+
+    monkeypatch.undo()  # the fix ships as a new version: that version retries it alone
+    monkeypatch.setattr(fedbip_hub, "__version__", f"{fedbip_hub.__version__}.post1")
     third = run_round(fed)
     assert third["round"] == 3 and third["inputs"]["carol"]["fresh"] is True
     assert sorted(third["outputs"]) == sorted(CLIENTS)
-    assert fed.state().client("carol").consumed_upload == carol_upload
+    carol = fed.state().client("carol")
+    assert carol.consumed_upload == carol_upload and carol.internal_error_upload is None
 
 
 @pytest.mark.parametrize("workers", [1, 4])
@@ -267,23 +288,23 @@ def clean_outputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
 
 def _refuse_commits_to(monkeypatch: pytest.MonkeyPatch, fed: Federation, client: str,
                        error: BaseException | None = None) -> list[str]:
-    """rounds.commit_with_retry raises for ``client``'s repo (the token lost write access);
-    returns the repos it refused, one entry per attempt."""
+    """The federation's store refuses commits to ``client``'s repo (the token lost write
+    access); returns the repos it refused, one entry per attempt."""
     from fedbip_hub.errors import AuthError
 
-    real = rounds.commit_with_retry
+    real = fed.store.commit
     repo = fed.member(client).repo_id
     refused: list[str] = []
 
-    def commit(fed_, repo_id, build, message):
+    def commit(repo_id, files, **kwargs):
         if repo_id == repo:
             refused.append(repo_id)
             raise error or AuthError(
                 f"commit: the token has no rights for this on {repo_id} (403).",
                 hint=f"Give the token write access to this repo (token {FAKE_TOKEN}).")
-        return real(fed_, repo_id, build, message)
+        return real(repo_id, files, **kwargs)
 
-    monkeypatch.setattr(rounds, "commit_with_retry", commit)
+    monkeypatch.setattr(fed.store, "commit", commit)
     return refused
 
 
@@ -438,12 +459,13 @@ def test_a_member_repo_refusing_the_publish_over_http_does_not_stop_the_round(
         failure, hub, tmp_path, tiny_base, clean_outputs):
     """Over HTTP against the local Hub: the server's commits to bob's repo answer 403, or
     bob deletes its repo after the round was planned (404)."""
+    from federation_helpers import new_hub_federation
     from huggingface_hub import HfApi
-    from test_round_faults import _federation_on_hub, _server
+    from test_round_faults import _server
 
     repo_id = f"fedorg/pubfail-{failure}"
     bob_repo = f"{repo_id}-bob"
-    _federation_on_hub(repo_id, tiny_base, tmp_path)
+    new_hub_federation(repo_id, tiny_base, tmp_path)
     fed = _server(repo_id, tmp_path)
     assert fed.member("bob").repo_id == bob_repo
     bob_upload = _upload_id(fed, "bob")

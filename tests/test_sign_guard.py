@@ -98,8 +98,10 @@ def test_the_flipped_client_reaches_no_one_and_honest_clients_are_as_without_it(
 
 
 def test_without_the_guard_the_flipped_client_is_weighed_in(tmp_path, tiny_base, honest):
-    """The counterfactual: the guard, not the weighting, is what kept mallory out."""
-    fed = _with_flipped_client(tmp_path, tiny_base, sign_guard="off")
+    """The counterfactual: under a rule that ranks peers within a row (zscore), the guard,
+    not the weighting, is what keeps mallory out. (The evidence rule gives a mirrored
+    update nothing on its own: it stands out from no background.)"""
+    fed = _with_flipped_client(tmp_path, tiny_base, sign_guard="off", rule="zscore")
     record = run_round(fed)
     assert record["sign_guard"] == {}
     column = record["clients"].index("mallory")

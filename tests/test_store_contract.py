@@ -109,6 +109,17 @@ def test_create_repo_is_private_and_idempotent(backend: Backend) -> None:
     assert not store.repo_exists(OTHER)
 
 
+def test_an_existing_public_repo_stays_public_until_made_private(backend: Backend) -> None:
+    store = backend.store
+    store.create_repo(REPO, private=False)
+    store.create_repo(REPO, private=True)  # exist_ok: visibility left as it is
+    assert not store.is_private(REPO) and not backend.is_private(REPO)
+    store.make_private(REPO)
+    assert store.is_private(REPO) and backend.is_private(REPO)
+    store.make_private(REPO)  # idempotent
+    assert store.is_private(REPO)
+
+
 def test_commit_returns_new_head(backend: Backend, repo: str) -> None:
     store = backend.store
     first = store.head(repo)

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi
 from typer.testing import CliRunner
 
 from fedbip_hub.client import PUBLISH_TITLE, init_federation, join, push, upload_id
-from fedbip_hub.errors import RoundInProgressError
+from fedbip_hub.errors import FedbipError, RoundInProgressError
 from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
 from fedbip_hub.rounds import run_round
 from fedbip_hub.testing.hub_server import HubServer
@@ -29,6 +29,9 @@ from fedbip_hub.webhooks import (
 from server_job.main import app
 
 CLIENTS = {"alice": 0, "bob": 0, "carol": 1}
+SECRET = "0123456789abcdef0123456789abcdef"
+SIGNED = {"secret": SECRET, "expected_secret": SECRET}  # what the Hub and the job hold
+SIGNED_ENV = {"WEBHOOK_SECRET": SECRET, "FEDBIP_WEBHOOK_SECRET": SECRET}
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +95,14 @@ def test_the_jobs_own_push_is_ignored_and_a_client_upload_runs_a_round(tmp_path,
     before = _heads(fed)
     for event in (payload(alice, old=uploaded, new=published),
                   payload(alice, refs=False, head_sha=published)):  # parent looked up
-        outcome = run_job(fed, payload=event)
+        outcome = run_job(fed, **SIGNED, payload=event)
         assert outcome.status == "ignored" and outcome.records == []
         assert "personalized/" in outcome.trigger.reason
     assert _heads(fed) == before
 
     # A client upload does run a round, which consumes it.
     commit = _push(fed, tmp_path, "alice", seed=7, group=0)
-    outcome = run_job(fed, payload=payload(alice, old=published, new=commit))
+    outcome = run_job(fed, **SIGNED, payload=payload(alice, old=published, new=commit))
     assert outcome.trigger.run and outcome.trigger.client == "alice"
     [record] = outcome.records
     assert record["status"] == "completed" and record["round"] == 2
@@ -107,10 +110,10 @@ def test_the_jobs_own_push_is_ignored_and_a_client_upload_runs_a_round(tmp_path,
     assert not record["inputs"]["bob"]["fresh"]
     # ...whose own push is ignored in turn: the loop ends there.
     again = fed.store.history(alice)[0].id
-    assert run_job(fed, payload=payload(alice, old=commit, new=again)).status == "ignored"
+    assert run_job(fed, **SIGNED, payload=payload(alice, old=commit, new=again)).status == "ignored"
     # A replayed event runs a round that finds nothing new and commits nothing.
     before = _heads(fed)
-    replay = run_job(fed, payload=payload(alice, old=published, new=commit))
+    replay = run_job(fed, **SIGNED, payload=payload(alice, old=published, new=commit))
     assert replay.records[0]["status"] == "nothing-new"
     assert _heads(fed) == before
 
@@ -133,7 +136,7 @@ def test_events_that_are_not_client_uploads_are_ignored(tmp_path, base_dir):
     for name, event in cases.items():
         trigger = classify(fed, event)
         assert not trigger.run, name
-        assert run_job(fed, payload=event).status == "ignored", name
+        assert run_job(fed, **SIGNED, payload=event).status == "ignored", name
     assert _heads(fed) == before
     # The first push to a new repo (old sha all zeros) is an upload.
     trigger = classify(fed, payload(alice, old="0" * 40, new=head))
@@ -143,7 +146,7 @@ def test_events_that_are_not_client_uploads_are_ignored(tmp_path, base_dir):
 def test_run_command_filters_webhook_starts(tmp_path, base_dir):
     fed = _federation(tmp_path, base_dir)
     alice = fed.member("alice").repo_id
-    env = {"WEBHOOK_PAYLOAD": payload(fed.repo_id, new=fed.head())}
+    env = {"WEBHOOK_PAYLOAD": payload(fed.repo_id, new=fed.head()), **SIGNED_ENV}
     # A real process, as HF Jobs starts it: exits 0 without a round.
     result = json.loads(run_cli(["run", fed.address, "--json"], env, server=True).stdout)
     assert result["ok"] and result["status"] == "ignored"
@@ -152,13 +155,46 @@ def test_run_command_filters_webhook_starts(tmp_path, base_dir):
     # A client upload event starts a round (in-process: the same typer app).
     head = fed.store.head(alice)
     out = CliRunner().invoke(app, ["run", fed.address, "--json"],
-                             env={"WEBHOOK_PAYLOAD": payload(alice, new=head)})
+                             env={"WEBHOOK_PAYLOAD": payload(alice, new=head), **SIGNED_ENV})
     assert out.exit_code == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["status"] == "completed" and record["round"] == 1
     assert record["trigger"]["client"] == "alice" and "followups" not in record
     plain = CliRunner().invoke(app, ["run", fed.address], env={"WEBHOOK_PAYLOAD": ""})
     assert plain.exit_code == 0 and "Nothing new since round 1" in plain.stdout
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, SECRET), ("wrong-" + SECRET[6:], SECRET), (SECRET[:-1], SECRET), (SECRET, None)])
+def test_a_webhook_start_without_the_right_secret_starts_no_round(given, expected,
+                                                                  tmp_path, base_dir):
+    fed = _federation(tmp_path, base_dir)
+    alice = fed.member("alice").repo_id
+    event = payload(alice, new=fed.store.head(alice))  # a perfect client-upload event
+    head = fed.head()
+    with pytest.raises(FedbipError, match="no round started") as err:
+        run_job(fed, payload=event, secret=given, expected_secret=expected)
+    assert "fedbip-server webhook" in (err.value.hint or "")
+    assert fed.head() == head and fed.state().round == 0  # nothing read, nothing written
+    env = {"WEBHOOK_PAYLOAD": event, "WEBHOOK_SECRET": given or "",
+           "FEDBIP_WEBHOOK_SECRET": expected or ""}
+    out = CliRunner().invoke(app, ["run", fed.address], env=env)
+    assert out.exit_code != 0 and "no round started" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr and SECRET not in out.stdout + out.stderr
+    assert fed.head() == head
+
+
+def test_the_secret_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    import fedbip_hub.webhooks as webhooks
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(webhooks.hmac, "compare_digest",
+                        lambda a, b: calls.append((a, b)) or real(a, b))
+    webhooks.verify_secret(SECRET, SECRET)
+    assert calls == [(SECRET.encode(), SECRET.encode())]
 
 
 # --------------------------------------------------------------------------- coalescing
@@ -177,7 +213,7 @@ def test_triggers_during_a_round_coalesce_into_one_followup(tmp_path, base_dir):
                 late[client] = _push(fed, tmp_path, client, seed=seed, group=0)
                 # The webhook starts a second job while this one holds the lease.
                 other_job = Federation.at(fed.address)
-                deferred.append(run_job(other_job, payload=payload(repo, old=old,
+                deferred.append(run_job(other_job, **SIGNED, payload=payload(repo, old=old,
                                                                    new=late[client])))
         return items
 
@@ -221,7 +257,7 @@ def test_a_trigger_that_finds_the_round_just_ended_runs_it_itself(tmp_path, base
         return run_round(fed_, **options)
 
     assert not request_followup(fed, {"reason": "test"})  # no round in progress
-    outcome = run_job(fed, payload=payload(alice, new=fed.store.head(alice)),
+    outcome = run_job(fed, **SIGNED, payload=payload(alice, new=fed.store.head(alice)),
                       round_fn=round_ended_meanwhile)
     assert outcome.status == "completed" and [r["round"] for r in outcome.records] == [1]
     assert len(calls) == 2 and read_pending(fed) is None
@@ -283,12 +319,17 @@ def test_webhook_command_creates_then_updates_the_hub_webhook(hub: HubServer) ->
         "domains": ["repo"],
         "secret": create.body["secret"],
         "jobSourceId": hook["job_id"],
-        "secrets": {"HF_TOKEN": job_token},
+        # the job checks the secret the Hub passes it against its own copy
+        "secrets": {"HF_TOKEN": job_token, "FEDBIP_WEBHOOK_SECRET": create.body["secret"]},
     }
-    assert re.fullmatch(r"[0-9a-f]{32}", create.body["secret"])
-    assert hook["action"] == "created" and hook["secrets"] == ["HF_TOKEN"]
+    signing = create.body["secret"]
+    assert re.fullmatch(r"[0-9a-f]{32}", signing)
+    assert hook["action"] == "created"
+    assert hook["secrets"] == ["FEDBIP_WEBHOOK_SECRET", "HF_TOKEN"]
+    assert signing not in out.stdout + out.stderr  # names only, never values
     assert hook["job_id"] in hub.jobs and "started now" in hook["job_source"]
-    assert hub.webhooks[hook["id"]]["secrets"] == {"HF_TOKEN": job_token}
+    assert hub.webhooks[hook["id"]]["secrets"] == {"HF_TOKEN": job_token,
+                                                   "FEDBIP_WEBHOOK_SECRET": signing}
 
     # A new member joins: re-running updates the same webhook (and reuses the given job).
     hub.create_repo("fedorg/fed-x", files={})
@@ -301,6 +342,9 @@ def test_webhook_command_creates_then_updates_the_hub_webhook(hub: HubServer) ->
     assert [w["name"] for w in hub.webhooks[hook["id"]]["watched"]] == [
         "fedorg/fed-alice", "fedorg/fed-bob", "fedorg/fed-carol"]
     assert hub.webhooks[hook["id"]]["domains"] == ["repo"]
+    # the update keeps the signing secret and the job's copy of it in line
+    assert hub.webhooks[hook["id"]]["secret"] == signing
+    assert hub.webhooks[hook["id"]]["secrets"]["FEDBIP_WEBHOOK_SECRET"] == signing
 
     listed = json.loads(_webhook_cli("--list", "--json").stdout)["webhooks"]
     assert [w["id"] for w in listed] == [hook["id"]]

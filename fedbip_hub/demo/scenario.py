@@ -434,6 +434,7 @@ def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
                       if record["inputs"][c]["fresh"] and record["inputs"][c]["staleness"]},
         "skipped": record.get("skipped", {}),
         "sign_guard": sorted(record.get("sign_guard") or {}),
+        "duplicates": [d["members"] for d in record.get("duplicates") or []],
         "task_vector": None,
     }
     cosine = (record.get("cosine") or {}).get("model")

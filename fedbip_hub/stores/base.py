@@ -57,6 +57,14 @@ class Store(ABC):
     def repo_exists(self, repo_id: str) -> bool: ...
 
     @abstractmethod
+    def is_private(self, repo_id: str) -> bool:
+        """Whether only its owner (and those it grants) can read the repo."""
+
+    @abstractmethod
+    def make_private(self, repo_id: str) -> None:
+        """Make an existing repo private (``create_repo`` never changes an existing one)."""
+
+    @abstractmethod
     def head(self, repo_id: str) -> str:
         """The commit id main points to. Raises NotFoundError for a missing repo."""
 

@@ -361,6 +361,16 @@ class HubStore(Store):
     def repo_exists(self, repo_id: str) -> bool:
         return bool(self._call(repo_id, "check repo", lambda: self.api.repo_exists(repo_id)))
 
+    def is_private(self, repo_id: str) -> bool:
+        info = self._call(repo_id, "read repo settings",
+                          lambda: self.api.repo_info(repo_id, expand=["private"]))
+        return bool(info.private)
+
+    def make_private(self, repo_id: str) -> None:
+        # PUT /api/models/{repo_id}/settings: idempotent, so safe to retry.
+        self._call(repo_id, "make the repo private",
+                   lambda: self.api.update_repo_settings(repo_id, private=True))
+
     def head(self, repo_id: str) -> str:
         refs = self._call(repo_id, "read refs", lambda: self.api.list_repo_refs(repo_id))
         for branch in refs.branches:

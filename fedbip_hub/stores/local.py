@@ -31,11 +31,14 @@ MARKER = ".fedbip-store.json"
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
 
 
 class LocalStore(Store):
@@ -108,6 +111,15 @@ class LocalStore(Store):
 
     def repo_exists(self, repo_id: str) -> bool:
         return (self._repo(repo_id) / "HEAD").is_file()
+
+    def is_private(self, repo_id: str) -> bool:
+        meta = self._existing(repo_id) / "meta.json"
+        return not meta.is_file() or json.loads(meta.read_text()).get("private") is not False
+
+    def make_private(self, repo_id: str) -> None:
+        repo = self._existing(repo_id)
+        with self._locked(repo):
+            _atomic_write(repo / "meta.json", json.dumps({"private": True}).encode())
 
     def head(self, repo_id: str) -> str:
         return (self._existing(repo_id) / "HEAD").read_text().strip()
