@@ -62,10 +62,12 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
         ConfigError: a federation already exists at this address, or its strategy is
             invalid or could not run (the oracle without groups).
     """
+    from fedbip_hub.locations import resolve_base_model
     from fedbip_hub.modelcard import dashboard_card
     from fedbip_hub.models import build_initial_adapter
 
     config.runnable_strategy()  # refused before anything is created or loaded
+    config.base_model = resolve_base_model(config.base_model)  # a local folder: absolute
     fed = Federation.at(address, token=token)
     if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
             fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
@@ -254,6 +256,31 @@ def pull(fed: Federation, client: str, dest: str | Path) -> PullResult:
     (dest / START_FILE).write_text(
         f'{{"start_revision": "{revision}", "repo_id": "{member.repo_id}"}}\n')
     return PullResult(client, revision, dest)
+
+
+def personalized_folder(fed: Federation | str, client: str, *, revision: str | None = None,
+                        token: str | None = None) -> Path:
+    """A PEFT-loadable folder holding the member's personalized adapter, for
+    ``PeftModel.from_pretrained(base, folder)``.
+
+    A local federation is a content-addressed store, so its repos are no folders PEFT can
+    read; this materialises the adapter (the latest one, or the one published at
+    ``revision``) in the store's cache, pinned by commit. Treat the folder as read-only:
+    to train from it, ``pull`` into a folder of your own (which also records the start
+    revision ``push`` needs).
+
+    Raises:
+        NotFoundError: the member has no personalized adapter yet (or none at revision).
+    """
+    if isinstance(fed, str):
+        fed = Federation.at(fed, token=token)
+    member = fed.member(client)
+    revision = revision or latest_personalized_revision(fed, member.repo_id)
+    if revision is None:
+        raise NotFoundError(f"no personalized adapter for {client} yet.", client=client,
+                            hint="Push an upload, then wait for (or run) `fedbip-server run`.")
+    _check_start(fed, member, revision)
+    return fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
 
 
 def upload_id(metadata_bytes: bytes) -> str:

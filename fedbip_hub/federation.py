@@ -212,7 +212,11 @@ class Federation:
         cache = cache_dir or _env_path("FEDBIP_CACHE")
         if is_hub_address(address):
             return cls(HubStore(token=token, cache_dir=cache), address, address)
-        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO, address)
+        from fedbip_hub.locations import absolute
+
+        # absolute, so messages, cards and schedules work from any directory
+        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO,
+                   absolute(address))
 
     # -- reads -------------------------------------------------------------------------
     def head(self) -> str:
