@@ -171,6 +171,7 @@ class ClientState(BaseModel):
     consumed_start: str | None = None
     consumed_n_examples: int = 1
     refused_upload: str | None = None
+    refused_reason: str | None = None  # the round record's words, for `fedbip status`
     personalized_history: list[str] = Field(default_factory=list)
     last_round: int | None = None
 
