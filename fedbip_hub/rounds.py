@@ -59,7 +59,6 @@ from fedbip_hub.skip_reasons import (
     describe,
     exception_text,
     internal_reason,
-    meanwhile,
     one_line,
     public_paths,
     publish_skip_reason,
@@ -369,7 +368,7 @@ class RoundRunner:
         fetched = OrderedMap(lambda p: self._read_input(plan, p, config, init, init_name),
                              list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
-        gate_refused: list[str] = []
+        gate_refused: dict[str, FedbipError] = {}
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
             if exc is None:
                 vectors.append(vector)
@@ -380,8 +379,9 @@ class RoundRunner:
             elif isinstance(exc, FedbipError):
                 skipped[pinned.client] = reason(exc)
                 if pinned.fresh:
+                    skipped[pinned.client] = refusal_reason(exc, reused=False)
                     refused[pinned.client] = pinned.upload_id
-                    gate_refused.append(pinned.client)
+                    gate_refused[pinned.client] = exc
                 else:  # consumed earlier, refused now (its numbers, or a tighter gate)
                     skipped[pinned.client] = evicted[pinned.client] = _evicted_reason(exc)
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
@@ -523,22 +523,22 @@ class RoundRunner:
             staging.close()
 
     def _stand_in(self, plan: RoundPlan, config: FederationConfig, init: LoraAdapter,
-                  init_name: str, refused: list[str], vectors: list[TaskVector],
+                  init_name: str, refused: dict[str, FedbipError],
+                  vectors: list[TaskVector],
                   inputs: list[PinnedInput], skipped: dict[str, str]) -> None:
         """Each refused fresh upload's last valid upload takes its place, as when the
         refusal came while planning; ``vectors``/``inputs`` stay in the plan's order."""
-        for name in refused:
+        for name, exc in refused.items():
             fallback = plan.fallbacks.get(name)
-            why = skipped[name]
             if fallback is not None:
                 try:
                     vectors.append(self._read_input(plan, fallback, config, init, init_name))
                     inputs.append(fallback)
-                except Exception as exc:  # it no longer reads: the member sits out
+                except Exception as failure:  # it no longer reads: the member sits out
                     self.log(f"{name}: its last valid upload could not stand in "
-                             f"({exception_text(exc)}).")
+                             f"({exception_text(failure)}).")
                     fallback = None
-            skipped[name] = one_line(f"{why}; {meanwhile(fallback is not None)}")
+            skipped[name] = refusal_reason(exc, reused=fallback is not None)
         order = {name: k for k, name in enumerate(plan.inputs)}
         ranked = sorted(range(len(inputs)), key=lambda k: order.get(inputs[k].client, k))
         vectors[:], inputs[:] = [vectors[k] for k in ranked], [inputs[k] for k in ranked]

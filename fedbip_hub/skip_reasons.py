@@ -29,8 +29,12 @@ def meanwhile(reused: bool) -> str:
 
 
 def refusal_reason(exc: FedbipError, *, reused: bool) -> str:
-    """A refused upload's ``skipped`` entry: why, the fix, and ``meanwhile``."""
-    return one_line(f"{reason(exc)}; {meanwhile(reused)}")
+    """A refused upload's ``skipped`` entry: why, the fix (which always ends in the command
+    that unsticks the member), and ``meanwhile``."""
+    fix = (exc.hint or "Correct the upload").strip().rstrip(".")
+    if "fedbip push" not in fix:
+        fix += ", then push it with `fedbip push`"
+    return one_line(f"{exc.message} (fix: {fix}); {meanwhile(reused)}")
 
 
 def one_line(text: str) -> str:
