@@ -123,11 +123,13 @@ def push(fed: FedArg, client: ClientOption,
                          start_revision=start_revision)
     if json_output:
         print_json({"ok": True, "client": client, "repo_id": result.repo_id,
-                    "commit": result.commit,
+                    "commit": result.commit, "removed": result.removed,
                     "metadata": result.metadata.model_dump(mode="json")})
         return
     out_console.print(f"Pushed {adapter} to {result.repo_id} @ {result.commit[:12]} "
                       f"(start {(result.metadata.start_revision or 'init')[:12]}).")
+    if result.removed:
+        out_console.print(f"Removed stale files from the repo root: {', '.join(result.removed)}.")
 
 
 @handle_errors
@@ -149,6 +151,7 @@ def pull(fed: FedArg, client: ClientOption,
 @handle_errors
 def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = False) -> None:
     """Members, last uploads, staleness, the last round and a similarity summary."""
+    from rich.markup import escape
     from rich.table import Table
 
     from fedbip_hub.status import federation_status
@@ -168,6 +171,10 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
                       "refused" if m.get("refused") else ("yes" if m.get("pending") else "no"),
                       str(m["personalized_versions"]), str(m.get("staleness", "–")))
     out_console.print(table)
+    for m in report["members"]:
+        if m.get("refusal"):
+            out_console.print(f"[yellow]refused[/] {m['name']}: {escape(m['refusal'])}",
+                              highlight=False)
     for path, why in (report.get("member_problems") or {}).items():
         out_console.print(f"[yellow]left out[/] {path}: {why}", markup=True, highlight=False)
     last = report["last_round"]

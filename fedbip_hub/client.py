@@ -6,12 +6,13 @@ import hashlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedbip_hub import __version__
 from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError, StoreError
 from fedbip_hub.federation import (
     FEDERATION_FILE,
@@ -35,19 +36,26 @@ from fedbip_hub.validation import check_task_vector, validate_upload
 PUBLISH_TITLE = "fedbip: personalized adapter"
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME)
 START_FILE = "fedbip_start.json"
+# Root files of a member repo that an upload replaces as a whole: weights in any format
+# (pickles included) and JSON configs. The server writes only under personalized/, and a
+# README or .gitattributes at the root is the member's own and kept.
+STALE_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".json")
 MAX_START_FILE_BYTES = 64 * KIB
 _COMMIT_RETRIES = 8
 
 
-def commit_with_retry(fed: Federation, repo_id: str, build: callable, message: str) -> str:
+def commit_with_retry(fed: Federation, repo_id: str, build: callable, message: str, *,
+                      deletes: Callable[[str], Sequence[str]] | None = None) -> str:
     """Commit files computed from the current head, re-reading it on a lost race.
 
-    ``build(head)`` returns the files to write given the head it saw.
+    ``build(head)`` returns the files to write given the head it saw; ``deletes(head)``
+    the paths to delete in the same commit.
     """
     for _ in range(_COMMIT_RETRIES):
         head = fed.store.head(repo_id)
         try:
-            return fed.store.commit(repo_id, build(head), message=message, parent=head)
+            return fed.store.commit(repo_id, build(head), message=message, parent=head,
+                                    deletes=deletes(head) if deletes else ())
         except ConflictError:
             continue
     raise ConflictError(f"{repo_id} kept moving; gave up after {_COMMIT_RETRIES} tries.",
@@ -62,10 +70,12 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
         ConfigError: a federation already exists at this address, or its strategy is
             invalid or could not run (the oracle without groups).
     """
+    from fedbip_hub.locations import resolve_base_model
     from fedbip_hub.modelcard import dashboard_card
     from fedbip_hub.models import build_initial_adapter
 
     config.runnable_strategy()  # refused before anything is created or loaded
+    config.base_model = resolve_base_model(config.base_model)  # a local folder: absolute
     fed = Federation.at(address, token=token)
     if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
             fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
@@ -157,11 +167,21 @@ class PushResult:
     repo_id: str
     commit: str
     metadata: UploadMetadata
+    removed: list[str]  # stale root files the push deleted (a stray pickle, say)
+
+
+def stale_upload_files(files: Sequence[str]) -> list[str]:
+    """The root files an upload replaces that are not part of it (see STALE_SUFFIXES)."""
+    return sorted(f for f in files if "/" not in f and f not in UPLOAD_FILES
+                  and Path(f).suffix.lower() in STALE_SUFFIXES)
 
 
 def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: int | None = None,
          start_revision: str | None = None, task: str | None = None) -> PushResult:
-    """Validate an adapter against the federation, then upload it in one commit.
+    """Validate an adapter against the federation, then upload it in one commit that
+    replaces the repo root's upload files as a whole: stale ones (a stray
+    ``adapter_model.bin`` from ``push_to_hub(safe_serialization=False)``, say) are deleted
+    in the same commit, so the server never sees a mix.
 
     The start revision defaults to the one ``fedbip pull`` (or ``fedbip train``) recorded
     in the adapter folder, so the server can compute the task vector from it.
@@ -203,11 +223,17 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
                 only=(CONFIG_NAME, WEIGHTS_NAME)), label=f"{client} start")
         check_task_vector(TaskVector(adapter, start, name=client), config.limits, label=client)
         files = {name: (staged / name).read_bytes() for name in UPLOAD_FILES}
+    removed: list[str] = []
+
+    def stale(head: str) -> list[str]:
+        removed[:] = stale_upload_files(fed.store.list_files(member.repo_id, head))
+        return removed
+
     commit = commit_with_retry(
         fed, member.repo_id, lambda _head: files,
         f"fedbip push: {client} upload ({metadata.n_examples} examples, start "
-        f"{(metadata.start_revision or 'init')[:8]})")
-    return PushResult(client, member.repo_id, commit, metadata)
+        f"{(metadata.start_revision or 'init')[:8]})", deletes=stale)
+    return PushResult(client, member.repo_id, commit, metadata, list(removed))
 
 
 def _check_start(fed: Federation, member: Member, revision: str) -> None:
@@ -277,6 +303,31 @@ def pull(fed: Federation, client: str, dest: str | Path) -> PullResult:
     (dest / START_FILE).write_text(
         f'{{"start_revision": "{revision}", "repo_id": "{member.repo_id}"}}\n')
     return PullResult(client, revision, dest)
+
+
+def personalized_folder(fed: Federation | str, client: str, *, revision: str | None = None,
+                        token: str | None = None) -> Path:
+    """A PEFT-loadable folder holding the member's personalized adapter, for
+    ``PeftModel.from_pretrained(base, folder)``.
+
+    A local federation is a content-addressed store, so its repos are no folders PEFT can
+    read; this materialises the adapter (the latest one, or the one published at
+    ``revision``) in the store's cache, pinned by commit. Treat the folder as read-only:
+    to train from it, ``pull`` into a folder of your own (which also records the start
+    revision ``push`` needs).
+
+    Raises:
+        NotFoundError: the member has no personalized adapter yet (or none at revision).
+    """
+    if isinstance(fed, str):
+        fed = Federation.at(fed, token=token)
+    member = fed.member(client)
+    revision = revision or latest_personalized_revision(fed, member.repo_id)
+    if revision is None:
+        raise NotFoundError(f"no personalized adapter for {client} yet.", client=client,
+                            hint="Push an upload, then wait for (or run) `fedbip-server run`.")
+    _check_start(fed, member, revision)
+    return fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
 
 
 def upload_id(metadata_bytes: bytes) -> str:

@@ -177,6 +177,7 @@ class ClientState(BaseModel):
     consumed_start: str | None = None
     consumed_n_examples: int = 1
     refused_upload: str | None = None
+    refused_reason: str | None = None  # the round record's words, for `fedbip status`
     personalized_history: list[str] = Field(default_factory=list)
     last_round: int | None = None
     # An upload skipped for an internal error (a bug on the server's side): the version
@@ -235,7 +236,11 @@ class Federation:
         cache = cache_dir or _env_path("FEDBIP_CACHE")
         if is_hub_address(address):
             return cls(HubStore(token=token, cache_dir=cache), address, address)
-        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO, address)
+        from fedbip_hub.locations import absolute
+
+        # absolute, so messages, cards and schedules work from any directory
+        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO,
+                   absolute(address))
 
     # -- reads -------------------------------------------------------------------------
     def head(self) -> str:

@@ -80,6 +80,7 @@ from fedbip_hub.skip_reasons import (
     public_paths,
     publish_skip_reason,
     reason,
+    refusal_reason,
 )
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights, oracle_groups
 from fedbip_hub.streaming import (
@@ -134,6 +135,10 @@ class RoundPlan(BaseModel):
     # (its reason is in ``skipped``); recorded in the lease, so a resumed round never
     # replays it. A fresh one is refused when the round completes, a stale one evicted.
     dropped: dict[str, PinnedInput] = Field(default_factory=dict)
+    # client → its last valid (consumed) upload, pinned beside a fresh one: if the gate
+    # refuses the fresh one, this stands in for it, as for an upload refused while
+    # planning (every refusal is treated alike; see skip_reasons.refusal_reason).
+    fallbacks: dict[str, PinnedInput] = Field(default_factory=dict)
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
@@ -314,7 +319,7 @@ class RoundRunner:
                 "lease_until": (now + timedelta(minutes=config.lease_minutes)).isoformat(
                     timespec="seconds")})
         membership = self.fed.membership(head)
-        inputs, skipped, restarted = self._collect(membership.members, state)
+        inputs, skipped, restarted, fallbacks = self._collect(membership.members, state)
         skipped.update(membership.problems)  # broken members/*.json: file → why
         self._last_skips = skipped
         waiting = {name for name, pinned in inputs.items()
@@ -333,13 +338,15 @@ class RoundRunner:
             lease_until=(now + timedelta(minutes=config.lease_minutes)).isoformat(
                 timespec="seconds"),
             federation_revision=head, inputs=inputs, latest=latest, skipped=skipped,
-            restarted=restarted)
+            restarted=restarted, fallbacks=fallbacks)
 
     def _collect(self, members: dict[str, Member], state: FederationState
-                 ) -> tuple[dict[str, PinnedInput], dict[str, str], dict[str, str]]:
+                 ) -> tuple[dict[str, PinnedInput], dict[str, str], dict[str, str],
+                            dict[str, PinnedInput]]:
         inputs: dict[str, PinnedInput] = {}
         skipped: dict[str, str] = {}
         restarted: dict[str, str] = {}
+        fallbacks: dict[str, PinnedInput] = {}
         for name, member in self.progress(list(members.items()), "Checking members"):
             client_state = state.client(name)
             try:
@@ -357,11 +364,17 @@ class RoundRunner:
             previous = _previous_input(name, member, client_state)
             try:
                 fresh = self._fresh_upload(name, member, client_state)
-            except FedbipError as exc:
-                skipped[name] = reason(exc)
+            except StoreError as exc:  # the store, not the upload: nothing is refused
+                skipped[name] = (f"{reason(exc)}; the upload was NOT refused and will be "
+                                 "retried next round")
+                fresh = None
+            except FedbipError as exc:  # refused from its listing or metadata
+                skipped[name] = refusal_reason(exc, reused=previous is not None)
                 fresh = None
             if fresh is not None:
                 inputs[name] = fresh
+                if previous is not None:
+                    fallbacks[name] = previous
             elif previous is not None:
                 inputs[name] = previous
             elif name in restarted and name not in skipped:
@@ -372,7 +385,7 @@ class RoundRunner:
                                  "says why); push a corrected one"
                                  if client_state.refused_upload else
                                  "has not pushed an adapter yet")
-        return inputs, skipped, restarted
+        return inputs, skipped, restarted, fallbacks
 
     def _history_gone(self, member: Member, client_state: Any) -> str | None:
         """Why the client starts over, when its latest personalized revision no longer
@@ -403,17 +416,7 @@ class RoundRunner:
         if uid in (client_state.consumed_upload, client_state.refused_upload):
             return None
         metadata = UploadMetadata.parse(raw, label=name)
-        history = client_state.personalized_history
-        if metadata.start_revision is None:
-            staleness = len(history)
-        elif metadata.start_revision in history:
-            staleness = len(history) - 1 - history.index(metadata.start_revision)
-        else:
-            raise FedbipError(
-                f"start revision {metadata.start_revision[:12]} is not a personalized "
-                "adapter this federation published for it.",
-                hint="Train from `fedbip pull`'s adapter (or from scratch) and push again.",
-                client=name)
+        staleness = upload_staleness(name, metadata, client_state.personalized_history)
         return PinnedInput(client=name, repo_id=member.repo_id, commit=head, upload_id=uid,
                            start_revision=metadata.start_revision,
                            n_examples=metadata.n_examples, staleness=staleness)
@@ -437,6 +440,7 @@ class RoundRunner:
                              list(plan.inputs.values()), catch=(Exception,),
                              workers=self.download_workers if self.streaming else 1)
         self._internal_errors = {}
+        gate_refused: dict[str, FedbipError] = {}
         for pinned, vector, exc in self.progress(fetched, "Downloading and validating"):
             if exc is None:
                 vectors.append(vector)
@@ -449,7 +453,9 @@ class RoundRunner:
             elif isinstance(exc, FedbipError):
                 skipped[pinned.client] = reason(exc)
                 if pinned.fresh:
+                    skipped[pinned.client] = refusal_reason(exc, reused=False)
                     refused[pinned.client] = pinned.upload_id
+                    gate_refused[pinned.client] = exc
                 else:  # consumed earlier, refused now (its numbers, or a tighter gate)
                     skipped[pinned.client] = evicted[pinned.client] = _evicted_reason(exc)
             else:  # a bug or an unexpected failure on our side: skip, neither refuse nor consume
@@ -461,6 +467,7 @@ class RoundRunner:
                          "that has other news.")
                 if os.environ.get("FEDBIP_DEBUG"):  # the CLI's convention for tracebacks
                     self.log(redact("".join(traceback.format_exception(exc))))
+        self._stand_in(plan, config, init, init_name, gate_refused, vectors, inputs, skipped)
         self._lap("download_validate")
         self.checkpoint("downloaded")
         while True:  # until the maths passes; each pass drops at least one client
@@ -603,6 +610,27 @@ class RoundRunner:
         staging, self._staging = self._staging, None
         if staging is not None:
             staging.close()
+
+    def _stand_in(self, plan: RoundPlan, config: FederationConfig, init: LoraAdapter,
+                  init_name: str, refused: dict[str, FedbipError],
+                  vectors: list[TaskVector],
+                  inputs: list[PinnedInput], skipped: dict[str, str]) -> None:
+        """Each refused fresh upload's last valid upload takes its place, as when the
+        refusal came while planning; ``vectors``/``inputs`` stay in the plan's order."""
+        for name, exc in refused.items():
+            fallback = plan.fallbacks.get(name)
+            if fallback is not None:
+                try:
+                    vectors.append(self._read_input(plan, fallback, config, init, init_name))
+                    inputs.append(fallback)
+                except Exception as failure:  # it no longer reads: the member sits out
+                    self.log(f"{name}: its last valid upload could not stand in "
+                             f"({exception_text(failure)}).")
+                    fallback = None
+            skipped[name] = refusal_reason(exc, reused=fallback is not None)
+        order = {name: k for k, name in enumerate(plan.inputs)}
+        ranked = sorted(range(len(inputs)), key=lambda k: order.get(inputs[k].client, k))
+        vectors[:], inputs[:] = [vectors[k] for k in ranked], [inputs[k] for k in ranked]
 
     def _read_input(self, plan: RoundPlan, pinned: PinnedInput, config: FederationConfig,
                     init: LoraAdapter, init_name: str) -> TaskVector:
@@ -1041,6 +1069,7 @@ class RoundRunner:
                     client_state.last_round = plan.round
             for name, uid in refused.items():
                 state.client(name).refused_upload = uid
+                state.client(name).refused_reason = record["skipped"].get(name)
             for name in evicted:  # its consumed update leaves the pool; it stays consumed
                 state.clients[name] = state.client(name).model_copy(
                     update={"consumed_commit": None, "consumed_start": None})
@@ -1085,6 +1114,23 @@ def _dropped_reason(why: str) -> str:
 def _evicted_reason(exc: FedbipError) -> str:
     return one_line(f"its consumed update no longer passes the gate and left the pool: "
                     f"{reason(exc)}")
+
+
+def upload_staleness(name: str, metadata: UploadMetadata, history: list[str]) -> int:
+    """How many personalized versions behind the upload's start is (the init: all).
+
+    Raises:
+        FedbipError: the start is no personalized adapter this federation published for it.
+    """
+    if metadata.start_revision is None:
+        return len(history)
+    if metadata.start_revision in history:
+        return len(history) - 1 - history.index(metadata.start_revision)
+    raise FedbipError(
+        f"start revision {metadata.start_revision[:12]} is not a personalized "
+        "adapter this federation published for it.",
+        hint="Train from `fedbip pull`'s adapter (or from scratch) and push again.",
+        client=name)
 
 
 def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput | None:

@@ -328,7 +328,12 @@ def manage_schedule(action: str, job_id: str, *, namespace: str | None = None,
 def template_values(fed: str, *, schedule: str = DEFAULT_SCHEDULE,
                     options: JobOptions | None = None,
                     python_executable: str | None = None) -> dict[str, str]:
-    """The placeholders of server_job/templates/, filled in for one federation."""
+    """The placeholders of server_job/templates/, filled in for one federation (a local
+    folder as its absolute path: cron runs from ``$HOME``, not from where you typed)."""
+    from fedbip_hub.locations import absolute
+    from fedbip_hub.stores import is_hub_address
+
+    fed = fed if is_hub_address(fed) else absolute(fed)
     options = options or JobOptions()
     timeout = timeout_seconds(options.timeout)
     slug = federation_slug(fed)
@@ -351,6 +356,19 @@ def template_values(fed: str, *, schedule: str = DEFAULT_SCHEDULE,
         "SECRET_NAME": SECRET_NAME,
         "VERSION": __version__,
     }
+
+
+def template_warnings(kind: str, fed: str) -> list[str]:
+    """Why a template cannot work for this federation as it stands (empty: it can)."""
+    from fedbip_hub.locations import absolute
+    from fedbip_hub.stores import is_hub_address
+
+    if kind == "github" and not is_hub_address(fed):
+        return [f"{absolute(fed)} is a local folder: GitHub's runner cannot reach it, so "
+                "this workflow's rounds would fail. Run the rounds on this machine "
+                f"(`fedbip-server schedule {shlex.quote(absolute(fed))} --print cron`), or "
+                "move the federation to the Hub (org/name)."]
+    return []
 
 
 def render_template(text: str, values: Mapping[str, str]) -> str:

@@ -24,6 +24,25 @@ def reason(exc: FedbipError) -> str:
     return f"{text} (fix: {exc.hint})" if exc.hint else text
 
 
+def meanwhile(reused: bool) -> str:
+    """What a refused upload leaves the round with: every refusal is treated alike (its
+    listing, metadata, files or numbers), the member's last valid upload, if any, standing
+    in for it until a corrected one arrives."""
+    return ("meanwhile its last valid upload is used, as in every round until a corrected "
+            "one is pushed" if reused else
+            "it has no earlier valid upload to use meanwhile, so it sits out until a "
+            "corrected one is pushed")
+
+
+def refusal_reason(exc: FedbipError, *, reused: bool) -> str:
+    """A refused upload's ``skipped`` entry: why, the fix (which always ends in the command
+    that unsticks the member), and ``meanwhile``."""
+    fix = (exc.hint or "Correct the upload").strip().rstrip(".")
+    if "fedbip push" not in fix:
+        fix += ", then push it with `fedbip push`"
+    return one_line(f"{exc.message} (fix: {fix}); {meanwhile(reused)}")
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 

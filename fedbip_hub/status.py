@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fedbip_hub.client import upload_id
-from fedbip_hub.errors import FedbipError
-from fedbip_hub.federation import Federation
+from fedbip_hub.errors import FedbipError, StoreError
+from fedbip_hub.federation import ClientState, Federation
+from fedbip_hub.skip_reasons import refusal_reason
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.validation import check_upload_listing
 
 
 def federation_status(fed: Federation) -> dict[str, Any]:
@@ -24,28 +26,20 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         client_state = state.clients.get(name)
         entry: dict[str, Any] = {"name": name, "repo_id": member.repo_id,
                                  "joined_at": member.joined_at}
-        try:
-            repo_head = fed.store.head(member.repo_id)
-            raw = (fed.store.read_bytes(member.repo_id, UPLOAD_METADATA_NAME, repo_head)
-                   if fed.store.file_exists(member.repo_id, UPLOAD_METADATA_NAME, repo_head)
-                   else None)
-        except FedbipError as exc:
-            entry["error"] = exc.message
-            raw = None
-        meta: dict = {}
-        if raw is not None:
-            try:  # the member's repo: anything may have been committed there
-                meta = UploadMetadata.parse(raw, label=name).model_dump()
-            except FedbipError as exc:
-                entry["error"] = exc.message
+        raw, meta, refusal = _upload(fed, name, member.repo_id, client_state, entry)
         if raw is not None:
             uid = upload_id(raw)
             entry["last_upload"] = {"uploaded_at": meta.get("uploaded_at"),
                                     "n_examples": meta.get("n_examples"),
                                     "start_revision": meta.get("start_revision")}
-            entry["pending"] = bool(client_state is None or (
-                uid not in (client_state.consumed_upload, client_state.refused_upload)))
-            entry["refused"] = bool(client_state and uid == client_state.refused_upload)
+            if refusal is None and client_state and uid == client_state.refused_upload:
+                refusal = client_state.refused_reason or (
+                    "its last upload was refused (the round that refused it says why); "
+                    "push a corrected one")
+            entry["pending"] = bool(refusal is None and (client_state is None or (
+                uid not in (client_state.consumed_upload, client_state.refused_upload))))
+        entry["refused"] = refusal is not None
+        entry["refusal"] = refusal
         history = client_state.personalized_history if client_state else []
         entry["personalized_versions"] = len(history)
         entry["last_round"] = client_state.last_round if client_state else None
@@ -59,6 +53,35 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         "members": members, "member_problems": membership.problems,
         "last_round": _round_summary(last_record),
     }
+
+
+def _upload(fed: Federation, name: str, repo_id: str, client_state: ClientState | None,
+            entry: dict[str, Any]) -> tuple[bytes | None, dict, str | None]:
+    """The member's upload metadata at its head, and why the round refuses the upload
+    there, by the same checks the round plans with (its listing, metadata and start);
+    a refusal after download is the state's (``refused_upload``), read by the caller."""
+    from fedbip_hub.rounds import upload_staleness
+
+    try:
+        head = fed.store.head(repo_id)
+        files = fed.store.list_files(repo_id, head)
+        raw = (fed.store.read_bytes(repo_id, UPLOAD_METADATA_NAME, head)
+               if UPLOAD_METADATA_NAME in files else None)
+    except StoreError as exc:
+        entry["error"] = exc.message
+        return None, {}, None
+    meta: dict = {}
+    try:  # the member's repo: anything may have been committed there
+        check_upload_listing(files, label=name)
+        if raw is not None:
+            metadata = UploadMetadata.parse(raw, label=name)
+            meta = metadata.model_dump()
+            upload_staleness(name, metadata,
+                             client_state.personalized_history if client_state else [])
+    except FedbipError as exc:
+        return raw, meta, refusal_reason(exc, reused=bool(client_state and
+                                                          client_state.consumed_commit))
+    return raw, meta, None
 
 
 def _round_summary(record: dict | None) -> dict | None:

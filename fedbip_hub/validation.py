@@ -45,8 +45,9 @@ def check_upload_listing(files: Iterable[str], *, label: str | None = None) -> b
     if pickles:
         raise _refuse(f"the upload holds pickle-format weights ({', '.join(pickles)}); they "
                       "can run arbitrary code when loaded, so fedbip-hub refuses them.",
-                      "Save with PeftModel.save_pretrained(..., safe_serialization=True), "
-                      "delete the pickle files from your repo and push with `fedbip push`.",
+                      "Push your adapter folder with `fedbip push`, which replaces your "
+                      "repo's upload files and deletes these in the same commit (save it "
+                      "with PeftModel.save_pretrained(..., safe_serialization=True)).",
                       label)
     if not root & {CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME}:
         return False

@@ -252,17 +252,22 @@ def _print_template(fed: str, kind: str, every: str, options, out: Path | None,
         template.read_text(encoding="utf-8"),
         scheduling.template_values(fed, schedule=every, options=options))
     filename = scheduling.template_filename(kind, fed)
+    warnings = scheduling.template_warnings(kind, fed)
+    if not json_output:
+        for warning in warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         if json_output:
-            print_json({"ok": True, "kind": kind, "path": str(out)})
+            print_json({"ok": True, "kind": kind, "path": str(out), "warnings": warnings})
         else:
             err_console.print(f"Wrote {escape(str(out))} ({kind}; suggested name "
                               f"{escape(filename)}).", highlight=False)
         return
     if json_output:
-        print_json({"ok": True, "kind": kind, "filename": filename, "content": text})
+        print_json({"ok": True, "kind": kind, "filename": filename, "content": text,
+                    "warnings": warnings})
         return
     sys.stdout.write(text)
     sys.stdout.flush()

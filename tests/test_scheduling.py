@@ -203,7 +203,7 @@ def test_github_workflow_is_valid_yaml_with_cron_and_concurrency(tmp_path) -> No
 
     target = tmp_path / "wf" / "fedbip.yml"
     assert cli_json("schedule", FED, "--print", "github", "--out", str(target)) == {
-        "ok": True, "kind": "github", "path": str(target)}
+        "ok": True, "kind": "github", "path": str(target), "warnings": []}
     assert target.read_text() == text
 
 
@@ -215,6 +215,31 @@ def test_cron_line_holds_flock_and_the_federation() -> None:
     assert "HF_TOKEN" not in line and "%" not in line  # cron treats % as a newline
     spaced = cli("schedule", "/srv/my fed", "--print", "cron").stdout
     assert "run '/srv/my fed' >>" in spaced
+
+
+def test_a_local_federation_s_templates_hold_its_absolute_path(tmp_path, monkeypatch) -> None:
+    """cron runs from $HOME: a relative ./myfed would name another folder there."""
+    (tmp_path / "myfed").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = cli("schedule", "./myfed", "--print", "cron")
+    [line] = [ln for ln in result.stdout.splitlines() if ln and not ln.startswith("#")]
+    assert f" run {tmp_path / 'myfed'} >>" in line, line
+    assert "./myfed" not in line and "warning" not in result.stderr
+    assert cli_json("schedule", "./myfed", "--print", "cron")["warnings"] == []
+
+
+def test_a_github_workflow_for_a_local_folder_warns_it_cannot_reach_it(tmp_path,
+                                                                        monkeypatch) -> None:
+    (tmp_path / "myfed").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = cli("schedule", "./myfed", "--print", "github")
+    said = " ".join(result.stderr.split())  # the console wraps long lines
+    assert "warning:" in said and "GitHub's runner cannot reach it" in said
+    assert f"schedule {tmp_path / 'myfed'} --print cron" in said  # the fix
+    assert f"fedbip-server run {tmp_path / 'myfed'}" in result.stdout
+    [warning] = cli_json("schedule", "./myfed", "--print", "github")["warnings"]
+    assert str(tmp_path / "myfed") in warning
+    assert "warning" not in cli("schedule", FED, "--print", "github").stderr
 
 
 def test_docker_and_uv_definitions_run_the_job() -> None:

@@ -12,8 +12,11 @@ __all__ = ["CommitInfo", "HubStore", "LocalStore", "Store", "Traffic", "is_hub_a
 
 
 def is_hub_address(address: str) -> bool:
-    """``org/name`` (and not an existing path, nor one that looks like a path) is the Hub."""
-    if address.startswith((".", "/", "~")) or Path(address).exists():
+    """``org/name`` (and not an existing path, nor one that looks like a path) is the Hub
+    (the rule of ``fedbip_hub.locations``)."""
+    from fedbip_hub.locations import looks_like_path
+
+    if looks_like_path(address) or Path(address).expanduser().exists():
         return False
     parts = address.split("/")
     return len(parts) == 2 and all(parts) and "\\" not in address
