@@ -358,6 +358,21 @@ def scenario_table(name: str, entry: Mapping[str, Any], labels: Sequence[str]) -
     return table
 
 
+def markdown_table(summary: Mapping[str, Mapping[str, Any]], labels: Sequence[str]) -> str:
+    """Mean accuracy (%) per scenario and method, plus the mean over scenarios, as the
+    README shows it."""
+    names = list(summary)
+    means = overall(summary, labels)
+    lines = ["| method | " + " | ".join(f"`{n}`" for n in names) + " | mean |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for label in labels:
+        cells = [f"{100 * summary[n][label]['accuracy'][0]:.1f}" if label in summary[n]
+                 else "–" for n in names]
+        mean = f"{100 * means[label]:.1f}" if label in means else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
 def plot(summary: Mapping[str, Mapping[str, Any]], labels: Sequence[str], path: Path) -> None:
     import matplotlib
 
@@ -476,6 +491,7 @@ def report(result: dict[str, Any], out: Path) -> dict[str, Any]:
         console.print(f"  {'met' if row['met'] else 'NOT met'}: {row['target']} = "
                       f"{row['value']:.3g} (goal {row['goal']})")
     names = list(summary)
+    console.print(markdown_table(summary, labels), markup=False)
     result.update({
         "scenarios": {n: {"groups": SCENARIOS[n].groups, "n_train": SCENARIOS[n].n_train,
                           "note": SCENARIOS[n].note} for n in names},

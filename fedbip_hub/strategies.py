@@ -123,18 +123,6 @@ class Strategy(BaseModel):
     groups: dict[str, str] | None = Field(
         None, description="The oracle's true task groups, client → group (benchmarks, "
         "where they are known); run_round(groups=...) overrides them.")
-
-    @field_validator("groups")
-    @classmethod
-    def _group_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from fedbip_hub.identity import client_name_problem
-
-        for client, group in (value or {}).items():
-            if (problem := client_name_problem(client)) is not None:
-                raise ValueError(f"groups: {problem}")
-            if not group:
-                raise ValueError(f"groups: {client} has an empty group")
-        return value
     max_size_share: float | None = Field(
         None, gt=0, le=1, description="Cap on any one client's share of data-size weights "
         "(fedavg, fedit), by water-filling; None: no cap.")
@@ -151,6 +139,18 @@ class Strategy(BaseModel):
     max_peer_weight: float | None = Field(
         None, gt=0, le=1, description="Cap on any one peer's weight; the excess stays "
         "with self.")
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from fedbip_hub.identity import client_name_problem
+
+        for client, group in (value or {}).items():
+            if (problem := client_name_problem(client)) is not None:
+                raise ValueError(f"groups: {problem}")
+            if not group:
+                raise ValueError(f"groups: {client} has an empty group")
+        return value
 
     @field_validator("method")
     @classmethod
