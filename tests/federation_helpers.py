@@ -311,3 +311,22 @@ def assert_same_adapters(actual: Mapping[str, Mapping[str, torch.Tensor]],
             elif ".lora_A." not in key:
                 torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7,
                                            msg=f"{client} {key}")
+
+
+def start_server_job(env: Mapping[str, str], *args: str) -> subprocess.Popen:
+    """``fedbip-server run ARGS`` as a background subprocess (wide columns for the logs)."""
+    return subprocess.Popen([sys.executable, "-m", "server_job", "run", *args],
+                            cwd=REPO_ROOT, env={**os.environ, **env, "COLUMNS": "300"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_all(procs: Sequence[subprocess.Popen], timeout: float = 300
+               ) -> list[tuple[str, str]]:
+    """(stdout, stderr) of every job; any still running at the end is killed."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -11,9 +11,6 @@ like an uninterrupted round, and the next upload trained from `fedbip pull` is a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +19,14 @@ import pytest
 import torch
 from federation_helpers import (
     CLIENTS,
-    REPO_ROOT,
     Crash,
     crash_at,
+    finish_all,
     new_hub_federation,
     new_local_federation,
     publish_commits,
     pull_and_push,
+    start_server_job,
 )
 from federation_helpers import published_outputs as _outputs
 
@@ -169,12 +167,6 @@ def test_takeover_only_takes_over_the_lease_it_found(tmp_path, tiny_base):
         runner._plan_or_resume(head, config, state, first_holder="another-job")
 
 
-def _server_job(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server_job", "run", *args],
-                            cwd=REPO_ROOT, env={**os.environ, **env, "COLUMNS": "300"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.parametrize("crashed_at", [None, "planned"])
 def test_concurrent_takeovers_over_http_run_the_round_once(crashed_at, hub, hub_env, tmp_path,
                                                             tiny_base, uninterrupted):
@@ -186,15 +178,9 @@ def test_concurrent_takeovers_over_http_run_the_round_once(crashed_at, hub, hub_
                          "fedorg/takeover")
         with pytest.raises(Crash):
             RoundRunner(fed, checkpoint=crash_at(crashed_at)).run()
-    procs = [_server_job({**hub_env, "FEDBIP_CACHE": str(tmp_path / f"job-{i}")},
+    procs = [start_server_job({**hub_env, "FEDBIP_CACHE": str(tmp_path / f"job-{i}")},
                          "fedorg/takeover", "--takeover", "--json") for i in range(JOBS)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    outputs = finish_all(procs)
     payloads = []
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err

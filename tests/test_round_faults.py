@@ -9,15 +9,18 @@ clear error; two server jobs started at once apply the round once.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import CLIENTS, REPO_ROOT, new_hub_federation, new_local_federation
+from federation_helpers import (
+    CLIENTS,
+    finish_all,
+    new_hub_federation,
+    new_local_federation,
+    start_server_job,
+)
 from federation_helpers import published_outputs as _outputs
 
 from fedbip_hub.client import PUBLISH_TITLE, init_federation
@@ -122,19 +125,13 @@ def test_a_member_repo_that_refuses_for_good_is_skipped_and_the_others_proceed(
     _assert_same_as_clean(fed, record, clean)
 
 
-def _server_job(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "server_job", "run", *args],
-                            cwd=REPO_ROOT, env={**os.environ, **env, "COLUMNS": "300"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_a_revoked_server_token_gives_one_clear_error(hub, hub_env, tmp_path, tiny_base):
     token = "hf_revokedBotToken0123456789"
     hub.add_token(token, "fed-bot", orgs=("fedorg",))
     hub.revoke_token(token)
     config = FederationConfig(name="r", base_model=str(tiny_base), num_labels=3)
     init_federation("fedorg/revoked", config)
-    proc = _server_job({**hub_env, "HF_TOKEN": token, "FEDBIP_CACHE": str(tmp_path)},
+    proc = start_server_job({**hub_env, "HF_TOKEN": token, "FEDBIP_CACHE": str(tmp_path)},
                        "fedorg/revoked")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
@@ -151,14 +148,8 @@ def test_two_server_jobs_at_once_apply_the_round_once(hub, hub_env, tmp_path, ti
                                                        clean):
     new_hub_federation("fedorg/twice", tiny_base, tmp_path)
     env = {**hub_env, "FEDBIP_CACHE": str(tmp_path / "jobs-cache")}
-    procs = [_server_job(env, "fedorg/twice", "--json") for _ in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    procs = [start_server_job(env, "fedorg/twice", "--json") for _ in range(2)]
+    outputs = finish_all(procs)
     results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
     for code, _out, err in results:
         assert code == 0, err  # the loser exits cleanly too: schedulers see no failure
