@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build (any other spec pulls the CUDA wheels).
 	$(PY) -m pip install -q -c .ci/constraints.txt torch
-	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,realmodel]'
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev,realmodel,train,quantize]'
 	touch $(STAMP)
 
 install: $(STAMP)
