@@ -74,11 +74,137 @@ class Refactorized:
         return self.v.shape[0]
 
 
+EPS64 = torch.finfo(torch.float64).eps
+# A direction whose eigenvalue is below this many R·ε₆₄ of the largest one is rounding
+# noise of a float64 Gram (its singular value is below ~√(R·ε₆₄) ≈ 2e-7 of the top one,
+# under fp32 resolution): it is dropped rather than divided by.
+NOISE_FACTOR = 1.0
+# Cholesky-QR is used when the basis it gives is orthonormal to this tolerance (measured
+# on the Gram itself); otherwise the eigendecomposition, which handles any rank.
+ORTHONORMAL_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class GramCore:
+    """The small part of a re-factorisation, from the fp64 Grams of stacked factors.
+
+    For a batch of stacks (U, V) with Gu = UᵀU and Gv = VVᵀ, ``U @ wu`` and ``wv @ V``
+    are the best rank-``t`` factors of U·V, balanced (each direction carries √σ on
+    both sides); columns past ``keep`` are zero.
+
+    Attributes:
+        wu: (B, R, t).
+        wv: (B, t, R).
+        sigma: (B, R), the singular values of U·V, descending (noise-level ones are 0).
+        keep: (B,), how many directions each item keeps.
+        discarded: (B,), the discarded energy 1 − Σ_kept σ²/Σ σ².
+    """
+
+    wu: torch.Tensor
+    wv: torch.Tensor
+    sigma: torch.Tensor
+    keep: torch.Tensor
+    discarded: torch.Tensor
+
+
+def _noise_floor(values: torch.Tensor) -> torch.Tensor:
+    """Per item, the level under which eigenvalues (ascending, last is largest) of an
+    R×R float64 Gram are rounding noise."""
+    size = values.shape[-1]
+    return values[..., -1:].clamp_min(0) * (NOISE_FACTOR * size * EPS64)
+
+
+def _basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T and C (both B×R×R) with U = (U·T)·C and U·T orthonormal, from Gu = UᵀU.
+
+    Cholesky (Gu = LLᵀ, T = L⁻ᵀ, C = Lᵀ) where it is accurate, which is checked on the
+    Gram itself (TᵀGuT = I); else the eigendecomposition Gu = PΛPᵀ with T = PΛ^-½ and
+    C = Λ^½Pᵀ over the eigenvalues above the noise floor: duplicated, rank-deficient or
+    zero factors lose their null directions instead of dividing by them.
+    """
+    batch, size, _ = gram.shape
+    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+    t = torch.zeros_like(gram)
+    c = torch.zeros_like(gram)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    ok = info == 0
+    if bool(ok.any()):
+        inv = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), size, size),
+                                            upper=False)
+        t_ok = inv.mT
+        err = (t_ok.mT @ gram[ok] @ t_ok - eye).abs().amax(dim=(-2, -1))
+        good = torch.zeros_like(ok)
+        good[ok] = err <= ORTHONORMAL_TOL
+        t[good] = t_ok[err <= ORTHONORMAL_TOL]
+        c[good] = lower[good].mT
+        ok = good
+    bad = ~ok
+    if bool(bad.any()):
+        values, vectors = torch.linalg.eigh(gram[bad])
+        kept = values > _noise_floor(values)
+        root = values.clamp_min(0).sqrt()
+        inv_root = torch.where(kept, 1.0 / torch.where(kept, root, 1.0), 0.0)
+        t[bad] = vectors * inv_root[:, None, :]
+        c[bad] = (vectors * torch.where(kept, root, 0.0)[:, None, :]).mT
+    return t, c
+
+
+def gram_core(gu: torch.Tensor, gv: torch.Tensor, rank: int | None, *, rtol: float = 1e-6
+              ) -> GramCore:
+    """Best rank-``rank`` re-factorisation of a batch of U·V from their fp64 Grams.
+
+    With U = Q·C (``_basis``), U·V = Q·Z for Z = C·V, so the SVD of U·V is Q times that
+    of Z, and Z's left singular vectors and σ² are the eigenpairs of ZZᵀ = C·Gv·Cᵀ. Then
+    U' = U·T·X_r·√Σ_r and V' = √Σ_r⁻¹·X_rᵀ·C·V (Eckart–Young). The d-sized work is the
+    two Grams and the two output products, O(d·R·r) beyond the Grams; the rest is
+    O(R³). Float64 throughout: Grams square the conditioning, which fp32 cannot absorb
+    (it loses three digits on near-duplicate clients), float64 can.
+
+    Args:
+        gu: (B, R, R), UᵀU in float64.
+        gv: (B, R, R), VVᵀ in float64.
+        rank: the output rank; ``None`` keeps every σ above ``rtol``·σ_max ("cat"),
+            the widest item sets the width and the others are zero-padded.
+        rtol: the relative cut for ``rank=None``.
+    """
+    t, c = _basis(gu)
+    h = c @ gv @ c.mT
+    values, vectors = torch.linalg.eigh((h + h.mT) / 2)
+    values, vectors = values.flip(-1), vectors.flip(-1)  # descending
+    resolved = values > _noise_floor(values.flip(-1))
+    sigma = torch.where(resolved, values.clamp_min(0), 0.0).sqrt()
+    if rank is None:
+        keep = (resolved & (sigma > rtol * sigma[..., :1])).sum(dim=-1)
+        width = max(int(keep.max()) if keep.numel() else 0, 1)
+    else:
+        keep = resolved.sum(dim=-1).clamp_max(rank)
+        width = rank
+    cols = min(width, gu.shape[-1])
+    live = torch.arange(cols, device=gu.device) < keep[:, None]
+    root = torch.where(live, sigma[..., :cols], 0.0).sqrt()
+    inv_root = torch.where(live, 1.0 / torch.where(live, root, 1.0), 0.0)
+    x = vectors[..., :cols]
+    wu = t @ (x * root[:, None, :])
+    wv = (x * inv_root[:, None, :]).mT @ c
+    if cols < width:  # pad: zero directions keep ΔW exact and the shapes PEFT expects
+        wu = torch.cat([wu, wu.new_zeros(*wu.shape[:-1], width - cols)], dim=-1)
+        wv = torch.cat([wv, wv.new_zeros(wv.shape[0], width - cols, wv.shape[-1])], dim=-2)
+    energy = sigma**2
+    total = energy.sum(dim=-1)
+    kept = torch.where(torch.arange(energy.shape[-1], device=gu.device) < keep[:, None],
+                       energy, 0.0).sum(dim=-1)
+    discarded = torch.where(total > 0, 1.0 - kept / torch.where(total > 0, total, 1.0),
+                            0.0).clamp_min(0.0)
+    return GramCore(wu, wv, sigma, keep, discarded)
+
+
 def refactorize(u: torch.Tensor, v: torch.Tensor, rank: int | None, *, rtol: float = 1e-6
                 ) -> Refactorized:
-    """Best rank-``rank`` approximation of U·V (Eckart–Young), via QR and a small SVD.
+    """Best rank-``rank`` approximation of U·V (Eckart–Young).
 
-    U = Q₁R₁, Vᵀ = Q₂R₂, R₁R₂ᵀ = XΣYᵀ; then U' = Q₁X_r√Σ_r and V' = √Σ_rY_rᵀQ₂ᵀ.
+    Float64 inputs (the exactness-check compute dtype) go through QR
+    (``refactorize_qr``), backward stable at float64; narrower ones through the float64
+    Grams (``gram_core``), exact to their own precision and several times faster.
 
     Args:
         u: d_out×R.
@@ -88,7 +214,26 @@ def refactorize(u: torch.Tensor, v: torch.Tensor, rank: int | None, *, rtol: flo
         rtol: singular values below rtol·σ_max count as zero when ``rank`` is None.
 
     Returns:
-        The factors, all singular values, and the discarded energy 1 − Σ_r σ²/Σ σ².
+        The factors (in the input dtype), the singular values, and the discarded energy
+        1 − Σ_r σ²/Σ σ².
+    """
+    if u.dtype == torch.float64:
+        return refactorize_qr(u, v, rank, rtol=rtol)
+    u64, v64 = u.double(), v.double()
+    core = gram_core((u64.T @ u64)[None], (v64 @ v64.T)[None], rank, rtol=rtol)
+    width = rank if rank is not None else max(int(core.keep[0]), 1)
+    return Refactorized((u64 @ core.wu[0, :, :width]).to(u.dtype),
+                        (core.wv[0, :width] @ v64).to(v.dtype), core.sigma[0],
+                        float(core.discarded[0]))
+
+
+def refactorize_qr(u: torch.Tensor, v: torch.Tensor, rank: int | None, *, rtol: float = 1e-6
+                   ) -> Refactorized:
+    """``refactorize`` via QR and a small SVD, in the inputs' dtype.
+
+    U = Q₁R₁, Vᵀ = Q₂R₂, R₁R₂ᵀ = XΣYᵀ; then U' = Q₁X_r√Σ_r and V' = √Σ_rY_rᵀQ₂ᵀ. O(d·R²)
+    in QR, which is backward stable: the float64 path and the reference of the faster
+    Gram path.
     """
     q1, r1 = torch.linalg.qr(u, mode="reduced")
     q2, r2 = torch.linalg.qr(v.T, mode="reduced")

@@ -202,13 +202,13 @@ def _one_module_vectors(root, k: int, r: int) -> list[TaskVector]:
 def _stacked_widths(monkeypatch) -> list[int]:
     """Records the width (Σ of the peers' ranks) of every stack the merge refactorizes."""
     stacked: list[int] = []
-    real = merge_module.refactorize
+    real = merge_module._merge_parts
 
-    def spy(u, v, rank, **kwargs):
-        stacked.append(u.shape[1])
-        return real(u, v, rank, **kwargs)
+    def spy(parts, rank, grams):
+        stacked.append(sum(p.rank for p in parts))
+        return real(parts, rank, grams)
 
-    monkeypatch.setattr(merge_module, "refactorize", spy)
+    monkeypatch.setattr(merge_module, "_merge_parts", spy)
     return stacked
 
 
