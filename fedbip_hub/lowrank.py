@@ -122,7 +122,7 @@ def _basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C = Λ^½Pᵀ over the eigenvalues above the noise floor: duplicated, rank-deficient or
     zero factors lose their null directions instead of dividing by them.
     """
-    batch, size, _ = gram.shape
+    size = gram.shape[-1]
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
     t = torch.zeros_like(gram)
     c = torch.zeros_like(gram)
