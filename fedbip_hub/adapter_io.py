@@ -168,6 +168,9 @@ class LoraAdapter:
                 )
             self._shapes[key] = tuple(int(d) for d in entry["shape"])
         self.modules, self.dense = self._parse_keys()
+        # Keys already checked finite: a round reads each factor several times
+        # (validation, similarity, merge), and the check was half of the read time.
+        self._finite: set[str] = set()
 
     # -- header parsing ------------------------------------------------------------------
     def _error(self, message: str, hint: str) -> AdapterError:
@@ -238,9 +241,12 @@ class LoraAdapter:
             raise self._error(f"could not read {keys} ({exc}).",
                               "Re-upload the adapter file.") from exc
         for key, tensor in zip(keys, tensors, strict=True):
+            if key in self._finite:
+                continue
             if not torch.isfinite(tensor).all():
                 raise self._error(f"tensor {key!r} holds NaN or Inf values.",
                                   "Training diverged; lower the learning rate and retrain.")
+            self._finite.add(key)
         return [t.to(dtype) for t in tensors]
 
     def lora_factors(self, module: str, dtype: torch.dtype = torch.float32

@@ -22,6 +22,7 @@ when a sum nearly cancels (near-duplicate clients); float64 inputs go through QR
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ from fedbip_hub.lowrank import gram_core, refactorize
 
 F64 = torch.float64
 CPU = torch.device("cpu")
+# Output products run in fp32 while they amplify rounding by at most this much (see
+# _fp32_products_suffice); 0 makes them always float64.
+FP32_AMPLIFICATION = 4.0
 # Bytes of stacked float64 factors (U and V) one batched chunk may hold: large on a GPU,
 # small on the CPU, where a chunk's stacks count towards the round's peak RSS.
 BATCH_BYTES = {"cuda": 1024 * 2**20, "cpu": 64 * 2**20}
@@ -87,7 +91,8 @@ class PairGrams:
 
     Unscaled (a target's coefficients enter when its Gram is assembled), so every
     target that stacks peers a and b reuses the block. ``computed`` counts the blocks
-    formed (tests check the sharing). Use one per module and drop it after.
+    formed (tests check the sharing). Use one per module and drop it after: it holds
+    r² float64 pairs per pair of peers that some target stacks together.
     """
 
     def __init__(self) -> None:
@@ -105,38 +110,71 @@ class PairGrams:
         self.computed += 1
 
 
-def _cached_grams(parts: Sequence[Part], u64: Sequence[torch.Tensor],
-                  v64: Sequence[torch.Tensor], cache: PairGrams
+class _Stack:
+    """A target's stacked factors, as given (for fp32 output products), and in float64
+    on first use (Gram rows, float64 output products), upcast once."""
+
+    def __init__(self, parts: Sequence[Part]):
+        self.u = torch.cat([p.u for p in parts], dim=1)
+        self.v = torch.cat([p.v for p in parts], dim=0)
+        self.bounds = [0]
+        for p in parts:
+            self.bounds.append(self.bounds[-1] + p.rank)
+        self._u64: torch.Tensor | None = None
+        self._v64: torch.Tensor | None = None
+
+    @property
+    def u64(self) -> torch.Tensor:
+        if self._u64 is None:
+            self._u64 = self.u.to(F64)
+        return self._u64
+
+    @property
+    def v64(self) -> torch.Tensor:
+        if self._v64 is None:
+            self._v64 = self.v.to(F64)
+        return self._v64
+
+
+def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled Gram matrices of the stacked parts, from the cache where both are peers;
-    each row's missing blocks are formed in one product against the stacked columns."""
+    """Unscaled Gram matrices of the stacked parts: blocks between two peers come from
+    the cache; the part with the most blocks missing gets its whole row in one product
+    against the stack (one read of it, not one per block), until none is missing. In
+    locality order a target then forms rows only for the peers new to its group."""
     n = len(parts)
-    rows_u: list[list[torch.Tensor | None]] = [[None] * n for _ in range(n)]
-    rows_v: list[list[torch.Tensor | None]] = [[None] * n for _ in range(n)]
+    blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for i in range(n):
-        missing = []
         for j in range(i, n):
-            shared = (parts[i].key is not None and parts[j].key is not None)
-            hit = cache.get(parts[i].key, parts[j].key) if shared else None
-            if hit is None:
-                missing.append(j)
-            else:
-                rows_u[i][j], rows_v[i][j] = hit
-        if missing:
-            gu = u64[i].T @ torch.cat([u64[j] for j in missing], dim=1)
-            gv = v64[i] @ torch.cat([v64[j] for j in missing], dim=0).T
-            at = 0
-            for j in missing:
-                width = parts[j].rank
-                rows_u[i][j], rows_v[i][j] = gu[:, at:at + width], gv[:, at:at + width]
-                at += width
-                if parts[i].key is not None and parts[j].key is not None:
-                    cache.put(parts[i].key, parts[j].key, rows_u[i][j], rows_v[i][j])
-        for j in range(i):
-            rows_u[i][j], rows_v[i][j] = rows_u[j][i].T, rows_v[j][i].T  # type: ignore[union-attr]
-    gram_u = torch.cat([torch.cat(row, dim=1) for row in rows_u], dim=0)  # type: ignore[arg-type]
-    gram_v = torch.cat([torch.cat(row, dim=1) for row in rows_v], dim=0)  # type: ignore[arg-type]
-    return gram_u, gram_v
+            if parts[i].key is not None and parts[j].key is not None:
+                hit = cache.get(parts[i].key, parts[j].key)
+                if hit is not None:
+                    blocks[(i, j)] = hit
+    while len(blocks) < n * (n + 1) // 2:
+        missing = [sum((min(i, j), max(i, j)) not in blocks for j in range(n))
+                   for i in range(n)]
+        i = max(range(n), key=missing.__getitem__)
+        bounds = stack.bounds
+        rows = slice(bounds[i], bounds[i + 1])
+        u, v = stack.u64, stack.v64
+        row_u, row_v = u[:, rows].T @ u, v[rows] @ v.T
+        for j in range(n):
+            key = (min(i, j), max(i, j))
+            if key in blocks:
+                continue
+            cols = slice(bounds[j], bounds[j + 1])
+            pair = (row_u[:, cols], row_v[:, cols]) if i <= j else \
+                (row_u[:, cols].T, row_v[:, cols].T)
+            blocks[key] = pair
+            a, b = parts[key[0]].key, parts[key[1]].key
+            if a is not None and b is not None:
+                cache.put(a, b, pair[0].contiguous(), pair[1].contiguous())
+
+    def assemble(side: int) -> torch.Tensor:
+        return torch.cat([torch.cat([blocks[(i, j)][side] if i <= j else blocks[(j, i)][side].T
+                                     for j in range(n)], dim=1) for i in range(n)], dim=0)
+
+    return assemble(0), assemble(1)
 
 
 def _column_scale(parts: Sequence[Part], device: torch.device) -> torch.Tensor:
@@ -145,19 +183,47 @@ def _column_scale(parts: Sequence[Part], device: torch.device) -> torch.Tensor:
 
 
 def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> Merged:
-    """One target's re-factorised sum, its peer-pair Gram blocks shared through ``cache``."""
+    """One target's re-factorised sum, its peer-pair Gram blocks shared through ``cache``.
+
+    With D the diagonal of the parts' coefficients, ΔW = U·D·V: the Gram of U·D is
+    D·(UᵀU)·D, and the output U' = U·(D·wu), so the d-sized stacks stay unscaled.
+    """
     if not parts:
         raise ValueError("nothing to merge")
-    u64 = [p.u.to(F64) for p in parts]
-    v64 = [p.v.to(F64) for p in parts]
-    gram_u, gram_v = _cached_grams(parts, u64, v64, cache)
+    stack = _Stack(parts)
+    gram_u, gram_v = _cached_grams(parts, stack, cache)
     scale = _column_scale(parts, gram_u.device)
     core = gram_core((gram_u * scale[:, None] * scale[None, :])[None], gram_v[None], rank)
     width = _width(rank, int(core.keep[0]))
-    u_cat = torch.cat([u * p.coeff for u, p in zip(u64, parts, strict=True)], dim=1)
-    u_out = (u_cat @ core.wu[0, :, :width]).to(parts[0].u.dtype)
-    v_out = (core.wv[0, :width] @ torch.cat(v64, dim=0)).to(parts[0].v.dtype)
+    wu, wv = scale[:, None] * core.wu[0, :, :width], core.wv[0, :width]
+    dtype = parts[0].u.dtype
+    if _fp32_products_suffice(gram_u * scale[:, None] * scale[None, :], gram_v, wu, wv,
+                              core.sigma[0, :width], dtype):
+        u_out = stack.u @ wu.to(dtype)
+        v_out = wv.to(dtype) @ stack.v
+    else:
+        u_out = (stack.u64 @ wu).to(dtype)
+        v_out = (wv @ stack.v64).to(dtype)
     return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
+
+
+def _fp32_products_suffice(gram_u: torch.Tensor, gram_v: torch.Tensor, wu: torch.Tensor,
+                           wv: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the two d-sized output products may run in the inputs' fp32.
+
+    Their rounding error is about ε₃₂·√(Σ_j ‖U_j‖²·‖wu_j‖²) against an output of norm
+    ‖U'‖ = √Σσ (and likewise for V), so fp32 is as exact as the inputs while that ratio
+    stays small. A sum that nearly cancels (near-duplicate clients) amplifies by about
+    1/(1 − cos) and takes float64, which is exact to the inputs' precision.
+    """
+    if dtype != torch.float32:
+        return False
+    out = float(sigma.sum())
+    if out <= 0:
+        return False
+    amp_u = float((gram_u.diagonal().clamp_min(0) * (wu * wu).sum(dim=1)).sum()) / out
+    amp_v = float((gram_v.diagonal().clamp_min(0) * (wv * wv).sum(dim=0)).sum()) / out
+    return math.sqrt(max(amp_u, amp_v)) <= FP32_AMPLIFICATION
 
 
 def _pinned(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
