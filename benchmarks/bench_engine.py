@@ -44,10 +44,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import fedbip_hub.merge as merge_module
 from fedbip_hub.adapter_io import PEFT_PREFIX, LoraAdapter
-from fedbip_hub.lowrank import refactorize
+from fedbip_hub.lowrank import refactorize, refactorize_qr
 from fedbip_hub.merge import MergePlan, personalize
 from fedbip_hub.similarity import SimilarityReport, compute_similarity, module_gram
+from fedbip_hub.stacked_merge import Merged
 from fedbip_hub.strategies import Strategy, compute_weights
 from fedbip_hub.task_vectors import LowRankDelta, TaskVector
 
@@ -81,6 +83,7 @@ class Config:
     peft_repeats: int = 1
     seed: int = 0
     threads: int = 1
+    cpu_clock: bool = False  # time in process CPU time (see interleaved)
 
     @property
     def modules(self) -> list[str]:
@@ -140,10 +143,13 @@ def write_peft_adapter(folder: Path, cfg: Config, factors: Factors, client: int)
 
 
 # ----------------------------------------------------------------------------- helpers
-def interleaved(methods: dict[str, tuple[Callable[[], object], int]], rounds: int
+def interleaved(methods: dict[str, tuple[Callable[[], object], int]], rounds: int,
+                clock: Callable[[], float] = time.perf_counter
                 ) -> dict[str, tuple[list[float], object]]:
     """Time several methods in alternation: each round runs every method its per-round
     count of times, so that a load change on a shared machine hits all of them alike.
+    ``clock`` may be ``time.process_time`` (CPU time, single-threaded runs on a machine
+    other processes load).
 
     Returns, per method, every timing and its last result.
     """
@@ -154,9 +160,9 @@ def interleaved(methods: dict[str, tuple[Callable[[], object], int]], rounds: in
             for _ in range(per_round):
                 results[name] = None
                 gc.collect()
-                start = time.perf_counter()
+                start = clock()
                 results[name] = fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: (times[name], results[name]) for name in methods}
 
 
@@ -473,6 +479,27 @@ def rel_error(merged: dict[str, torch.Tensor], sums: dict[str, torch.Tensor],
     return math.sqrt(err / total)
 
 
+def qr_merge_parts(parts, rank, _grams=None) -> Merged:
+    """The merge as it was before issue 15: QR of the stacked factors in the compute
+    dtype (fp32) and a small SVD, per target (``lowrank.refactorize_qr``)."""
+    u = torch.cat([p.u * p.coeff for p in parts], dim=1)
+    v = torch.cat([p.v for p in parts], dim=0)
+    out = refactorize_qr(u, v, rank)
+    return Merged(out.u.cpu(), out.v.cpu(), out.discarded_energy)
+
+
+def with_qr_merge(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with personalize's merge swapped for the former QR path."""
+    def run():
+        real = merge_module._merge_parts
+        merge_module._merge_parts = qr_merge_parts
+        try:
+            return fn()
+        finally:
+            merge_module._merge_parts = real
+    return run
+
+
 def bench_merge(cfg: Config, workdir: Path) -> dict:
     print(f"\n(b) merge: K={cfg.k_merge} adapters → rank {cfg.r}, {len(cfg.modules)} modules "
           f"{cfg.d}×{cfg.d}, float32", flush=True)
@@ -496,12 +523,13 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
 
     deltas = as_deltas(cfg, factors)
 
-    def ours_in_memory():
+    def ours_in_memory(method: Callable = refactorize):
         out = {}
         for module, ds in deltas.items():
-            u = torch.cat([d.u * float(pk) for pk, d in zip(p, ds, strict=True)], dim=1)
-            v = torch.cat([d.v for d in ds], dim=0)
-            res = refactorize(u, v, cfg.r)
+            keep = [(float(pk), d) for pk, d in zip(p, ds, strict=True) if pk != 0]
+            u = torch.cat([d.u * pk for pk, d in keep], dim=1)
+            v = torch.cat([d.v for _, d in keep], dim=0)
+            res = method(u, v, cfg.r)
             out[module] = (res.u, res.v)
         return out
 
@@ -526,31 +554,41 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
     # merge, so that all of them see the same spread of machine load.
     fast = {
         "ours": (ours, 1),
+        "qr": (with_qr_merge(ours), 1),
         "mem": (ours_in_memory, 1),
+        "memqr": (lambda: ours_in_memory(refactorize_qr), 1),
         "all": (lambda: ours(targets=range(k)), 1),
+        "allqr": (with_qr_merge(lambda: ours(targets=range(k))), 1),
         "ocat": (lambda: ours("cat"), 1),
+        "qrcat": (with_qr_merge(lambda: ours("cat")), 1),
         "pcat": (lambda: peft_merge("cat"), 1),
     }
     for fn, _ in fast.values():  # warm-up
         fn()
     halves = [math.ceil(cfg.fast_repeats / 2), cfg.fast_repeats // 2 or 1]
-    first = interleaved(fast, rounds=halves[0])
+    clock = time.process_time if cfg.cpu_clock else time.perf_counter
+    first = interleaved(fast, rounds=halves[0], clock=clock)
     peft_times, last_svd = [], None
     for _ in range(cfg.peft_repeats):
         gc.collect()
-        start = time.perf_counter()
+        start = clock()
         last_svd = peft_merge("svd")
-        peft_times.append(time.perf_counter() - start)
+        peft_times.append(clock() - start)
         print(f"  peft svd: {fmt_s(peft_times[-1])}", flush=True)
-    second = interleaved(fast, rounds=halves[1])
+    second = interleaved(fast, rounds=halves[1], clock=clock)
     times = {name: first[name][0] + second[name][0] for name in fast}
     t_ours, t_mem, t_all, t_ocat, t_pcat = (statistics.median(times[n])
                                             for n in ("ours", "mem", "all", "ocat", "pcat"))
+    t_qr, t_memqr, t_allqr, t_qrcat = (statistics.median(times[n])
+                                       for n in ("qr", "memqr", "allqr", "qrcat"))
     t_peft = statistics.median(peft_times)
     ours_times, mem_times, all_times, ocat_times, pcat_times = (
         times[n] for n in ("ours", "mem", "all", "ocat", "pcat"))
 
     merged, merged_mem, merged_cat = (second[n][1] for n in ("ours", "mem", "ocat"))
+    err_qr = rel_error({m: second["qr"][1][0].delta_weight(m) for m in sums}, sums, total)
+    err_qrcat = rel_error({m: second["qrcat"][1][0].delta_weight(m) for m in sums}, sums,
+                          total)
     err_ours = rel_error({m: merged[0].delta_weight(m) for m in sums}, sums, total)
     err_mem = rel_error({m: u.double() @ v.double() for m, (u, v) in merged_mem.items()},
                         sums, total)
@@ -576,6 +614,10 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
             "rank_peft": peft_rank,
             "speedup": t_peft / t_ours,
             "speedup_in_memory": t_peft / t_mem,
+            "time_qr_s": t_qr, "time_qr_all_s": times["qr"], "rel_error_qr": err_qr,
+            "time_qr_in_memory_s": t_memqr, "time_qr_all_targets_s": t_allqr,
+            "speedup_vs_qr": t_qr / t_ours, "speedup_vs_qr_in_memory": t_memqr / t_mem,
+            "speedup_vs_qr_all_targets": t_allqr / t_all,
         },
         "cat": {
             "time_ours_s": t_ocat, "time_ours_all_s": ocat_times, "rel_error_ours": err_ocat,
@@ -583,6 +625,7 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
             "time_peft_s": t_pcat, "time_peft_all_s": pcat_times, "rel_error_peft": err_pcat,
             "rank_peft": pcat_rank,
             "speedup": t_pcat / t_ocat,
+            "time_qr_s": t_qrcat, "rel_error_qr": err_qrcat, "speedup_vs_qr": t_qrcat / t_ocat,
         },
     }
     print_table(
@@ -591,15 +634,23 @@ def bench_merge(cfg: Config, workdir: Path) -> dict:
         ["method", "time (median)", "speedup vs PEFT", "rel. Frobenius error", "out rank"],
         [["ours: personalize(refactor='svd') from disk", fmt_s(t_ours),
           f"{t_peft / t_ours:.0f}×", f"{err_ours:.6f}", cfg.r],
+         ["  former QR path, from disk", fmt_s(t_qr), f"{t_peft / t_qr:.0f}×",
+          f"{err_qr:.6f}", cfg.r],
          ["ours: refactorize on stacked factors (in memory)", fmt_s(t_mem),
           f"{t_peft / t_mem:.0f}×", f"{err_mem:.6f}", cfg.r],
+         ["  former QR path, in memory", fmt_s(t_memqr), f"{t_peft / t_memqr:.0f}×", "-",
+          cfg.r],
          [f"ours: personalize, all {k} targets at once", fmt_s(t_all),
           f"{k * t_peft / t_all:.0f}× vs {k} PEFT calls", "-", cfg.r],
+         [f"  former QR path, all {k} targets", fmt_s(t_allqr),
+          f"{k * t_peft / t_allqr:.0f}× vs {k} PEFT calls", "-", cfg.r],
          ["PEFT add_weighted_adapter('svd', svd_rank)", fmt_s(t_peft), "1×",
           f"{err_peft:.6f}", peft_rank],
          ["optimal rank-r truncation (Eckart–Young, f64)", "-", "-", f"{optimal:.6f}", cfg.r],
          ["ours: personalize(refactor='cat')", fmt_s(t_ocat), f"{t_pcat / t_ocat:.2f}×",
           f"{err_ocat:.2e}", "/".join(map(str, ocat_ranks))],
+         ["  former QR path, cat", fmt_s(t_qrcat), f"{t_pcat / t_qrcat:.2f}×",
+          f"{err_qrcat:.2e}", "/".join(map(str, ocat_ranks))],
          ["PEFT add_weighted_adapter('cat')", fmt_s(t_pcat), "1×", f"{err_pcat:.2e}",
           pcat_rank]],
     )

@@ -139,10 +139,11 @@ class _Stack:
 def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled Gram matrices of the stacked parts: blocks between two peers come from
-    the cache; the part with the most blocks missing gets its whole row in one product
-    against the stack (one read of it, not one per block), until none is missing. In
-    locality order a target then forms rows only for the peers new to its group."""
-    n = len(parts)
+    the cache; the part with the most blocks missing gets the run of them in one product
+    against the stack (one read of it, not one per block; a fresh stack costs one
+    triangle), until none is missing. In locality order a target then forms rows only
+    for the peers new to its group."""
+    n, bounds = len(parts), stack.bounds
     blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for i in range(n):
         for j in range(i, n):
@@ -151,18 +152,17 @@ def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
                 if hit is not None:
                     blocks[(i, j)] = hit
     while len(blocks) < n * (n + 1) // 2:
-        missing = [sum((min(i, j), max(i, j)) not in blocks for j in range(n))
+        missing = [[j for j in range(n) if (min(i, j), max(i, j)) not in blocks]
                    for i in range(n)]
-        i = max(range(n), key=missing.__getitem__)
-        bounds = stack.bounds
+        i = max(range(n), key=lambda m: len(missing[m]))
+        first, last = missing[i][0], missing[i][-1]
         rows = slice(bounds[i], bounds[i + 1])
+        span = slice(bounds[first], bounds[last + 1])  # only the missing run: a triangle
         u, v = stack.u64, stack.v64
-        row_u, row_v = u[:, rows].T @ u, v[rows] @ v.T
-        for j in range(n):
+        row_u, row_v = u[:, rows].T @ u[:, span], v[rows] @ v[span].T
+        for j in missing[i]:
+            cols = slice(bounds[j] - bounds[first], bounds[j + 1] - bounds[first])
             key = (min(i, j), max(i, j))
-            if key in blocks:
-                continue
-            cols = slice(bounds[j], bounds[j + 1])
             pair = (row_u[:, cols], row_v[:, cols]) if i <= j else \
                 (row_u[:, cols].T, row_v[:, cols].T)
             blocks[key] = pair
@@ -195,6 +195,10 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
     scale = _column_scale(parts, gram_u.device)
     core = gram_core((gram_u * scale[:, None] * scale[None, :])[None], gram_v[None], rank)
     width = _width(rank, int(core.keep[0]))
+    if (rank is None and width == stack.bounds[-1]  # "cat" of a full-rank stack
+            and _stack_is_exact(gram_u.diagonal(), gram_v.diagonal(), scale, core.sigma[0],
+                                parts[0].u.dtype)):
+        return _balanced_stack(stack.u, stack.v, gram_u.diagonal(), gram_v.diagonal(), scale)
     wu, wv = scale[:, None] * core.wu[0, :, :width], core.wv[0, :width]
     dtype = parts[0].u.dtype
     if _fp32_products_suffice(gram_u * scale[:, None] * scale[None, :], gram_v, wu, wv,
@@ -205,6 +209,33 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
         u_out = (stack.u64 @ wu).to(dtype)
         v_out = (wv @ stack.v64).to(dtype)
     return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
+
+
+def _balanced_stack(u: torch.Tensor, v: torch.Tensor, norms_u: torch.Tensor,
+                    norms_v: torch.Tensor, scale: torch.Tensor) -> Merged:
+    """The exact "cat" of a stack with nothing to compress: the stacked factors
+    themselves (as PEFT's cat does), each direction rescaled towards equal norms on both
+    sides, at O(d·R) instead of two d×R×R products."""
+    nu = norms_u.clamp_min(0).sqrt() * scale.abs()
+    nv = norms_v.clamp_min(0).sqrt()
+    ratio = torch.where((nu > 0) & (nv > 0), (nv / torch.where(nu > 0, nu, 1.0)).sqrt(), 1.0)
+    ratio = torch.exp2(torch.round(torch.log2(ratio)))  # powers of two rescale exactly
+    col = (scale * ratio).to(u.dtype)
+    row = (1.0 / ratio).to(v.dtype)
+    return Merged((u * col).cpu(), (v * row[:, None]).cpu(), 0.0)
+
+
+def _stack_is_exact(norms_u: torch.Tensor, norms_v: torch.Tensor, scale: torch.Tensor,
+                    sigma: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the scaled stack itself is as exact as the SVD form: storing c·u in the
+    inputs' precision errs by ε·Σ|c|·‖u‖·‖v‖, against ‖ΔW‖ = √Σσ² for the SVD form, so
+    the stack is used only while the terms do not cancel much. (Independent roundings
+    add in quadrature: ‖Σ_j ε_j·c_j·u_j·v_jᵀ‖ ≈ ε·√Σ_j c_j²‖u_j‖²‖v_j‖².)"""
+    total = float((sigma**2).sum())
+    if dtype != torch.float32 or total <= 0:
+        return False
+    terms = float((scale**2 * norms_u.clamp_min(0) * norms_v.clamp_min(0)).sum())
+    return math.sqrt(terms / total) <= FP32_AMPLIFICATION
 
 
 def _fp32_products_suffice(gram_u: torch.Tensor, gram_v: torch.Tensor, wu: torch.Tensor,
