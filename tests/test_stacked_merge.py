@@ -287,3 +287,16 @@ def test_non_finite_tensors_are_still_refused(tmp_path):
     for _ in range(2):  # refused on every read, not remembered as checked
         with pytest.raises(AdapterError, match="NaN or Inf"):
             adapter.lora_factors(module)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batched_equals_cpu_per_target():  # pragma: no cover - run where a GPU is lent
+    jobs = _jobs()
+    on_gpu = [[Part(p.key, p.coeff, p.u.cuda(), p.v.cuda()) for p in parts] for parts in jobs]
+    cache = PairGrams()
+    for parts, gpu_parts in zip(jobs, on_gpu, strict=True):
+        a = merge_cached(parts, R, cache)
+        (b,) = merge_batched([gpu_parts], R)
+        assert b.u.device.type == "cpu"
+        torch.testing.assert_close(b.u.double() @ b.v.double(), a.u.double() @ a.v.double(),
+                                   rtol=1e-5, atol=1e-6)
