@@ -109,6 +109,37 @@ def report_error(kind: str, message: str, hint: str | None, *, json_output: bool
                           soft_wrap=True)
 
 
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", "-v", envvar="FEDBIP_VERBOSE",
+    help="Let the dependencies talk: transformers' load reports, datasets' and the Hub's "
+    "progress bars, FutureWarnings (env FEDBIP_VERBOSE).")]
+# Set before the libraries are imported (they read them once); for libraries already
+# imported (in-process callers), the matching calls below.
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+              "DATASETS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_dependencies(verbose: bool) -> None:
+    """Silence dependency chatter (load reports, progress bars, FutureWarnings) unless
+    ``verbose``; fedbip's own progress and messages are unaffected."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("transformers", "datasets", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
 def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     sys.stdout.flush()

@@ -13,8 +13,8 @@ from cli._common import JsonOption, err_console, handle_errors, out_console, pri
 @handle_errors
 def demo(
     directory: Annotated[Path, typer.Option(
-        "--dir", help="Demo folder: base-model cache, federations, results.")] = Path(
-            "fedbip-demo"),
+        "--dir", file_okay=False,
+        help="Demo folder: base-model cache, federations, results.")] = Path("fedbip-demo"),
     quick: Annotated[bool, typer.Option(
         "--quick", help="A reduced run (6 clients, 3 rounds), under a minute.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data, model and training.")] = 0,

@@ -34,7 +34,8 @@ def similarity(
         help=f"Granularity of the printed table: {'|'.join(GRANULARITIES)}.")] = "model",
     space: Annotated[str, typer.Option(
         help="delta: exact ΔW cosines; params: paper-literal (A, B) cosines.")] = "delta",
-    plot: Annotated[Path | None, typer.Option(help="Write a heatmap PNG here.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        dir_okay=False, help="Write a heatmap PNG here.")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Task-vector cosine similarity between adapters, per model, layer or module."""
@@ -75,7 +76,9 @@ def merge(
     dirs: AdapterDirs,
     target: Annotated[int, typer.Option("--for", help="Index (input order) of the client "
                                         "to personalize.")],
-    out: Annotated[Path, typer.Option(help="Folder to write the personalized adapter to.")],
+    out: Annotated[Path, typer.Option(
+        file_okay=False, show_default=False,
+        help="Folder to write the personalized adapter to.")],
     strategy: Annotated[str, typer.Option(
         help=f"Merge method: {', '.join(METHOD_NAMES)}.")] = "fedbip-l",
     rank: Annotated[int | None, typer.Option(

@@ -110,7 +110,10 @@ def join(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def push(fed: FedArg, client: ClientOption,
-         adapter: Annotated[Path, typer.Option(help="Adapter folder to upload.")],
+         adapter: Annotated[Path, typer.Option(
+             exists=True, file_okay=False, show_default=False,
+             help="Adapter folder to upload (adapter_config.json and "
+             "adapter_model.safetensors, as PEFT's save_pretrained writes).")],
          n_examples: Annotated[int | None, typer.Option(help="Training examples used.")] = None,
          start_revision: Annotated[str | None, typer.Option(
              help="Personalized revision you trained from (default: recorded by pull).")
@@ -134,8 +137,8 @@ def push(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def pull(fed: FedArg, client: ClientOption,
-         out: Annotated[Path, typer.Option(help="Where to write the adapter.")] = Path(
-             "personalized"),
+         out: Annotated[Path, typer.Option(
+             file_okay=False, help="Folder to write the adapter to.")] = Path("personalized"),
          token: TokenOption = None, json_output: JsonOption = False) -> None:
     """Fetch your latest personalized adapter (PEFT-loadable) and note its revision."""
     from fedbip_hub.client import pull as pull_adapter

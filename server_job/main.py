@@ -12,11 +12,13 @@ from rich.markup import escape
 
 from cli._common import (
     JsonOption,
+    VerboseOption,
     err_console,
     handle_errors,
     new_app,
     out_console,
     print_json,
+    quiet_dependencies,
 )
 from fedbip_hub.scheduling import (
     DEFAULT_FLAVOR,
@@ -39,8 +41,9 @@ app.add_typer(webhook_app, name="webhook")
 
 
 @app.callback()
-def _root() -> None:
+def _root(verbose: VerboseOption = False) -> None:
     """Run FedBip server rounds (from cron, GitHub Actions or HF Jobs)."""
+    quiet_dependencies(verbose)
 
 
 @app.command()

@@ -3,6 +3,8 @@ whatever test walks them, without editing a list)."""
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 import typer
@@ -28,3 +30,14 @@ def options_of(command: Any) -> set[str]:
     """The long option names a command takes (``--json``, ``--out``, ...)."""
     return {opt for param in command.params for opt in getattr(param, "opts", ())
             if opt.startswith("--")}
+
+
+def is_number(param: Any) -> bool:
+    """Whether a parameter takes an int or a float (``int | None`` included)."""
+    runtime = param.get_runtime_param() if hasattr(param, "get_runtime_param") else None
+    annotation = getattr(runtime, "annotation", None)
+    if annotation is None:  # older typer: click types
+        return getattr(getattr(param, "type", None), "name", "") in ("integer", "float")
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(a in (int, float) for a in typing.get_args(annotation))
+    return annotation in (int, float)
