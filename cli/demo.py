@@ -30,6 +30,12 @@ def demo(
     server round → pull, over asynchronous rounds; prints personalized accuracy and how
     well task-vector vs raw-parameter cosines separate the task groups; writes
     similarity.png and results.json into --dir.
+
+    Examples:
+
+      fedbip demo --quick
+
+      fedbip demo --dir fedbip-demo --json
     """
     import time
 

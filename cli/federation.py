@@ -11,7 +11,8 @@ import typer
 from cli._common import JsonOption, handle_errors, matrix_table, out_console, print_json
 
 FedArg = Annotated[str, typer.Argument(
-    help="Federation: org/name on the Hub, or a local folder path.")]
+    help="Federation: org/name on the Hub, or a local folder (an existing folder, or a path "
+    "spelled with ./, / or ~).")]
 ClientOption = Annotated[str, typer.Option(
     "--client", envvar="FEDBIP_CLIENT", help="Your member name (env FEDBIP_CLIENT).")]
 TokenOption = Annotated[str | None, typer.Option(
@@ -33,7 +34,8 @@ def init(
                              ] = None,
     task: Annotated[str, typer.Option(help="seq-cls or causal-lm.")] = "seq-cls",
     num_labels: Annotated[int, typer.Option(help="Labels (seq-cls).")] = 2,
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    r: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    old_r: Annotated[int | None, typer.Option("--r", hidden=True)] = None,  # the old name
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")
                               ] = "q_proj,v_proj",
@@ -50,7 +52,14 @@ def init(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a federation: config, initial adapter and dashboard in one private repo."""
+    """Create a federation: config, initial adapter and dashboard in one private repo.
+
+    Examples:
+
+      fedbip init acme/fed --base-model HuggingFaceTB/SmolLM2-135M --num-labels 2
+
+      fedbip init ./myfed --base-model ./tiny-base --rank 4 --strategy fedbip
+    """
     from pydantic import ValidationError
 
     from fedbip_hub.client import init_federation
@@ -58,6 +67,7 @@ def init(
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.strategies import Strategy
 
+    r = old_r if old_r is not None else r
     task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
     if task not in task_types:
         raise ConfigError(f"unknown task {task!r}.", hint="Use seq-cls or causal-lm.")
@@ -74,7 +84,7 @@ def init(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"invalid LoRA options ({problems}).",
-                          hint="--r and --alpha must be positive, --lora-dropout in [0, 1)."
+                          hint="--rank and --alpha must be positive, --lora-dropout in [0, 1)."
                           ) from exc
     config = FederationConfig(
         name=fed.rstrip("/").split("/")[-1],
@@ -98,7 +108,14 @@ def init(
 def join(fed: FedArg, client: ClientOption,
          repo: Annotated[str | None, typer.Option(help="Your repo (default: derived).")] = None,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Join a federation: create your private repo and record your membership."""
+    """Join a federation: create your private repo and record your membership.
+
+    Examples:
+
+      fedbip join acme/fed --client alice
+
+      FEDBIP_CLIENT=alice fedbip join ./myfed
+    """
     from fedbip_hub.client import join as join_federation
 
     member = join_federation(_fed(fed, token), client, repo_id=repo)
@@ -119,7 +136,14 @@ def push(fed: FedArg, client: ClientOption,
              help="Personalized revision you trained from (default: recorded by pull).")
                                    ] = None,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Validate your adapter against the federation, then upload it in one commit."""
+    """Validate your adapter against the federation, then upload it in one commit.
+
+    Examples:
+
+      fedbip push acme/fed --client alice --adapter fedbip-adapter-alice
+
+      fedbip push ./myfed --client alice --adapter ./my-trainer-output --n-examples 800
+    """
     from fedbip_hub.client import push as push_upload
 
     result = push_upload(_fed(fed, token), client, adapter, n_examples=n_examples,
@@ -140,7 +164,14 @@ def pull(fed: FedArg, client: ClientOption,
          out: Annotated[Path, typer.Option(
              file_okay=False, help="Folder to write the adapter to.")] = Path("personalized"),
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Fetch your latest personalized adapter (PEFT-loadable) and note its revision."""
+    """Fetch your latest personalized adapter (PEFT-loadable) and note its revision.
+
+    Examples:
+
+      fedbip pull acme/fed --client alice --out personalized
+
+      fedbip pull ./myfed --client alice --json
+    """
     from fedbip_hub.client import pull as pull_adapter
 
     result = pull_adapter(_fed(fed, token), client, out)
@@ -153,7 +184,14 @@ def pull(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Members, last uploads, staleness, the last round and a similarity summary."""
+    """Members, last uploads, staleness, the last round and a similarity summary.
+
+    Examples:
+
+      fedbip status acme/fed
+
+      fedbip status ./myfed --json
+    """
     from rich.markup import escape
     from rich.table import Table
 

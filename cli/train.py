@@ -57,7 +57,14 @@ def train(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Train your LoRA adapter on local data, from the right start; optionally push it."""
+    """Train your LoRA adapter on local data, from the right start; optionally push it.
+
+    Examples:
+
+      fedbip train acme/fed --client alice --data train.jsonl --push
+
+      fedbip train ./myfed --client alice --data data/ --split train --epochs 1
+    """
     from fedbip_hub.data import load_examples
     from fedbip_hub.training_args import TrainingArgs
 
@@ -124,7 +131,14 @@ def eval_(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Score base, own and personalized models on local data; show the personalization gain."""
+    """Score base, own and personalized models on local data; show the personalization gain.
+
+    Examples:
+
+      fedbip eval acme/fed --client alice --data test.jsonl
+
+      fedbip eval ./myfed --client alice --data data/ --adapter fedbip-adapter-alice
+    """
     from rich.table import Table
 
     from fedbip_hub.data import load_examples

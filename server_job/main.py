@@ -68,6 +68,12 @@ def run(
     job's round it leaves a follow-up request instead. After a round it runs one
     follow-up round per request left while it ran. Started any other way during another
     job's round, it says so and exits 0 (status "in-progress").
+
+    Examples:
+
+      fedbip-server run acme/fed
+
+      fedbip-server run ./myfed --dry-run --json
     """
     from cli._common import progress
     from fedbip_hub.compute import resolve_device

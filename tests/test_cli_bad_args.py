@@ -237,3 +237,24 @@ def test_the_data_checks_run_before_the_model_would_load(world):
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert "good.jsonl" not in error and "label" not in error  # not a data error
+
+
+@pytest.mark.parametrize(("prog", "path", "command"), COMMANDS, ids=IDS)
+def test_every_command_takes_h_and_shows_examples(prog, path, command):
+    result = CliRunner().invoke(APPS[prog], [*path.split(), "-h"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "Examples" in result.stdout
+    examples = [line.strip(" │") for line in result.stdout.splitlines()
+                if line.strip(" │").startswith(prog + " ")]
+    assert any(line.startswith(f"{prog} {path}") for line in examples), result.stdout
+
+
+def test_the_old_rank_option_name_still_works(tmp_path, tiny_base):
+    """`init --r` (the old name, hidden from the help) and `--rank` record the same rank."""
+    for flag in ("--rank", "--r"):
+        result = invoke("fedbip", ["init", str(tmp_path / flag.strip("-")), "--base-model",
+                                   str(tiny_base), "--num-labels", "3", flag, "3"],
+                        json_output=True)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["config"]["lora"]["r"] == 3
+    assert "--r " not in CliRunner().invoke(fedbip_app, ["init", "-h"]).stdout
