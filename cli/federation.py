@@ -192,8 +192,6 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
 
       fedbip status ./myfed --json
     """
-    from rich.markup import escape
-    from rich.table import Table
 
     from fedbip_hub.status import federation_status
 
@@ -205,23 +203,44 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
     out_console.print(f"[bold]{config['name']}[/] on {report['store']} — base "
                       f"{config['base_model']}, round {report['round']}"
                       f"{' (a round is in progress)' if report['round_in_progress'] else ''}")
-    table = Table("member", "repo", "last upload", "pending", "versions", "staleness")
-    for m in report["members"]:
-        upload = m.get("last_upload") or {}
-        table.add_row(m["name"], m["repo_id"], str(upload.get("uploaded_at", "–")),
-                      "refused" if m.get("refused") else ("yes" if m.get("pending") else "no"),
-                      str(m["personalized_versions"]), str(m.get("staleness", "–")))
-    out_console.print(table)
-    for m in report["members"]:
-        if m.get("refusal"):
-            out_console.print(f"[yellow]refused[/] {m['name']}: {escape(m['refusal'])}",
-                              highlight=False)
+    out_console.print(status_table(report))
     for path, why in (report.get("member_problems") or {}).items():
         out_console.print(f"[yellow]left out[/] {path}: {why}", markup=True, highlight=False)
     last = report["last_round"]
     if last and last.get("model_cosine"):
         out_console.print(matrix_table(f"round {last['round']}: model-level cosine",
                                        last["clients"], last["model_cosine"]))
+
+
+def status_table(report: dict):
+    """Members at a glance, within 100 columns: the reason a member's upload is refused,
+    or what the last round's guards did to it, wraps in the last column (never cut)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    guards = (report.get("last_round") or {}).get("guards") or {}
+    table = Table(title_justify="left", pad_edge=False)
+    table.add_column("member", overflow="fold", max_width=16)
+    table.add_column("uploaded (UTC)", no_wrap=True)
+    for name in ("upload", "versions", "stale"):
+        table.add_column(name, justify="left" if name == "upload" else "right", no_wrap=True)
+    table.add_column("why", overflow="fold", ratio=1)
+    for m in report["members"]:
+        upload = m.get("last_upload") or {}
+        state = ("[yellow]refused[/]" if m.get("refused") else
+                 "pending" if m.get("pending") else "consumed" if upload else "none")
+        why = (f"[yellow]{escape(m['refusal'])}[/]" if m.get("refusal") else
+               escape(guards.get(m["name"], "")) or escape(m.get("error") or ""))
+        table.add_row(escape(m["name"]), _short_time(upload.get("uploaded_at")), state,
+                      str(m["personalized_versions"]), str(m.get("staleness", "–")), why)
+    return table
+
+
+def _short_time(stamp: str | None) -> str:
+    """2026-12-01T11:32:02+00:00 → 2026-12-01 11:32 (UTC, as recorded)."""
+    if not stamp:
+        return "–"
+    return stamp.replace("T", " ")[:16]
 
 
 def register_federation_commands(app: typer.Typer) -> None:
