@@ -63,7 +63,8 @@ def similarity(
         panels = {"model": report.model_cosine()}
         if chosen != "model":
             panels.update(report.cosines(chosen))
-        save_heatmap(panels, report.clients, plot)
+        save_heatmap(panels, report.clients, plot,
+                     source="task-vector cosine of these adapters (from zero)")
     if json_output:
         payload = report.to_json(modules=chosen == "module")
         payload["granularity"] = chosen
