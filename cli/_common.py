@@ -132,7 +132,8 @@ def quiet_dependencies(verbose: bool) -> None:
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("transformers", "datasets", "peft", "accelerate", "huggingface_hub"):
+    for name in ("transformers", "datasets", "peft", "accelerate", "huggingface_hub",
+                 "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()

@@ -149,7 +149,7 @@ PackageOption = Annotated[str | None, typer.Option(
     "'git+https://github.com/you/fedbip-hub@v0.1.0'.")]
 InstallOption = Annotated[bool, typer.Option(
     help="pip-install fedbip-hub at the start of each run; --no-install for an image built "
-    "from `--print docker`.")]
+    "from `schedule print docker`.")]
 NamespaceOption = Annotated[str | None, typer.Option(
     show_default=False, help="HF user or org that owns and pays for the job "
     "(default: the token's user).")]
