@@ -46,15 +46,17 @@ def similarity(
 
       fedbip similarity alice/ bob/ carol/ --granularity layer --plot sim.png
     """
-    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.offline import folder_similarity
     from fedbip_hub.similarity import MODEL_KEY
 
     if granularity not in GRANULARITIES:
-        raise ConfigError(f"unknown granularity {granularity!r}.",
+        raise ConfigError(f"unknown granularity {granularity!r}."
+                          f"{did_you_mean(granularity, GRANULARITIES)}",
                           hint=f"Use one of {', '.join(GRANULARITIES)}.")
     if space not in ("delta", "params"):
-        raise ConfigError(f"unknown space {space!r}.", hint="Use delta or params.")
+        raise ConfigError(f"unknown space {space!r}.{did_you_mean(space, ('delta', 'params'))}",
+                          hint="Use delta or params.")
     report = folder_similarity([str(d) for d in dirs], space=space)  # type: ignore[arg-type]
     chosen = granularity
     if plot is not None:

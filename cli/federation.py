@@ -63,14 +63,15 @@ def init(
     from pydantic import ValidationError
 
     from fedbip_hub.client import init_federation
-    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.strategies import Strategy
 
     r = old_r if old_r is not None else r
     task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
     if task not in task_types:
-        raise ConfigError(f"unknown task {task!r}.", hint="Use seq-cls or causal-lm.")
+        raise ConfigError(f"unknown task {task!r}.{did_you_mean(task, task_types)}",
+                          hint="Use seq-cls or causal-lm.")
     try:
         options = json.loads(strategy_options) if strategy_options else {}
     except json.JSONDecodeError as exc:

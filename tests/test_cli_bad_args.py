@@ -181,6 +181,10 @@ def _cases(w: dict) -> list[tuple[str, list[str], int, str | None]]:
          "no-such-base"),
         ("fedbip", ["init", f"{root}/new", "--base-model", f"{root}/base", "--task", "clf"],
          2, "clf"),
+        ("fedbip", ["init", f"{root}/new", "--base-model", f"{root}/base", "--task",
+                    "seq_cls"], 2, "Did you mean 'seq-cls'"),
+        ("fedbip", ["similarity", f"{root}/nope", "--granularity", "layers"], 2,
+         "Did you mean 'layer'"),
         # the engine on folders
         ("fedbip", ["similarity", f"{root}/nope", f"{root}/empty-dir"], 1, f"{root}/nope"),
         ("fedbip", ["similarity", f"{root}/good.jsonl", f"{root}/empty-dir"], 1,
