@@ -2,9 +2,11 @@
 the cheap commands take to start, side by side with a bare `python -c pass`.
 
 Each command runs in a fresh subprocess, best of N (the least disturbed run, on a shared
-machine); a second run under ``python -X importtime`` says whether it imported torch,
-transformers, peft or datasets (the heavy imports the CLI must defer to the commands that
-need them). The target is under one second for --help and the cheap commands.
+machine): wall time, and the child's CPU time (user + system), which a busy machine
+inflates least. A second run under ``python -X importtime`` says whether it imported
+torch, transformers, peft or datasets (the heavy imports the CLI must defer to the
+commands that need them). The target is under one second for --help and the cheap
+commands.
 
 Run from the repository root::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -46,11 +49,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def time_once(argv: list[str]) -> float:
+def time_once(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds, and the child's CPU seconds (user + system: what a busy machine
+    inflates least)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=_env(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - began
+    wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def heavy_imports(argv: list[str]) -> list[str]:
@@ -68,9 +76,11 @@ def measure(names: list[str], repeats: int) -> list[dict]:
     rows = []
     for name in names:
         argv, cheap = COMMANDS[name]
-        times = [time_once(argv) for _ in range(repeats)]
-        rows.append({"command": name, "best_s": round(min(times), 3),
-                     "median_s": round(sorted(times)[len(times) // 2], 3),
+        runs = [time_once(argv) for _ in range(repeats)]
+        times = sorted(wall for wall, _ in runs)
+        rows.append({"command": name, "best_s": round(times[0], 3),
+                     "median_s": round(times[len(times) // 2], 3),
+                     "cpu_s": round(min(cpu for _, cpu in runs), 3),
                      "heavy_imports": heavy_imports(argv), "cheap": cheap})
     bare = rows[0]["best_s"]
     for row in rows:
@@ -83,11 +93,12 @@ def render(rows: list[dict], repeats: int) -> str:
     lines = [f"CLI start-up, best of {repeats} (target < {TARGET_SECONDS:.0f} s; ratio to "
              "`python -c pass`)", ""]
     width = max(len(r["command"]) for r in rows)
-    lines.append(f"{'command':<{width}}  {'best s':>7}  {'median s':>8}  {'ratio':>6}  "
-                 "heavy imports")
+    lines.append(f"{'command':<{width}}  {'best s':>7}  {'median s':>8}  {'cpu s':>6}  "
+                 f"{'ratio':>6}  heavy imports")
     for r in rows:
         lines.append(f"{r['command']:<{width}}  {r['best_s']:>7.3f}  {r['median_s']:>8.3f}  "
-                     f"{r['ratio']:>5.1f}×  {', '.join(r['heavy_imports']) or 'none'}")
+                     f"{r['cpu_s']:>6.3f}  {r['ratio']:>5.1f}×  "
+                     f"{', '.join(r['heavy_imports']) or 'none'}")
     return "\n".join(lines)
 
 

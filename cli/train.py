@@ -11,8 +11,10 @@ from cli._common import JsonOption, err_console, handle_errors, out_console, pri
 from cli.federation import ClientOption, FedArg, TokenOption, _fed
 from fedbip_hub.training_args import DEFAULT_LR_SCHEDULER
 
-DataOption = Annotated[Path, typer.Option(
-    "--data", exists=True, show_default=False,
+# Checked by fedbip_hub.data (a ConfigError naming the path), after the training options
+# and before any model loads.
+DataOption = Annotated[str, typer.Option(
+    "--data", show_default=False,
     help="A .jsonl/.json/.csv/.parquet file, or a folder from save_to_disk.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 TextFieldOption = Annotated[str, typer.Option(help="Column holding the text.")]
