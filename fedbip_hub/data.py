@@ -103,12 +103,13 @@ def check_text_file(path: Path, kind: str) -> None:
         try:
             value = json.loads(line)
         except ValueError as exc:
-            raise ConfigError(f"{path}, line {number}: not valid JSON ({exc}).",
+            raise ConfigError(f"cannot read {path}: line {number} is not valid JSON ({exc}).",
                               hint="JSON Lines takes one object per line, e.g. "
                               '{"text": "...", "label": 1}.') from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}, line {number}: a JSON {type(value).__name__}, not "
-                              "an object.", hint='Write one object per line, e.g. '
+            raise ConfigError(f"cannot read {path}: line {number} is a JSON "
+                              f"{type(value).__name__}, not an object.",
+                              hint='Write one object per line, e.g. '
                               '{"text": "...", "label": 1}.')
 
 
