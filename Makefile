@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-engine bench-quality bench-realmodel clean
+.PHONY: install demo readme-table test lint bench-engine bench-quality bench-realmodel bench-cli clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 ## The main job: a whole federation on a local folder, offline, with a tiny model.
 demo: $(STAMP)
 	$(VENV)/bin/fedbip demo --dir fedbip-demo
+
+## Rerun the demo and rewrite the README's demo table (and its committed numbers) from it.
+readme-table: demo
+	$(PY) -m fedbip_hub.demo.readme_table fedbip-demo/results.json \
+		--summary benchmarks/results/demo.json --readme README.md
 
 ## The test suite (lint first: it takes a second).
 test: $(STAMP)
@@ -36,6 +41,9 @@ bench-quality: $(STAMP)
 
 bench-realmodel: $(STAMP)
 	$(PY) benchmarks/bench_realmodel.py
+
+bench-cli: $(STAMP)
+	$(PY) benchmarks/bench_cli_startup.py
 
 clean:
 	rm -rf $(VENV) fedbip-demo .pytest_cache .ruff_cache

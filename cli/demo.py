@@ -13,8 +13,8 @@ from cli._common import JsonOption, err_console, handle_errors, out_console, pri
 @handle_errors
 def demo(
     directory: Annotated[Path, typer.Option(
-        "--dir", help="Demo folder: base-model cache, federations, results.")] = Path(
-            "fedbip-demo"),
+        "--dir", file_okay=False,
+        help="Demo folder: base-model cache, federations, results.")] = Path("fedbip-demo"),
     quick: Annotated[bool, typer.Option(
         "--quick", help="A reduced run (6 clients, 3 rounds), under a minute.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data, model and training.")] = 0,
@@ -30,6 +30,12 @@ def demo(
     server round → pull, over asynchronous rounds; prints personalized accuracy and how
     well task-vector vs raw-parameter cosines separate the task groups; writes
     similarity.png and results.json into --dir.
+
+    Examples:
+
+      fedbip demo --quick
+
+      fedbip demo --dir fedbip-demo --json
     """
     import time
 

@@ -34,19 +34,29 @@ def similarity(
         help=f"Granularity of the printed table: {'|'.join(GRANULARITIES)}.")] = "model",
     space: Annotated[str, typer.Option(
         help="delta: exact ΔW cosines; params: paper-literal (A, B) cosines.")] = "delta",
-    plot: Annotated[Path | None, typer.Option(help="Write a heatmap PNG here.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        dir_okay=False, help="Write a heatmap PNG here.")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Task-vector cosine similarity between adapters, per model, layer or module."""
-    from fedbip_hub.errors import ConfigError
+    """Task-vector cosine similarity between adapters, per model, layer or module.
+
+    Examples:
+
+      fedbip similarity alice/ bob/ carol/
+
+      fedbip similarity alice/ bob/ carol/ --granularity layer --plot sim.png
+    """
+    from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.offline import folder_similarity
     from fedbip_hub.similarity import MODEL_KEY
 
     if granularity not in GRANULARITIES:
-        raise ConfigError(f"unknown granularity {granularity!r}.",
+        raise ConfigError(f"unknown granularity {granularity!r}."
+                          f"{did_you_mean(granularity, GRANULARITIES)}",
                           hint=f"Use one of {', '.join(GRANULARITIES)}.")
     if space not in ("delta", "params"):
-        raise ConfigError(f"unknown space {space!r}.", hint="Use delta or params.")
+        raise ConfigError(f"unknown space {space!r}.{did_you_mean(space, ('delta', 'params'))}",
+                          hint="Use delta or params.")
     report = folder_similarity([str(d) for d in dirs], space=space)  # type: ignore[arg-type]
     chosen = granularity
     if plot is not None:
@@ -55,7 +65,8 @@ def similarity(
         panels = {"model": report.model_cosine()}
         if chosen != "model":
             panels.update(report.cosines(chosen))
-        save_heatmap(panels, report.clients, plot)
+        save_heatmap(panels, report.clients, plot,
+                     source="task-vector cosine of these adapters (from zero)")
     if json_output:
         payload = report.to_json(modules=chosen == "module")
         payload["granularity"] = chosen
@@ -73,13 +84,16 @@ def similarity(
 @handle_errors
 def merge(
     dirs: AdapterDirs,
-    target: Annotated[int, typer.Option("--for", help="Index (input order) of the client "
-                                        "to personalize.")],
-    out: Annotated[Path, typer.Option(help="Folder to write the personalized adapter to.")],
+    target: Annotated[str, typer.Option(
+        "--for", show_default=False, help="The client to personalize: its name (the "
+        "folder's name) or its index in the input order.")],
+    out: Annotated[Path, typer.Option(
+        file_okay=False, show_default=False,
+        help="Folder to write the personalized adapter to.")],
     strategy: Annotated[str, typer.Option(
         help=f"Merge method: {', '.join(METHOD_NAMES)}.")] = "fedbip-l",
     rank: Annotated[int | None, typer.Option(
-        help="Output rank (default: the target's r).")] = None,
+        "--rank", help="Output LoRA rank (default: the target's rank).")] = None,
     refactor: Annotated[str, typer.Option(
         help="svd: best rank-R approximation; cat: exact, the rank grows.")] = "svd",
     rule: Annotated[str, typer.Option(
@@ -93,15 +107,23 @@ def merge(
     self_floor: Annotated[float | None, typer.Option(help="Minimum self weight.")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Merge first-round adapters into one client's personalized adapter (PEFT-loadable)."""
+    """Merge first-round adapters into one client's personalized adapter (PEFT-loadable).
+
+    Examples:
+
+      fedbip merge alice/ bob/ carol/ --for alice --out alice-personalized
+
+      fedbip merge alice/ bob/ carol/ --for 0 --out out --strategy fedavg --rank 8
+    """
     from fedbip_hub.offline import merge_folders
     from fedbip_hub.strategies import Strategy
 
     chosen = Strategy.parse(strategy, rank=rank, refactor=refactor, rule=rule,
                             clip_negative=not keep_negative, temperature=temperature,
                             top_k=top_k, self_floor=self_floor, self_share=self_share)
-    result = merge_folders([str(d) for d in dirs], target, chosen, out)
-    rows = {key: [round(float(x), 6) for x in matrix[target]]
+    index = _target_index(target, [str(d) for d in dirs])
+    result = merge_folders([str(d) for d in dirs], index, chosen, out)
+    rows = {key: [round(float(x), 6) for x in matrix[index]]
             for key, matrix in result.weights.matrices.items()}
     if json_output:
         print_json({"ok": True, "output": str(result.output), "target": result.target,
@@ -113,6 +135,24 @@ def merge(
                                    result.clients, list(rows.values()), row_labels=list(rows)))
     out_console.print(f"Personalized adapter for {result.target} written to {result.output} "
                       f"(max discarded energy {result.merged.max_discarded_energy:.2e}).")
+
+
+def _target_index(target: str, folders: list[str]) -> int:
+    """``--for``: a client's name (as the tables label it: its folder's name), else an
+    index in the input order."""
+    from fedbip_hub.errors import ConfigError, did_you_mean
+    from fedbip_hub.offline import _unique_labels
+
+    names = _unique_labels(folders)
+    if target in names:
+        return names.index(target)
+    try:
+        return int(target)  # merge_folders checks the range
+    except ValueError:
+        raise ConfigError(f"--for {target!r} names none of the adapters "
+                          f"({', '.join(names)}).{did_you_mean(target, names)}",
+                          hint="Pass a client's name (its folder's name) or its index in "
+                          "the input order.") from None
 
 
 def register_engine_commands(app: typer.Typer) -> None:

@@ -11,7 +11,8 @@ import typer
 from cli._common import JsonOption, handle_errors, matrix_table, out_console, print_json
 
 FedArg = Annotated[str, typer.Argument(
-    help="Federation: org/name on the Hub, or a local folder path.")]
+    help="Federation: org/name on the Hub, or a local folder (an existing folder, or a path "
+    "spelled with ./, / or ~).")]
 ClientOption = Annotated[str, typer.Option(
     "--client", envvar="FEDBIP_CLIENT", help="Your member name (env FEDBIP_CLIENT).")]
 TokenOption = Annotated[str | None, typer.Option(
@@ -33,7 +34,8 @@ def init(
                              ] = None,
     task: Annotated[str, typer.Option(help="seq-cls or causal-lm.")] = "seq-cls",
     num_labels: Annotated[int, typer.Option(help="Labels (seq-cls).")] = 2,
-    r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    r: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    old_r: Annotated[int | None, typer.Option("--r", hidden=True)] = None,  # the old name
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
     target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")
                               ] = "q_proj,v_proj",
@@ -50,17 +52,26 @@ def init(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a federation: config, initial adapter and dashboard in one private repo."""
+    """Create a federation: config, initial adapter and dashboard in one private repo.
+
+    Examples:
+
+      fedbip init acme/fed --base-model HuggingFaceTB/SmolLM2-135M --num-labels 2
+
+      fedbip init ./myfed --base-model ./tiny-base --rank 4 --strategy fedbip
+    """
     from pydantic import ValidationError
 
     from fedbip_hub.client import init_federation
-    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.strategies import Strategy
 
+    r = old_r if old_r is not None else r
     task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
     if task not in task_types:
-        raise ConfigError(f"unknown task {task!r}.", hint="Use seq-cls or causal-lm.")
+        raise ConfigError(f"unknown task {task!r}.{did_you_mean(task, task_types)}",
+                          hint="Use seq-cls or causal-lm.")
     try:
         options = json.loads(strategy_options) if strategy_options else {}
     except json.JSONDecodeError as exc:
@@ -74,7 +85,7 @@ def init(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"invalid LoRA options ({problems}).",
-                          hint="--r and --alpha must be positive, --lora-dropout in [0, 1)."
+                          hint="--rank and --alpha must be positive, --lora-dropout in [0, 1)."
                           ) from exc
     config = FederationConfig(
         name=fed.rstrip("/").split("/")[-1],
@@ -98,7 +109,14 @@ def init(
 def join(fed: FedArg, client: ClientOption,
          repo: Annotated[str | None, typer.Option(help="Your repo (default: derived).")] = None,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Join a federation: create your private repo and record your membership."""
+    """Join a federation: create your private repo and record your membership.
+
+    Examples:
+
+      fedbip join acme/fed --client alice
+
+      FEDBIP_CLIENT=alice fedbip join ./myfed
+    """
     from fedbip_hub.client import join as join_federation
 
     member = join_federation(_fed(fed, token), client, repo_id=repo)
@@ -110,13 +128,23 @@ def join(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def push(fed: FedArg, client: ClientOption,
-         adapter: Annotated[Path, typer.Option(help="Adapter folder to upload.")],
+         adapter: Annotated[Path, typer.Option(
+             exists=True, file_okay=False, show_default=False,
+             help="Adapter folder to upload (adapter_config.json and "
+             "adapter_model.safetensors, as PEFT's save_pretrained writes).")],
          n_examples: Annotated[int | None, typer.Option(help="Training examples used.")] = None,
          start_revision: Annotated[str | None, typer.Option(
              help="Personalized revision you trained from (default: recorded by pull).")
                                    ] = None,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Validate your adapter against the federation, then upload it in one commit."""
+    """Validate your adapter against the federation, then upload it in one commit.
+
+    Examples:
+
+      fedbip push acme/fed --client alice --adapter fedbip-adapter-alice
+
+      fedbip push ./myfed --client alice --adapter ./my-trainer-output --n-examples 800
+    """
     from fedbip_hub.client import push as push_upload
 
     result = push_upload(_fed(fed, token), client, adapter, n_examples=n_examples,
@@ -134,10 +162,17 @@ def push(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def pull(fed: FedArg, client: ClientOption,
-         out: Annotated[Path, typer.Option(help="Where to write the adapter.")] = Path(
-             "personalized"),
+         out: Annotated[Path, typer.Option(
+             file_okay=False, help="Folder to write the adapter to.")] = Path("personalized"),
          token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Fetch your latest personalized adapter (PEFT-loadable) and note its revision."""
+    """Fetch your latest personalized adapter (PEFT-loadable) and note its revision.
+
+    Examples:
+
+      fedbip pull acme/fed --client alice --out personalized
+
+      fedbip pull ./myfed --client alice --json
+    """
     from fedbip_hub.client import pull as pull_adapter
 
     result = pull_adapter(_fed(fed, token), client, out)
@@ -150,9 +185,14 @@ def pull(fed: FedArg, client: ClientOption,
 
 @handle_errors
 def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = False) -> None:
-    """Members, last uploads, staleness, the last round and a similarity summary."""
-    from rich.markup import escape
-    from rich.table import Table
+    """Members, last uploads, staleness, the last round and a similarity summary.
+
+    Examples:
+
+      fedbip status acme/fed
+
+      fedbip status ./myfed --json
+    """
 
     from fedbip_hub.status import federation_status
 
@@ -164,23 +204,44 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
     out_console.print(f"[bold]{config['name']}[/] on {report['store']} — base "
                       f"{config['base_model']}, round {report['round']}"
                       f"{' (a round is in progress)' if report['round_in_progress'] else ''}")
-    table = Table("member", "repo", "last upload", "pending", "versions", "staleness")
-    for m in report["members"]:
-        upload = m.get("last_upload") or {}
-        table.add_row(m["name"], m["repo_id"], str(upload.get("uploaded_at", "–")),
-                      "refused" if m.get("refused") else ("yes" if m.get("pending") else "no"),
-                      str(m["personalized_versions"]), str(m.get("staleness", "–")))
-    out_console.print(table)
-    for m in report["members"]:
-        if m.get("refusal"):
-            out_console.print(f"[yellow]refused[/] {m['name']}: {escape(m['refusal'])}",
-                              highlight=False)
+    out_console.print(status_table(report))
     for path, why in (report.get("member_problems") or {}).items():
         out_console.print(f"[yellow]left out[/] {path}: {why}", markup=True, highlight=False)
     last = report["last_round"]
     if last and last.get("model_cosine"):
         out_console.print(matrix_table(f"round {last['round']}: model-level cosine",
                                        last["clients"], last["model_cosine"]))
+
+
+def status_table(report: dict):
+    """Members at a glance, within 100 columns: the reason a member's upload is refused,
+    or what the last round's guards did to it, wraps in the last column (never cut)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    guards = (report.get("last_round") or {}).get("guards") or {}
+    table = Table(title_justify="left", pad_edge=False)
+    table.add_column("member", overflow="fold", max_width=16)
+    table.add_column("uploaded (UTC)", no_wrap=True)
+    for name in ("upload", "versions", "stale"):
+        table.add_column(name, justify="left" if name == "upload" else "right", no_wrap=True)
+    table.add_column("why", overflow="fold", ratio=1)
+    for m in report["members"]:
+        upload = m.get("last_upload") or {}
+        state = ("[yellow]refused[/]" if m.get("refused") else
+                 "pending" if m.get("pending") else "consumed" if upload else "none")
+        why = (f"[yellow]{escape(m['refusal'])}[/]" if m.get("refusal") else
+               escape(guards.get(m["name"], "")) or escape(m.get("error") or ""))
+        table.add_row(escape(m["name"]), _short_time(upload.get("uploaded_at")), state,
+                      str(m["personalized_versions"]), str(m.get("staleness", "–")), why)
+    return table
+
+
+def _short_time(stamp: str | None) -> str:
+    """2026-12-01T11:32:02+00:00 → 2026-12-01 11:32 (UTC, as recorded)."""
+    if not stamp:
+        return "–"
+    return stamp.replace("T", " ")[:16]
 
 
 def register_federation_commands(app: typer.Typer) -> None:

@@ -11,8 +11,11 @@ from cli._common import JsonOption, err_console, handle_errors, out_console, pri
 from cli.federation import ClientOption, FedArg, TokenOption, _fed
 from fedbip_hub.training_args import DEFAULT_LR_SCHEDULER
 
+# Checked by fedbip_hub.data (a ConfigError naming the path), after the training options
+# and before any model loads.
 DataOption = Annotated[str, typer.Option(
-    "--data", help="A .jsonl/.json/.csv/.parquet file, or a folder from save_to_disk.")]
+    "--data", show_default=False,
+    help="A .jsonl/.json/.csv/.parquet file, or a folder from save_to_disk.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 TextFieldOption = Annotated[str, typer.Option(help="Column holding the text.")]
 LabelFieldOption = Annotated[str, typer.Option(help="Column holding the class id (seq-cls).")]
@@ -56,9 +59,16 @@ def train(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Train your LoRA adapter on local data, from the right start; optionally push it."""
+    """Train your LoRA adapter on local data, from the right start; optionally push it.
+
+    Examples:
+
+      fedbip train acme/fed --client alice --data train.jsonl --push
+
+      fedbip train ./myfed --client alice --data data/ --split train --epochs 1
+    """
     from fedbip_hub.data import load_examples
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training_args import TrainingArgs
 
     args = TrainingArgs(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                         max_length=max_length, seed=seed, device=device, precision=precision,
@@ -68,6 +78,9 @@ def train(
     args.validate()  # before the data, the federation or the model are read
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
+    check_data(federation, dataset, text_field=text_field, label_field=label_field)
+    from fedbip_hub.training import train_adapter  # torch and transformers: after the checks
+
     out = out or Path(f"fedbip-adapter-{client}")
     if not json_output:
         err_console.print(f"Training {client} on {len(dataset)} examples from {data} …")
@@ -110,6 +123,7 @@ def eval_(
     data: DataOption,
     split: Annotated[str, typer.Option(help="Split of a saved DatasetDict.")] = "test",
     adapter: Annotated[Path | None, typer.Option(
+        exists=True, file_okay=False,
         help="Your own adapter folder (e.g. what `fedbip train` wrote).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 32,
     max_length: MaxLengthOption = 128,
@@ -119,14 +133,24 @@ def eval_(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Score base, own and personalized models on local data; show the personalization gain."""
+    """Score base, own and personalized models on local data; show the personalization gain.
+
+    Examples:
+
+      fedbip eval acme/fed --client alice --data test.jsonl
+
+      fedbip eval ./myfed --client alice --data data/ --adapter fedbip-adapter-alice
+    """
     from rich.table import Table
 
     from fedbip_hub.data import load_examples
-    from fedbip_hub.evaluation import evaluate_client
 
+    federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
-    report = evaluate_client(_fed(fed, token), client, dataset, own_adapter=adapter,
+    check_data(federation, dataset, text_field=text_field, label_field=label_field)
+    from fedbip_hub.evaluation import evaluate_client  # torch: after the checks
+
+    report = evaluate_client(federation, client, dataset, own_adapter=adapter,
                              device=device, batch_size=batch_size, max_length=max_length,
                              text_field=text_field, label_field=label_field)
     if json_output:
@@ -156,6 +180,15 @@ def eval_(
                               f"[{style or 'default'}]{value}[/] {unit}")
     for note in report["notes"]:
         err_console.print(f"[dim]Note: {note}[/]")
+
+
+def check_data(federation, dataset, *, text_field: str, label_field: str) -> None:
+    """Columns and labels against the federation's task, before any model loads."""
+    from fedbip_hub.data import check_examples
+
+    config = federation.config()
+    check_examples(dataset, task_type=config.task_type, num_labels=config.num_labels,
+                   text_field=text_field, label_field=label_field)
 
 
 def _missing_note(name: str) -> str:

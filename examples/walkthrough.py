@@ -6,7 +6,7 @@ train and push, the server runs a round, and a member loads the result with PEFT
 
 The same flow on the command line, for a Hub federation (org/name) or a folder:
 
-    fedbip init FED --base-model BASE --num-labels 2 --r 4 --alpha 8
+    fedbip init FED --base-model BASE --num-labels 2 --rank 4 --alpha 8
     fedbip join FED --client alice
     fedbip train FED --client alice --data alice.jsonl --push
     fedbip-server run FED

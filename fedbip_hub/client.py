@@ -13,7 +13,14 @@ from pathlib import Path
 from fedbip_hub import __version__
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
-from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError, StoreError
+from fedbip_hub.errors import (
+    AdapterError,
+    ConfigError,
+    ConflictError,
+    FedbipError,
+    NotFoundError,
+    StoreError,
+)
 from fedbip_hub.federation import (
     FEDERATION_FILE,
     INIT_DIR,
@@ -187,6 +194,11 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
     in the adapter folder, so the server can compute the task vector from it.
     """
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir} is {'a file' if adapter_dir.exists() else 'missing'}"
+                           ", not an adapter folder.", client=client,
+                           hint="Pass the folder PEFT's save_pretrained (or `fedbip train`) "
+                           "wrote: adapter_config.json plus adapter_model.safetensors.")
     head = fed.head()
     config = fed.config(head)
     member = fed.member(client, head)
@@ -215,7 +227,10 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
             if stray.suffix.lower() in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
                 shutil.copyfile(stray, staged / stray.name)
         metadata.write(staged)
-        adapter, _ = validate_upload(staged, config, init, label=client)
+        try:
+            adapter, _ = validate_upload(staged, config, init, label=client)
+        except FedbipError as exc:  # name the user's folder, not the staging copy
+            raise _renamed(exc, staged, adapter_dir) from exc
         start = init
         if metadata.start_revision is not None:
             start = LoraAdapter(fed.store.fetch_folder(
@@ -234,6 +249,14 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
         f"fedbip push: {client} upload ({metadata.n_examples} examples, start "
         f"{(metadata.start_revision or 'init')[:8]})", deletes=stale)
     return PushResult(client, member.repo_id, commit, metadata, list(removed))
+
+
+def _renamed(exc: FedbipError, staged: Path, given: Path) -> FedbipError:
+    """The same error, with the staging folder's path replaced by the one the user gave."""
+    def fix(text: str | None) -> str | None:
+        return text.replace(str(staged), str(given)) if text else text
+
+    return type(exc)(fix(exc.message) or "", hint=fix(exc.hint), client=exc.client)
 
 
 def _check_start(fed: Federation, member: Member, revision: str) -> None:

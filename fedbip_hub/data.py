@@ -12,6 +12,7 @@ A prepared dataset has exactly two columns:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def load_examples(source: str | Path, *, split: str | None = None) -> Any:
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise ConfigError(f"no data at {path}.",
+        raise ConfigError(f"no data at {source}.",
                           hint="Pass --data a .jsonl/.json/.csv/.parquet file or a folder "
                           "written by Dataset.save_to_disk.")
     dataset = _load_folder(path, split) if path.is_dir() else _load_file(path)
@@ -62,6 +63,7 @@ def _load_file(path: Path) -> Any:
         raise ConfigError(f"unknown data format {path.suffix or '(no suffix)'!r} for {path}.",
                           hint=f"Use one of {', '.join(sorted(FORMATS))}, or a folder "
                           "written by Dataset.save_to_disk.")
+    check_text_file(path, kind)  # before the builders, whose errors name no line
     readers = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
                "parquet": datasets.Dataset.from_parquet}
     kwargs: dict[str, Any] = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
@@ -72,6 +74,73 @@ def _load_file(path: Path) -> Any:
         raise ConfigError(f"cannot read {path} as {kind}: {first}",
                           hint="JSON Lines: one object per line, e.g. "
                           '{"text": "...", "label": 1}; CSV: a header row.') from exc
+
+
+def check_text_file(path: Path, kind: str) -> None:
+    """An empty file, or a JSON Lines file with a malformed line, refused with its line
+    number (``datasets`` says neither); parquet is binary and left to its reader.
+
+    Raises:
+        ConfigError: the file is empty, or a line is not one JSON object.
+    """
+    if kind == "parquet":
+        return
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ConfigError(f"{path} is empty.",
+                          hint="Give it one example per line, e.g. "
+                          '{"text": "...", "label": 1}' if kind == "json" else
+                          "Give it a header row and one example per row.")
+    if kind != "json":
+        return
+    text = raw.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("[") or (
+            path.suffix.lower() == ".json" and _is_one_document(text)):
+        return  # one JSON document (an array, or {"data": [...]}): the builder reads it
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"cannot read {path}: line {number} is not valid JSON ({exc}).",
+                              hint="JSON Lines takes one object per line, e.g. "
+                              '{"text": "...", "label": 1}.') from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"cannot read {path}: line {number} is a JSON "
+                              f"{type(value).__name__}, not an object.",
+                              hint='Write one object per line, e.g. '
+                              '{"text": "...", "label": 1}.')
+
+
+def _is_one_document(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_examples(ds: Any, *, task_type: str, num_labels: int | None = None,
+                   text_field: str = "text", label_field: str = "label") -> None:
+    """What ``prepare_dataset`` would refuse, found without a tokenizer or a model: the
+    input column, and for SEQ_CLS every label (so a bad label costs no model load).
+
+    Raises:
+        ConfigError: a column is missing or a label is not a class id in range.
+    """
+    columns = list(ds.column_names)
+    has_input = "input_ids" in columns or text_field in columns or (
+        task_type == "CAUSAL_LM" and {PROMPT_FIELD, COMPLETION_FIELD} <= set(columns))
+    if not has_input:
+        sources = "input_ids or " + repr(text_field)
+        if task_type == "CAUSAL_LM":
+            sources += " or prompt/completion"
+        raise _missing(sources, columns,
+                       f"Name the text column with --text-field (now {text_field!r}), or give "
+                       "pre-tokenized input_ids.")
+    if task_type == "SEQ_CLS":
+        _class_labels(ds, columns, label_field, num_labels)
 
 
 def _load_folder(path: Path, split: str | None) -> Any:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from difflib import get_close_matches
+from typing import Any
+
 
 class FedbipError(Exception):
     """Base class of every error fedbip-hub raises on purpose.
@@ -74,3 +78,30 @@ class RoundInProgressError(FedbipError):
 
 class ResourceError(FedbipError):
     """The machine running fedbip ran out of something: disk space, quota, memory."""
+
+
+def did_you_mean(value: object, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the nearest choices, or nothing."""
+    close = get_close_matches(str(value), [str(c) for c in choices], n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def describe_validation_error(exc: Any, fields: Iterable[str] = ()) -> str:
+    """A pydantic ValidationError as one readable sentence per problem, with near matches
+    for an unknown option name (among ``fields``) or a value outside a fixed set."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())) or "value"
+        kind, given = error.get("type"), error.get("input")
+        if kind == "extra_forbidden":
+            problems.append(f"unknown option {where!r}.{did_you_mean(where, fields)}")
+        elif kind in ("literal_error", "enum"):
+            expected = str((error.get("ctx") or {}).get("expected", ""))
+            choices = [c.strip(" '\"") for c in expected.replace(" or ", ",").split(",")]
+            problems.append(f"{where}: {given!r} is not one of {expected}."
+                            f"{did_you_mean(given, [c for c in choices if c])}")
+        elif kind == "value_error":  # a validator's own sentence
+            problems.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
+        else:
+            problems.append(f"{where}: {error.get('msg', 'invalid')} (got {given!r}).")
+    return " ".join(problems)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedbip_hub import __version__
-from fedbip_hub.errors import ConfigError, FedbipError, NotFoundError
+from fedbip_hub.errors import ConfigError, FedbipError, NotFoundError, StoreError
 from fedbip_hub.identity import client_name_problem, repo_id_problem
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
@@ -237,11 +237,21 @@ class Federation:
     def head(self) -> str:
         try:
             return self.store.head(self.repo_id)
-        except NotFoundError as exc:
+        except StoreError as exc:
+            from fedbip_hub.locations import other_reading
+
+            hub = isinstance(self.store, HubStore)
+            if type(exc) is StoreError and hub:  # the Hub unreachable: was a folder meant?
+                raise StoreError(exc.message, hint=f"{exc.hint or ''} "
+                                 f"{other_reading(self.address, hub=True)}".strip()) from exc
+            if not isinstance(exc, NotFoundError):
+                raise
             raise NotFoundError(
                 f"no federation at {self.address} ({exc.message})",
                 hint="Check the address, or create one with `fedbip init "
-                f"{self.address} --base-model ...`.") from exc
+                f"{self.address} --base-model ...`. "
+                f"{other_reading(self.address, hub=hub)}"
+            ) from exc
 
     def _json(self, path: str, revision: str) -> Any:
         try:

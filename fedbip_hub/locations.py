@@ -26,6 +26,15 @@ def is_local_path(value: str) -> bool:
     return looks_like_path(value) or Path(value).expanduser().is_dir()
 
 
+def other_reading(address: str, *, hub: bool) -> str:
+    """How ``address`` was read, and how to spell the other reading (for error hints)."""
+    if hub:
+        return (f"{address} was read as a Hub repo id (org/name); no folder {address} exists "
+                f"in {Path.cwd()}; for a local folder, spell it as a path: ./{address}.")
+    return (f"{address} was read as a local folder ({absolute(address)}); for a Hub repo, "
+            "give org/name without a leading ./, / or ~.")
+
+
 def absolute(value: str | Path) -> str:
     """A local path as an absolute, normalised string (``~`` expanded)."""
     return str(Path(value).expanduser().resolve())

@@ -24,7 +24,8 @@ TAGS = ["fedbip", "federated-learning", "lora", "peft", "personalization"]
 
 def heatmap_png(report: CosineSource, *, max_layers: int = 7) -> bytes:
     """The model-level cosine heatmap plus up to ``max_layers`` per-layer panels."""
-    from fedbip_hub.plotting import save_heatmap
+    from fedbip_hub.memory import SimilarityView
+    from fedbip_hub.plotting import MEMORY_COSINE, ROUND_COSINE, save_heatmap
 
     panels = {"model": report.model_cosine()}
     layers = report.cosines("layer")
@@ -34,7 +35,9 @@ def heatmap_png(report: CosineSource, *, max_layers: int = 7) -> bytes:
         keys = [keys[round(i * step)] for i in range(max_layers)]
     panels.update({k: layers[k] for k in keys})
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_heatmap(panels, report.clients, Path(tmp) / "similarity.png")
+        path = save_heatmap(panels, report.clients, Path(tmp) / "similarity.png",
+                            source=MEMORY_COSINE if isinstance(report, SimilarityView)
+                            else ROUND_COSINE)
         return path.read_bytes()
 
 

@@ -63,7 +63,8 @@ def merge_folders(folders: Sequence[str | Path], target: int, strategy: Strategy
     """
     if not 0 <= target < len(folders):
         raise ConfigError(f"--for {target} is out of range for {len(folders)} adapters.",
-                          hint=f"Pick an index from 0 to {len(folders) - 1} (input order).")
+                          hint=f"Pick an index from 0 to {len(folders) - 1} (input order), "
+                          "or a client's name.")
     vectors = load_task_vectors(folders)
     report = None
     if strategy.spec.weighting == "similarity":

@@ -115,7 +115,7 @@ def check_hub_federation(fed: str) -> str:
     if not is_hub_address(fed):
         raise ConfigError(f"{fed} is not a federation on the Hub (org/name).",
                           hint="HF Jobs and webhooks need a Hub federation; for a local "
-                          "folder use `fedbip-server schedule FED --print cron`.")
+                          "folder use `fedbip-server schedule print cron FED`.")
     return fed
 
 
@@ -229,7 +229,7 @@ def _translate(exc: BaseException, action: str) -> FedbipError:
     if status == 404:
         return NotFoundError(f"{action}: not found ({message}).",
                              hint="Check the id and --namespace (`fedbip-server schedule "
-                             "--list`).")
+                             "list`).")
     if status in (400, 409, 422):
         return ConfigError(f"{action}: the Hub rejected the request ({status}: {message}).",
                            hint="Check the schedule, --flavor and --timeout.")
@@ -366,7 +366,7 @@ def template_warnings(kind: str, fed: str) -> list[str]:
     if kind == "github" and not is_hub_address(fed):
         return [f"{absolute(fed)} is a local folder: GitHub's runner cannot reach it, so "
                 "this workflow's rounds would fail. Run the rounds on this machine "
-                f"(`fedbip-server schedule {shlex.quote(absolute(fed))} --print cron`), or "
+                f"(`fedbip-server schedule print cron {shlex.quote(absolute(fed))}`), or "
                 "move the federation to the Hub (org/name)."]
     return []
 

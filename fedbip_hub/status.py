@@ -85,6 +85,8 @@ def _upload(fed: Federation, name: str, repo_id: str, client_state: ClientState 
 
 
 def _round_summary(record: dict | None) -> dict | None:
+    from fedbip_hub.robust import describe_guards
+
     if record is None:
         return None
     clients = record.get("clients") or []
@@ -98,4 +100,5 @@ def _round_summary(record: dict | None) -> dict | None:
     return {"round": record["round"], "finished_at": record.get("finished_at"),
             "clients": clients, "skipped": record.get("skipped"),
             "outputs": {k: v.get("commit") for k, v in (record.get("outputs") or {}).items()},
-            "most_similar_peers": nearest, "model_cosine": cosine}
+            "most_similar_peers": nearest, "model_cosine": cosine,
+            "guards": describe_guards(record)}

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedbip_hub.errors import ConfigError
+from fedbip_hub.errors import ConfigError, did_you_mean
 from fedbip_hub.layers import layer_of
 from fedbip_hub.similarity import MODEL_KEY, CosineSource, Granularity
 from fedbip_hub.task_vectors import Space
@@ -156,7 +156,7 @@ class Strategy(BaseModel):
     @classmethod
     def _known_method(cls, value: str) -> str:
         if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
+            raise ValueError(f"unknown method {value!r}.{did_you_mean(value, METHODS)}")
         return value
 
     @model_validator(mode="after")
@@ -195,8 +195,17 @@ class Strategy(BaseModel):
     @classmethod
     def parse(cls, method: str, **options: object) -> Strategy:
         """Build from CLI-style input, turning validation failures into ConfigError."""
+        from pydantic import ValidationError
+
+        from fedbip_hub.errors import describe_validation_error
+
         try:
             return cls(method=method, **options)
+        except ValidationError as exc:  # readable, with near matches, not pydantic's dump
+            raise ConfigError(
+                f"invalid strategy: {describe_validation_error(exc, cls.model_fields)}",
+                hint=f"Methods: {', '.join(sorted(METHODS))}; the options are the fields of "
+                "fedbip_hub.strategies.Strategy (README: Strategy options).") from exc
         except ValueError as exc:
             raise ConfigError(f"invalid strategy: {exc}",
                               hint=f"Methods: {', '.join(sorted(METHODS))}.") from exc

@@ -317,13 +317,13 @@ def verify_secret(secret: str | None, expected: str | None) -> None:
         raise ConfigError(
             f"a webhook start ({PAYLOAD_ENV} is set), but this job has no "
             f"{EXPECTED_SECRET_ENV} to check the webhook's secret with: no round started.",
-            hint="Run `fedbip-server webhook FED` again: it stores the webhook's secret as "
+            hint="Run `fedbip-server webhook create FED` again: it stores the webhook's secret as "
             f"the job secret {EXPECTED_SECRET_ENV}.")
     if not hmac.compare_digest((secret or "").encode(), expected.encode()):
         raise FedbipError(
             f"the webhook secret ({SECRET_ENV}) is {'wrong' if secret else 'missing'}: "
             f"{PAYLOAD_ENV} not trusted, no round started.",
-            hint="If your own webhook started this job, run `fedbip-server webhook FED` "
+            hint="If your own webhook started this job, run `fedbip-server webhook create FED` "
             "again to bring its secret and the job's in line; otherwise someone started "
             "the job with a forged payload.")
 

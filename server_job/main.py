@@ -10,8 +10,16 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cli._common import JsonOption, err_console, handle_errors, out_console, print_json
-from fedbip_hub.robust import describe_guards
+from cli._common import (
+    JsonOption,
+    VerboseOption,
+    err_console,
+    handle_errors,
+    new_app,
+    out_console,
+    print_json,
+    quiet_dependencies,
+)
 from fedbip_hub.scheduling import (
     DEFAULT_FLAVOR,
     DEFAULT_PYTHON,
@@ -19,14 +27,23 @@ from fedbip_hub.scheduling import (
     DEFAULT_TIMEOUT,
 )
 
-app = typer.Typer(name="fedbip-server", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
-                  help="Run FedBip server rounds (from cron, GitHub Actions or HF Jobs).")
+app = new_app("fedbip-server", "Run FedBip server rounds (from cron, GitHub Actions or HF Jobs).")
+# Noun-verb, like `hf jobs scheduled list|delete`.
+schedule_app = new_app(
+    "schedule", "Run FED's rounds on a schedule: an HF Jobs scheduled job (create, list, "
+    "inspect, suspend, resume, delete), or a GitHub Actions / cron / Docker / uv definition "
+    "(print).")
+webhook_app = new_app(
+    "webhook", "Run the server job when a member pushes: a Hub webhook on every member repo "
+    "(create, list, delete).")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(webhook_app, name="webhook")
 
 
 @app.callback()
-def _root() -> None:
+def _root(verbose: VerboseOption = False) -> None:
     """Run FedBip server rounds (from cron, GitHub Actions or HF Jobs)."""
+    quiet_dependencies(verbose)
 
 
 @app.command()
@@ -51,6 +68,12 @@ def run(
     job's round it leaves a follow-up request instead. After a round it runs one
     follow-up round per request left while it ran. Started any other way during another
     job's round, it says so and exits 0 (status "in-progress").
+
+    Examples:
+
+      fedbip-server run acme/fed
+
+      fedbip-server run ./myfed --dry-run --json
     """
     from cli._common import progress
     from fedbip_hub.compute import resolve_device
@@ -86,6 +109,8 @@ def run(
 
 
 def _print_summary(record: dict) -> None:
+    from fedbip_hub.robust import describe_guards  # torch: only once a round has run
+
     status = record["status"]
     if status == "nothing-new":
         out_console.print(f"Nothing new since round {record['round']}; no commit made.")
@@ -124,7 +149,7 @@ PackageOption = Annotated[str | None, typer.Option(
     "'git+https://github.com/you/fedbip-hub@v0.1.0'.")]
 InstallOption = Annotated[bool, typer.Option(
     help="pip-install fedbip-hub at the start of each run; --no-install for an image built "
-    "from `--print docker`.")]
+    "from `schedule print docker`.")]
 NamespaceOption = Annotated[str | None, typer.Option(
     show_default=False, help="HF user or org that owns and pays for the job "
     "(default: the token's user).")]
@@ -138,31 +163,20 @@ def _job_options(flavor: str, timeout: str, image: str | None, python: str,
                       package=package, install=install, namespace=namespace)
 
 
-@app.command()
+FedArgument = Annotated[str, typer.Argument(
+    show_default=False, help="Federation: org/name on the Hub, or a local folder.")]
+JobIdArgument = Annotated[str, typer.Argument(
+    show_default=False, help="Scheduled job id (from `schedule list`).")]
+EveryOption = Annotated[str, typer.Option(
+    "--every", show_default=False,
+    help='"@hourly", "@daily", ... or a cron expression ("*/30 * * * *", UTC).')]
+
+
+@schedule_app.command("create")
 @handle_errors
-def schedule(
-    fed: Annotated[str | None, typer.Argument(
-        show_default=False, help="Federation (org/name); optional with --list.")] = None,
-    every: Annotated[str | None, typer.Option(
-        "--every", show_default=False,
-        help='Create the scheduled job: "@hourly", "@daily", ... or a cron expression '
-        '("*/30 * * * *", UTC).')] = None,
-    list_jobs: Annotated[bool, typer.Option(
-        "--list", help="List fedbip scheduled jobs (of FED when given).")] = False,
-    inspect: Annotated[str | None, typer.Option(
-        "--inspect", metavar="ID", show_default=False, help="Show one scheduled job.")] = None,
-    suspend: Annotated[str | None, typer.Option(
-        "--suspend", metavar="ID", show_default=False, help="Pause a scheduled job.")] = None,
-    resume: Annotated[str | None, typer.Option(
-        "--resume", metavar="ID", show_default=False, help="Resume a paused job.")] = None,
-    delete: Annotated[str | None, typer.Option(
-        "--delete", metavar="ID", show_default=False, help="Delete a scheduled job.")] = None,
-    print_kind: Annotated[str | None, typer.Option(
-        "--print", metavar="github|cron|docker|uv", show_default=False,
-        help="Write a GitHub Actions workflow, a crontab line, a Dockerfile or a uv script "
-        "for FED (schedule from --every, default @hourly).")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", show_default=False, help="With --print: write to this file.")] = None,
+def schedule_create(
+    fed: FedArgument,
+    every: EveryOption,
     flavor: FlavorOption = DEFAULT_FLAVOR,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
     image: ImageOption = None,
@@ -174,67 +188,125 @@ def schedule(
     job_token: JobTokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Run FED's rounds on a schedule: create and manage the HF Jobs scheduled job, or print
-    a GitHub Actions / cron / Docker / uv definition.
+    """Create the HF Jobs scheduled job that runs FED's rounds.
 
     The job runs `fedbip-server run FED` with the token as its HF_TOKEN secret, never in
     its command or environment, and never two runs at once.
+
+    Examples:
+
+      fedbip-server schedule create acme/fed --every @hourly
+
+      fedbip-server schedule create acme/fed --every "*/30 * * * *" --flavor t4-small
     """
     from fedbip_hub import scheduling
-    from fedbip_hub.errors import ConfigError
 
-    manage = {"suspend": suspend, "resume": resume, "delete": delete}
-    chosen = [name for name, on in [("--print", print_kind is not None), ("--list", list_jobs),
-                                    ("--inspect", inspect is not None),
-                                    *[(f"--{k}", v is not None) for k, v in manage.items()]]
-              if on]
-    if len(chosen) > 1:
-        raise ConfigError(f"{' and '.join(chosen)} cannot be combined.",
-                          hint="Run one action at a time.")
-    if every is not None and chosen and chosen != ["--print"]:
-        raise ConfigError(f"--every does not go with {chosen[0]}.",
-                          hint="--every creates a job (or fills in --print).")
-    if not chosen and every is None:
-        raise ConfigError("nothing to do.", hint='Pass --every "@hourly" (or a cron '
-                          "expression) to create the job, or --list, --inspect ID, "
-                          "--suspend ID, --resume ID, --delete ID, --print KIND.")
     options = _job_options(flavor, timeout, image, python, package, install, namespace)
-    if print_kind is not None:
-        _print_template(_need_fed(fed, "--print"), print_kind, every or DEFAULT_SCHEDULE, options,
-                        out, json_output)
-        return
-    if list_jobs:
-        jobs = scheduling.list_schedules(fed, namespace=namespace, token=token)
-        if json_output:
-            print_json({"ok": True, "scheduled_jobs": jobs})
-        else:
-            _print_schedules(jobs)
-        return
-    if inspect is not None:
-        job = scheduling.inspect_schedule(inspect, namespace=namespace, token=token)
-        _print_schedule_result(job, "", json_output)
-        return
-    for action, job_id in manage.items():
-        if job_id is not None:
-            job = scheduling.manage_schedule(action, job_id, namespace=namespace, token=token)
-            _print_schedule_result(job, {"suspend": "Suspended", "resume": "Resumed",
-                                         "delete": "Deleted"}[action], json_output)
-            return
-    job = scheduling.create_schedule(_need_fed(fed, "--every"), every, options, token=token,
-                                     job_token=job_token)
+    job = scheduling.create_schedule(fed, every, options, token=token, job_token=job_token)
     _print_schedule_result(job, "Created", json_output)
     if not json_output:
-        err_console.print(f"Watch it with `hf jobs scheduled inspect {job['id']}` and each "
-                          "run with `hf jobs logs <job id>`.", highlight=False)
+        err_console.print(f"Watch it with `fedbip-server schedule inspect {job['id']}` and "
+                          "each run with `hf jobs logs <job id>`.", highlight=False)
 
 
-def _need_fed(fed: str | None, flag: str) -> str:
-    from fedbip_hub.errors import ConfigError
+@schedule_app.command("list")
+@handle_errors
+def schedule_list(
+    fed: Annotated[str | None, typer.Argument(
+        show_default=False, help="Only FED's scheduled jobs (default: all fedbip ones).")
+    ] = None,
+    namespace: NamespaceOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the fedbip scheduled jobs (of FED when given).
 
-    if not fed:
-        raise ConfigError(f"{flag} needs the federation.",
-                          hint=f"fedbip-server schedule org/name {flag} ...")
-    return fed
+    Examples:
+
+      fedbip-server schedule list
+
+      fedbip-server schedule list acme/fed --json
+    """
+    from fedbip_hub import scheduling
+
+    jobs = scheduling.list_schedules(fed, namespace=namespace, token=token)
+    if json_output:
+        print_json({"ok": True, "scheduled_jobs": jobs})
+    else:
+        _print_schedules(jobs)
+
+
+@schedule_app.command("inspect")
+@handle_errors
+def schedule_inspect(job_id: JobIdArgument, namespace: NamespaceOption = None,
+                     token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Show one scheduled job.
+
+    Examples:
+
+      fedbip-server schedule inspect 6548b2a4f1c1b3e0a2d0c001
+    """
+    from fedbip_hub import scheduling
+
+    job = scheduling.inspect_schedule(job_id, namespace=namespace, token=token)
+    _print_schedule_result(job, "", json_output)
+
+
+def _manage(action: str, verb: str, summary: str):
+    """``schedule suspend|resume|delete ID``: one HF Jobs call each."""
+
+    @handle_errors
+    def command(job_id: JobIdArgument, namespace: NamespaceOption = None,
+                token: TokenOption = None, json_output: JsonOption = False) -> None:
+        from fedbip_hub import scheduling
+
+        job = scheduling.manage_schedule(action, job_id, namespace=namespace, token=token)
+        _print_schedule_result(job, verb, json_output)
+
+    command.__name__ = f"schedule_{action}"
+    command.__doc__ = (f"{summary}\n\nExamples:\n\n  fedbip-server schedule {action} "
+                       "6548b2a4f1c1b3e0a2d0c001\n")
+    return command
+
+
+for _action, _verb, _summary in (("suspend", "Suspended", "Pause a scheduled job."),
+                                 ("resume", "Resumed", "Resume a paused scheduled job."),
+                                 ("delete", "Deleted", "Delete a scheduled job.")):
+    schedule_app.command(_action)(_manage(_action, _verb, _summary))
+
+
+@schedule_app.command("print")
+@handle_errors
+def schedule_print(
+    kind: Annotated[str, typer.Argument(
+        show_default=False,
+        help="What to write: a GitHub Actions workflow, a crontab line, a Dockerfile or a "
+        "uv script.")],
+    fed: FedArgument,
+    every: Annotated[str, typer.Option(
+        "--every", help='"@hourly", "@daily", ... or a cron expression (UTC).')
+    ] = DEFAULT_SCHEDULE,
+    out: Annotated[Path | None, typer.Option(
+        "--out", show_default=False, dir_okay=False, help="Write to this file.")] = None,
+    flavor: FlavorOption = DEFAULT_FLAVOR,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+    image: ImageOption = None,
+    python: PythonOption = DEFAULT_PYTHON,
+    package: PackageOption = None,
+    install: InstallOption = True,
+    namespace: NamespaceOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Print a GitHub Actions workflow, crontab line, Dockerfile or uv script for FED.
+
+    Examples:
+
+      fedbip-server schedule print github acme/fed --out .github/workflows/fedbip.yml
+
+      fedbip-server schedule print cron ~/myfed --every @daily
+    """
+    options = _job_options(flavor, timeout, image, python, package, install, namespace)
+    _print_template(fed, kind, every, options, out, json_output)
 
 
 def _print_template(fed: str, kind: str, every: str, options, out: Path | None,
@@ -242,10 +314,10 @@ def _print_template(fed: str, kind: str, every: str, options, out: Path | None,
     from importlib.resources import files
 
     from fedbip_hub import scheduling
-    from fedbip_hub.errors import ConfigError
+    from fedbip_hub.errors import ConfigError, did_you_mean
 
     if kind not in scheduling.TEMPLATES:
-        raise ConfigError(f"unknown --print {kind!r}.",
+        raise ConfigError(f"unknown template {kind!r}.{did_you_mean(kind, scheduling.TEMPLATES)}",
                           hint=f"Use one of {', '.join(scheduling.TEMPLATES)}.")
     template = files("server_job").joinpath("templates", scheduling.TEMPLATES[kind][0])
     text = scheduling.render_template(
@@ -305,21 +377,17 @@ def _print_schedule_result(job: dict, verb: str, json_output: bool) -> None:
                       soft_wrap=True)
 
 
-@app.command()
+@webhook_app.command("create")
 @handle_errors
-def webhook(
-    fed: Annotated[str | None, typer.Argument(
-        show_default=False, help="Federation (org/name) whose member repos to watch.")] = None,
+def webhook_create(
+    fed: Annotated[str, typer.Argument(
+        show_default=False, help="Federation (org/name) whose member repos to watch.")],
     job_id: Annotated[str | None, typer.Option(
         "--job-id", show_default=False,
         help="Job whose spec the webhook runs (default: the last run of FED's scheduled "
         "job, else a source job started now).")] = None,
     secret: Annotated[str | None, typer.Option(
         show_default=False, help="Webhook signing secret (default: a random one).")] = None,
-    list_hooks: Annotated[bool, typer.Option(
-        "--list", help="List the webhooks that run a fedbip server job.")] = False,
-    delete: Annotated[str | None, typer.Option(
-        "--delete", metavar="ID", show_default=False, help="Delete a webhook.")] = None,
     flavor: FlavorOption = DEFAULT_FLAVOR,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
     image: ImageOption = None,
@@ -331,40 +399,23 @@ def webhook(
     job_token: JobTokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Run the server job when a member pushes: a Hub webhook on every member repo.
+    """Create (or update) the Hub webhook that runs the server job when a member pushes.
 
     The job reacts only to client uploads (never to its own personalized/ pushes), and
     triggers that arrive during a round coalesce into one follow-up round. Re-run after
     members join: it updates the webhook in place.
+
+    Examples:
+
+      fedbip-server webhook create acme/fed
+
+      fedbip-server webhook create acme/fed --flavor cpu-upgrade --json
     """
     from fedbip_hub import webhooks
-    from fedbip_hub.errors import ConfigError
 
-    if list_hooks and delete is not None:
-        raise ConfigError("--list and --delete cannot be combined.")
-    if list_hooks:
-        hooks = webhooks.list_webhooks(token=token)
-        if json_output:
-            print_json({"ok": True, "webhooks": hooks})
-            return
-        if not hooks:
-            out_console.print("No fedbip webhooks.")
-        for hook in hooks:
-            names = ", ".join(w["name"] for w in hook["watched"])
-            out_console.print(f"{hook['id']} ({hook['federation'] or '?'}"
-                              f"{', disabled' if hook['disabled'] else ''}): watches "
-                              f"{escape(names)}", highlight=False)
-        return
-    if delete is not None:
-        result = webhooks.delete_webhook(delete, token=token)
-        if json_output:
-            print_json({"ok": True, **result})
-        else:
-            out_console.print(f"Deleted webhook {delete}.")
-        return
     options = _job_options(flavor, timeout, image, python, package, install, namespace)
-    hook = webhooks.create_webhook(_need_fed(fed, "webhook"), job_id=job_id, secret=secret,
-                                   options=options, token=token, job_token=job_token)
+    hook = webhooks.create_webhook(fed, job_id=job_id, secret=secret, options=options,
+                                   token=token, job_token=job_token)
     if json_output:
         print_json({"ok": True, "webhook": hook})
         return
@@ -372,6 +423,51 @@ def webhook(
                       f"{len(hook['watched'])} member repos; runs job {hook['job_id']} "
                       f"({escape(hook['job_source'])}) with secrets "
                       f"{', '.join(hook['secrets']) or 'none'}.", highlight=False)
+
+
+@webhook_app.command("list")
+@handle_errors
+def webhook_list(token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """List the webhooks that run a fedbip server job.
+
+    Examples:
+
+      fedbip-server webhook list --json
+    """
+    from fedbip_hub import webhooks
+
+    hooks = webhooks.list_webhooks(token=token)
+    if json_output:
+        print_json({"ok": True, "webhooks": hooks})
+        return
+    if not hooks:
+        out_console.print("No fedbip webhooks.")
+    for hook in hooks:
+        names = ", ".join(w["name"] for w in hook["watched"])
+        out_console.print(f"{hook['id']} ({hook['federation'] or '?'}"
+                          f"{', disabled' if hook['disabled'] else ''}): watches "
+                          f"{escape(names)}", highlight=False)
+
+
+@webhook_app.command("delete")
+@handle_errors
+def webhook_delete(
+    hook_id: Annotated[str, typer.Argument(
+        show_default=False, help="Webhook id (from `webhook list`).")],
+    token: TokenOption = None, json_output: JsonOption = False) -> None:
+    """Delete a webhook.
+
+    Examples:
+
+      fedbip-server webhook delete 6548b2a4f1c1b3e0a2d0c003
+    """
+    from fedbip_hub import webhooks
+
+    result = webhooks.delete_webhook(hook_id, token=token)
+    if json_output:
+        print_json({"ok": True, **result})
+    else:
+        out_console.print(f"Deleted webhook {hook_id}.")
 
 
 def main() -> None:

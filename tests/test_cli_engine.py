@@ -253,3 +253,25 @@ def test_merge_errors_in_process(adapters, tmp_path, args, code, error):
     result = CliRunner().invoke(app, [*base, *args])
     assert result.exit_code == code
     assert "Error:" in result.stderr and "Hint:" in result.stderr
+
+
+def test_merge_for_takes_a_client_name_or_an_index(adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    folders = [str(f) for f in adapters["mixed"]]  # alpha, beta, gamma
+    outputs = {}
+    for target in ("beta", "1"):
+        result = CliRunner().invoke(app, ["merge", *folders, "--for", target, "--out",
+                                          str(tmp_path / target), "--json"])
+        assert result.exit_code == 0, result.output
+        outputs[target] = json.loads(result.stdout)
+    assert outputs["beta"]["target"] == outputs["1"]["target"] == "beta"
+    assert outputs["beta"]["weights"] == outputs["1"]["weights"]
+    assert ((tmp_path / "beta" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "1" / "adapter_model.safetensors").read_bytes())
+    result = CliRunner().invoke(app, ["merge", *folders, "--for", "bta", "--out",
+                                      str(tmp_path / "x"), "--json"])
+    assert result.exit_code == 2
+    assert "Did you mean 'beta'" in json.loads(result.stdout)["message"]

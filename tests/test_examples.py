@@ -52,7 +52,7 @@ def test_the_walkthrough_and_the_own_trainer_member_run(tmp_path):
 
 def test_the_shipped_github_workflow_is_what_the_command_prints():
     shipped = (EXAMPLES / "github-workflow.yml").read_text()
-    printed = run_cli(["schedule", "acme/fed", "--print", "github"], {}, server=True).stdout
-    assert shipped == printed, "regenerate: fedbip-server schedule acme/fed --print github"
+    printed = run_cli(["schedule", "print", "github", "acme/fed"], {}, server=True).stdout
+    assert shipped == printed, "regenerate: fedbip-server schedule print github acme/fed"
     steps = yaml.safe_load(shipped)["jobs"]["round"]["steps"]
     assert steps[-1]["run"].strip() == "fedbip-server run acme/fed"

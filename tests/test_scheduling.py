@@ -59,8 +59,8 @@ def _calls(hub: HubServer, method: str, pattern: str) -> list:
 
 def test_the_job_spec_sent_carries_the_token_only_as_a_secret(hub: HubServer) -> None:
     env = {"FEDBIP_JOB_TOKEN": JOB_TOKEN, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "server_job", "schedule", FED, "--every",
-                           "@hourly"], cwd=REPO_ROOT, env={**os.environ, **env},
+    proc = subprocess.run([sys.executable, "-m", "server_job", "schedule", "create", FED,
+                           "--every", "@hourly"], cwd=REPO_ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     [call] = _calls(hub, "POST", r"/api/scheduled-jobs/fed-admin")
@@ -88,13 +88,13 @@ def test_the_job_spec_sent_carries_the_token_only_as_a_secret(hub: HubServer) ->
     [stored] = hub.scheduled_jobs.values()
     assert stored["schedule"] == "@hourly" and stored["concurrency"] is False
     # What the Hub answers names the secret, never its value.
-    listed = cli_json("schedule", "--list")["scheduled_jobs"]
+    listed = cli_json("schedule", "list")["scheduled_jobs"]
     assert listed[0]["secrets"] == ["HF_TOKEN"]
     assert JOB_TOKEN not in json.dumps(listed)
 
 
 def test_schedule_options_reach_the_spec(hub: HubServer) -> None:
-    job = cli_json("schedule", FED, "--every", "*/30 * * * *", "--flavor", "t4-small",
+    job = cli_json("schedule", "create", FED, "--every", "*/30 * * * *", "--flavor", "t4-small",
                    "--timeout", "2h", "--image", "ghcr.io/acme/fedbip:1", "--no-install",
                    "--namespace", "fedorg")["scheduled_job"]
     [call] = _calls(hub, "POST", r"/api/scheduled-jobs/fedorg")
@@ -107,32 +107,34 @@ def test_schedule_options_reach_the_spec(hub: HubServer) -> None:
     assert job["namespace"] == "fedorg" and job["command"] == spec["command"]
     assert job["timeout"] == 7200 and job["federation"] == "fedorg--fed"
 
-    cli_json("schedule", FED, "--every", "@daily", "--package", "fedbip-hub[dev]>=0.1")
+    cli_json("schedule", "create", FED, "--every", "@daily", "--package",
+             "fedbip-hub[dev]>=0.1")
     [_, call] = _calls(hub, "POST", r"/api/scheduled-jobs/.*")
     assert call.body["jobSpec"]["command"][2].endswith(
         "pip install --quiet 'fedbip-hub[dev]>=0.1' && exec fedbip-server run fedorg/fed")
 
 
 def test_list_suspend_resume_delete_change_server_state(hub: HubServer) -> None:
-    first = cli_json("schedule", FED, "--every", "@hourly")["scheduled_job"]["id"]
-    other = cli_json("schedule", "fedorg/other", "--every", "@daily")["scheduled_job"]["id"]
+    first = cli_json("schedule", "create", FED, "--every", "@hourly")["scheduled_job"]["id"]
+    other = cli_json("schedule", "create", "fedorg/other", "--every",
+                     "@daily")["scheduled_job"]["id"]
     HfApi().create_scheduled_job(image="ubuntu", command=["true"], schedule="@daily")
-    assert {j["id"] for j in cli_json("schedule", "--list")["scheduled_jobs"]} == {
+    assert {j["id"] for j in cli_json("schedule", "list")["scheduled_jobs"]} == {
         first, other}  # fedbip jobs only
-    assert [j["id"] for j in cli_json("schedule", FED, "--list")["scheduled_jobs"]] == [first]
+    assert [j["id"] for j in cli_json("schedule", "list", FED)["scheduled_jobs"]] == [first]
 
-    assert cli_json("schedule", "--suspend", first)["scheduled_job"]["suspended"] is True
+    assert cli_json("schedule", "suspend", first)["scheduled_job"]["suspended"] is True
     assert hub.scheduled_jobs[first]["suspend"] is True
     assert hub.scheduled_jobs[other]["suspend"] is False
-    assert cli_json("schedule", "--inspect", first)["scheduled_job"]["suspended"] is True
-    assert "suspended" in cli("schedule", "--list", env={"COLUMNS": "200"}).stdout
-    assert cli_json("schedule", "--resume", first)["scheduled_job"]["suspended"] is False
+    assert cli_json("schedule", "inspect", first)["scheduled_job"]["suspended"] is True
+    assert "suspended" in cli("schedule", "list", env={"COLUMNS": "200"}).stdout
+    assert cli_json("schedule", "resume", first)["scheduled_job"]["suspended"] is False
     assert hub.scheduled_jobs[first]["suspend"] is False
 
-    assert cli_json("schedule", "--delete", first) == {
+    assert cli_json("schedule", "delete", first) == {
         "ok": True, "scheduled_job": {"id": first, "deleted": True}}
     assert first not in hub.scheduled_jobs and other in hub.scheduled_jobs
-    assert [j["id"] for j in cli_json("schedule", "--list")["scheduled_jobs"]] == [other]
+    assert [j["id"] for j in cli_json("schedule", "list")["scheduled_jobs"]] == [other]
     paths = [(c.method, c.path) for c in hub.api_calls]
     assert ("POST", f"/api/scheduled-jobs/fed-admin/{first}/suspend") in paths
     assert ("POST", f"/api/scheduled-jobs/fed-admin/{first}/resume") in paths
@@ -140,24 +142,24 @@ def test_list_suspend_resume_delete_change_server_state(hub: HubServer) -> None:
 
 
 def test_schedule_errors_are_messages_with_hints(hub: HubServer) -> None:
-    out = cli_json("schedule", FED, "--every", "0 0 * * * *", code=2)  # six fields
+    out = cli_json("schedule", "create", FED, "--every", "0 0 * * * *", code=2)  # six fields
     assert out["error"] == "ConfigError" and "cron" in out["hint"]
-    out = cli_json("schedule", "./local-folder", "--every", "@hourly", code=2)
+    out = cli_json("schedule", "create", "./local-folder", "--every", "@hourly", code=2)
     assert "not a federation on the Hub" in out["message"]
-    assert cli_json("schedule", FED, code=2)["message"] == "nothing to do."
-    assert "cannot be combined" in cli_json("schedule", "--list", "--delete", "x",
-                                            code=2)["message"]
-    assert "--every does not go with --list" in cli_json(
-        "schedule", FED, "--list", "--every", "@daily", code=2)["message"]
-    assert cli_json("schedule", FED, "--every", "@hourly", "--timeout", "soon",
+    # noun-verb: a missing verb, an unknown one, or --every on list, are usage errors
+    assert cli_json("schedule", FED, code=2)["message"].startswith("No such command")
+    assert "Did you mean 'delete'" in cli_json("schedule", "delet", "x", code=2)["message"]
+    assert "--every" in cli_json("schedule", "list", FED, "--every", "@daily",
+                                 code=2)["message"]
+    assert cli_json("schedule", "create", FED, "--every", "@hourly", "--timeout", "soon",
                     code=2)["error"] == "ConfigError"
     assert hub.api_calls == []  # all refused before any request
-    out = cli_json("schedule", FED, "--every", "@hourly", "--namespace", "someone-else",
-                   code=1)
+    out = cli_json("schedule", "create", FED, "--every", "@hourly", "--namespace",
+                   "someone-else", code=1)
     assert out["error"] == "AuthError" and "--namespace" in out["hint"]
-    out = cli_json("schedule", "--suspend", "0123456789abcdef01234567", code=1)
+    out = cli_json("schedule", "suspend", "0123456789abcdef01234567", code=1)
     assert out["error"] == "NotFoundError"
-    result = cli("schedule", "--delete", "nope", code=1)
+    result = cli("schedule", "delete", "nope", code=1)
     assert "Error:" in result.stderr and hub.token not in result.stderr + result.stdout
 
 
@@ -178,7 +180,7 @@ def test_schedule_helpers() -> None:
 
 
 def test_github_workflow_is_valid_yaml_with_cron_and_concurrency(tmp_path) -> None:
-    text = cli("schedule", FED, "--print", "github", "--every", "@hourly").stdout
+    text = cli("schedule", "print", "github", FED, "--every", "@hourly").stdout
     workflow = yaml.safe_load(text)
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads `on` as true
     assert triggers["schedule"] == [{"cron": "0 * * * *"}]
@@ -194,7 +196,7 @@ def test_github_workflow_is_valid_yaml_with_cron_and_concurrency(tmp_path) -> No
     assert run["run"].strip() == "fedbip-server run fedorg/fed"
     assert "download.pytorch.org/whl/cpu" in steps[1]["run"]
 
-    custom = yaml.safe_load(cli("schedule", FED, "--print", "github", "--every",
+    custom = yaml.safe_load(cli("schedule", "print", "github", FED, "--every",
                                 "*/20 6-18 * * 1-5", "--python", "3.11", "--timeout",
                                 "90m").stdout)
     assert custom.get("on", custom.get(True))["schedule"] == [{"cron": "*/20 6-18 * * 1-5"}]
@@ -202,18 +204,18 @@ def test_github_workflow_is_valid_yaml_with_cron_and_concurrency(tmp_path) -> No
     assert custom["jobs"]["round"]["timeout-minutes"] == 90
 
     target = tmp_path / "wf" / "fedbip.yml"
-    assert cli_json("schedule", FED, "--print", "github", "--out", str(target)) == {
+    assert cli_json("schedule", "print", "github", FED, "--out", str(target)) == {
         "ok": True, "kind": "github", "path": str(target), "warnings": []}
     assert target.read_text() == text
 
 
 def test_cron_line_holds_flock_and_the_federation() -> None:
-    text = cli("schedule", FED, "--print", "cron", "--every", "@daily").stdout
+    text = cli("schedule", "print", "cron", FED, "--every", "@daily").stdout
     [line] = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert line.startswith("0 0 * * * flock -n /tmp/fedbip-fedorg--fed.lock ")
     assert f"{sys.executable} -m server_job run fedorg/fed" in line
     assert "HF_TOKEN" not in line and "%" not in line  # cron treats % as a newline
-    spaced = cli("schedule", "/srv/my fed", "--print", "cron").stdout
+    spaced = cli("schedule", "print", "cron", "/srv/my fed").stdout
     assert "run '/srv/my fed' >>" in spaced
 
 
@@ -221,35 +223,35 @@ def test_a_local_federation_s_templates_hold_its_absolute_path(tmp_path, monkeyp
     """cron runs from $HOME: a relative ./myfed would name another folder there."""
     (tmp_path / "myfed").mkdir()
     monkeypatch.chdir(tmp_path)
-    result = cli("schedule", "./myfed", "--print", "cron")
+    result = cli("schedule", "print", "cron", "./myfed")
     [line] = [ln for ln in result.stdout.splitlines() if ln and not ln.startswith("#")]
     assert f" run {tmp_path / 'myfed'} >>" in line, line
     assert "./myfed" not in line and "warning" not in result.stderr
-    assert cli_json("schedule", "./myfed", "--print", "cron")["warnings"] == []
+    assert cli_json("schedule", "print", "cron", "./myfed")["warnings"] == []
 
 
 def test_a_github_workflow_for_a_local_folder_warns_it_cannot_reach_it(tmp_path,
                                                                         monkeypatch) -> None:
     (tmp_path / "myfed").mkdir()
     monkeypatch.chdir(tmp_path)
-    result = cli("schedule", "./myfed", "--print", "github")
+    result = cli("schedule", "print", "github", "./myfed")
     said = " ".join(result.stderr.split())  # the console wraps long lines
     assert "warning:" in said and "GitHub's runner cannot reach it" in said
-    assert f"schedule {tmp_path / 'myfed'} --print cron" in said  # the fix
+    assert f"schedule print cron {tmp_path / 'myfed'}" in said  # the fix
     assert f"fedbip-server run {tmp_path / 'myfed'}" in result.stdout
-    [warning] = cli_json("schedule", "./myfed", "--print", "github")["warnings"]
+    [warning] = cli_json("schedule", "print", "github", "./myfed")["warnings"]
     assert str(tmp_path / "myfed") in warning
-    assert "warning" not in cli("schedule", FED, "--print", "github").stderr
+    assert "warning" not in cli("schedule", "print", "github", FED).stderr
 
 
 def test_docker_and_uv_definitions_run_the_job() -> None:
-    docker = cli("schedule", FED, "--print", "docker", "--python", "3.11").stdout
+    docker = cli("schedule", "print", "docker", FED, "--python", "3.11").stdout
     assert docker.splitlines()[-1] == 'CMD ["fedbip-server", "run", "fedorg/fed"]'
     assert "FROM python:3.11-slim" in docker
     assert f"pip install --quiet fedbip-hub=={__version__}" in docker
     assert "HF_TOKEN" not in docker.split("FROM")[1]  # no token baked into the image
 
-    payload = cli_json("schedule", FED, "--print", "uv")
+    payload = cli_json("schedule", "print", "uv", FED)
     assert payload["filename"] == "fedbip_round.py"
     script = payload["content"]
     ast.parse(script)
@@ -262,8 +264,8 @@ def test_docker_and_uv_definitions_run_the_job() -> None:
     assert 'FEDERATION = "fedorg/fed"' in script
     assert '"fedbip-server", "run", FEDERATION' in script
     for kind in TEMPLATES:
-        assert "@@" not in cli("schedule", FED, "--print", kind).stdout
-    assert cli_json("schedule", FED, "--print", "k8s", code=2)["error"] == "ConfigError"
+        assert "@@" not in cli("schedule", "print", kind, FED).stdout
+    assert cli_json("schedule", "print", "k8s", FED, code=2)["error"] == "ConfigError"
 
 
 # --------------------------------------------------------------------------- the local Hub

@@ -306,7 +306,7 @@ def _webhook_cli(*args: str, env: dict | None = None, code: int = 0):
 def test_webhook_command_creates_then_updates_the_hub_webhook(hub: HubServer) -> None:
     _hub_federation(hub, ["alice", "bob"])
     job_token = "hf_jobBotToken0123456789abcdef"
-    out = _webhook_cli("fedorg/fed", "--json", env={"FEDBIP_JOB_TOKEN": job_token})
+    out = _webhook_cli("create", "fedorg/fed", "--json", env={"FEDBIP_JOB_TOKEN": job_token})
     hook = json.loads(out.stdout)["webhook"]
     [source] = [c for c in hub.api_calls if (c.method, c.path) == ("POST", "/api/jobs/fed-admin")]
     assert source.body["secrets"] == {"HF_TOKEN": job_token}
@@ -336,7 +336,8 @@ def test_webhook_command_creates_then_updates_the_hub_webhook(hub: HubServer) ->
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     api.upload_file(path_or_fileobj=json.dumps({"name": "carol", "repo_id": "fedorg/fed-carol"})
                     .encode(), path_in_repo="members/carol.json", repo_id="fedorg/fed")
-    again = json.loads(_webhook_cli("fedorg/fed", "--job-id", hook["job_id"], "--json").stdout)
+    again = json.loads(_webhook_cli("create", "fedorg/fed", "--job-id", hook["job_id"],
+                                    "--json").stdout)
     assert again["webhook"]["id"] == hook["id"] and again["webhook"]["action"] == "updated"
     assert len(hub.webhooks) == 1 and len(hub.jobs) == 1
     assert [w["name"] for w in hub.webhooks[hook["id"]]["watched"]] == [
@@ -346,20 +347,20 @@ def test_webhook_command_creates_then_updates_the_hub_webhook(hub: HubServer) ->
     assert hub.webhooks[hook["id"]]["secret"] == signing
     assert hub.webhooks[hook["id"]]["secrets"]["FEDBIP_WEBHOOK_SECRET"] == signing
 
-    listed = json.loads(_webhook_cli("--list", "--json").stdout)["webhooks"]
+    listed = json.loads(_webhook_cli("list", "--json").stdout)["webhooks"]
     assert [w["id"] for w in listed] == [hook["id"]]
-    assert "watches" in _webhook_cli("--list").stdout
-    _webhook_cli("--delete", hook["id"])
+    assert "watches" in _webhook_cli("list").stdout
+    _webhook_cli("delete", hook["id"])
     assert hub.webhooks == {}
 
 
 def test_webhook_reuses_the_scheduled_jobs_last_run(hub: HubServer) -> None:
     _hub_federation(hub, ["alice"])
-    created = CliRunner().invoke(app, ["schedule", "fedorg/fed", "--every", "@hourly",
+    created = CliRunner().invoke(app, ["schedule", "create", "fedorg/fed", "--every", "@hourly",
                                        "--json"])
     scheduled = json.loads(created.stdout)["scheduled_job"]["id"]
     run = HfApi().trigger_scheduled_job(scheduled_job_id=scheduled)
-    hook = json.loads(_webhook_cli("fedorg/fed", "--json").stdout)["webhook"]
+    hook = json.loads(_webhook_cli("create", "fedorg/fed", "--json").stdout)["webhook"]
     assert hook["job_id"] == run.id and scheduled in hook["job_source"]
     assert not [c for c in hub.api_calls if (c.method, c.path) == ("POST", "/api/jobs/fed-admin")]
     assert hook["command"] == hub.jobs[run.id]["spec"]["command"]
@@ -367,7 +368,7 @@ def test_webhook_reuses_the_scheduled_jobs_last_run(hub: HubServer) -> None:
 
 def test_webhook_needs_members_and_a_hub_federation(hub: HubServer, tmp_path) -> None:
     _hub_federation(hub, [])
-    out = _webhook_cli("fedorg/fed", "--json", code=1)
+    out = _webhook_cli("create", "fedorg/fed", "--json", code=1)
     assert "no members" in json.loads(out.stdout)["message"]
-    out = _webhook_cli(str(tmp_path), "--json", code=2)
+    out = _webhook_cli("create", str(tmp_path), "--json", code=2)
     assert json.loads(out.stdout)["error"] == "ConfigError"

@@ -71,6 +71,9 @@ def write_heatmap(results: dict[str, Any], path: Path, method: str = "fedbip-l")
         panels["raw parameters, base + ΔW (round 1)"] = pick(raw["cosine"], raw["clients"])
     for layer, matrix in (first.get("layer_cosine") or {}).items():
         panels[f"task vectors, {layer}"] = pick(matrix, first["clients"])
-    return save_heatmap(panels, names, path,
+    return save_heatmap(panels, names, path, keep_first=len(panels) - len(
+                            first.get("layer_cosine") or {}),
                         title="Cosine similarity between clients: task vectors vs raw "
-                        "parameters")
+                        "parameters",
+                        source=f"round {first['round']}'s cosines (not the similarity "
+                        "memory)")
