@@ -13,15 +13,17 @@ from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation import FederationConfig
 
 
-def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None) -> Any:
-    """The base model for the federation's task (any model id or local path).
+def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None,
+                    token: str | None = None) -> Any:
+    """The base model for the federation's task (any model id or local path); ``token``
+    reaches the Hub download (None: HF_TOKEN or the stored login).
 
     Raises:
         ConfigError: the model cannot be loaded (names the id and what to check).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"revision": config.base_revision}
+    kwargs: dict[str, Any] = {"revision": config.base_revision, "token": token}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -54,17 +56,28 @@ def lora_config_for(config: FederationConfig, *, inference_mode: bool = False) -
     )
 
 
-def build_initial_adapter(config: FederationConfig, dest: str | Path) -> Path:
+def build_initial_adapter(config: FederationConfig, dest: str | Path, *,
+                          token: str | None = None, low_memory: bool = True) -> Path:
     """Seeded LoRA init (A random, B zero) plus the initial head, saved by PEFT.
 
     Every client's first round starts here, so first-round task vectors share one zero
-    point and freshly initialised heads stay comparable.
+    point and freshly initialised heads stay comparable. With ``low_memory`` the base is
+    built on the meta device and only the LoRA factors and the head are materialised
+    (fedbip_hub.meta_init); where that cannot reproduce the full load exactly, or with
+    ``low_memory=False``, the whole base is loaded. Both give the same adapter.
     """
-    from peft import get_peft_model
+    peft_model = None
+    if low_memory:
+        from fedbip_hub.meta_init import build_on_meta
 
-    torch.manual_seed(config.seed)
-    model = load_base_model(config)
-    peft_model = get_peft_model(model, lora_config_for(config))
+        torch.manual_seed(config.seed)
+        peft_model = build_on_meta(config, lora_config_for(config), token=token)
+    if peft_model is None:
+        from peft import get_peft_model
+
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(load_base_model(config, token=token),
+                                    lora_config_for(config))
     dest = Path(dest)
     peft_model.save_pretrained(str(dest))
     stamp_base_model(dest, config)
