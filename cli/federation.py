@@ -52,8 +52,10 @@ def init(
 ) -> None:
     """Create a federation: config, initial adapter and dashboard in one private repo."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
-    from fedbip_hub.client import init_federation
+    from cli._common import err_console
+    from fedbip_hub.client import init_federation, local_base_warning
     from fedbip_hub.errors import ConfigError
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.strategies import Strategy
@@ -85,10 +87,14 @@ def init(
             "method": chosen.method},
         seed=seed)
     federation = init_federation(fed, config, token=token)
+    warning = local_base_warning(federation, config)
     if json_output:
         print_json({"ok": True, "federation": fed, "store": federation.store.describe(),
-                    "config": config.model_dump(mode="json")})
+                    "config": config.model_dump(mode="json"),
+                    "warnings": [warning] if warning else []})
         return
+    if warning:
+        err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
     out_console.print(f"Created federation [bold]{config.name}[/] on "
                       f"{federation.store.describe()} ({chosen.method}).")
     out_console.print(f"Next: members run `fedbip join {fed} --client NAME`.")

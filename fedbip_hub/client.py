@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
@@ -13,7 +14,13 @@ from pathlib import Path
 from fedbip_hub import __version__
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
-from fedbip_hub.errors import ConfigError, ConflictError, NotFoundError, StoreError
+from fedbip_hub.errors import (
+    ConfigError,
+    ConflictError,
+    FedbipError,
+    NotFoundError,
+    StoreError,
+)
 from fedbip_hub.federation import (
     FEDERATION_FILE,
     INIT_DIR,
@@ -66,6 +73,14 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
                     ) -> Federation:
     """Create the federation repo with its config and initial adapter, in one commit.
 
+    Everything that can fail (the strategy, the base model, the initial adapter, the
+    card) is done before the repo is created, and a repo this call created is deleted
+    again if its first commit fails: a failed init leaves no half-made repo.
+
+    ``token`` reaches every Hub call, the base model's download included. A local base
+    model is recorded (absolute) in ``federation.json`` and the card's text, never in
+    card metadata, which holds Hub model ids only (see ``local_base_warning``).
+
     Raises:
         ConfigError: a federation already exists at this address, or its strategy is
             invalid or could not run (the oracle without groups).
@@ -77,23 +92,47 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
     config.runnable_strategy()  # refused before anything is created or loaded
     config.base_model = resolve_base_model(config.base_model)  # a local folder: absolute
     fed = Federation.at(address, token=token)
-    if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
-            fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
+    existed = fed.store.repo_exists(fed.repo_id)
+    if existed and fed.store.file_exists(fed.repo_id, FEDERATION_FILE,
+                                         fed.store.head(fed.repo_id)):
         raise ConfigError(f"a federation already exists at {address}.",
                           hint="Pick another name, or inspect it with `fedbip status`.")
     config.created_by = config.created_by or fed.store.whoami()
-    create_private_repo(fed, fed.repo_id, "the federation repo")
     with tempfile.TemporaryDirectory() as tmp:
-        init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR)
+        init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR, token=token)
         files: dict = {f"{INIT_DIR}/{p.name}": p.read_bytes() for p in init_dir.iterdir()
                        if p.is_file() and p.name != "README.md"}
     state = FederationState()
     files[FEDERATION_FILE] = dump_json(config)
     files[STATE_FILE] = dump_json(state)
     files["README.md"] = dashboard_card(config, {}, state, None).encode()
-    fed.store.commit(fed.repo_id, files, message=f"fedbip: create federation {config.name}",
-                     parent=fed.store.head(fed.repo_id))
+    create_private_repo(fed, fed.repo_id, "the federation repo")
+    try:
+        fed.store.commit(fed.repo_id, files, message=f"fedbip: create federation "
+                         f"{config.name}", parent=fed.store.head(fed.repo_id))
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(FedbipError):  # the commit's error is the one to show
+                fed.store.delete_repo(fed.repo_id)
+        raise
     return fed
+
+
+def local_base_warning(fed: Federation, config: FederationConfig) -> str | None:
+    """What to tell the coordinator of a Hub federation whose base model is a local
+    folder: its members train on their own machines, where only that same absolute path
+    finds it (a shared file system, a mirror at a fixed path). That is accepted, not
+    refused, because such set-ups are real; None when there is nothing to say."""
+    from fedbip_hub.locations import is_local_path
+
+    if fed.store.kind == "local" or not is_local_path(config.base_model):
+        return None
+    namespace = fed.repo_id.split("/")[0]
+    name = Path(config.base_model).name
+    return (f"the base model is the local folder {config.base_model}: every member needs "
+            f"it at that same path. To share it instead, upload it to a private Hub repo "
+            f"(`hf upload {namespace}/{name} {config.base_model}`) and create the "
+            f"federation with --base-model {namespace}/{name}.")
 
 
 def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:

@@ -85,34 +85,40 @@ def build_on_meta(config: FederationConfig, lora_config: Any, *, token: str | No
 
 # -- the checkpoint --------------------------------------------------------------------
 class _Checkpoint:
-    """The base's safetensors: its key list, and single tensors read on demand."""
+    """The base's safetensors: its key list, and single tensors read on demand.
 
-    def __init__(self, shards: dict[str, Path]):
-        self.shards = shards  # checkpoint key → file holding it
+    A sharded checkpoint's keys come from its index, and a shard is fetched only when a
+    head tensor is read from it: on the Hub, init downloads the config, the index and at
+    most the head's shard, never the whole base.
+    """
+
+    def __init__(self, config: FederationConfig, files: dict[str, str], *,
+                 token: str | None):
+        self.config, self.files, self.token = config, files, token  # key → file name
+        self._paths: dict[str, str] = {}
 
     @classmethod
     def find(cls, config: FederationConfig, *, token: str | None) -> _Checkpoint | None:
         index = _resolve(config, SAFE_INDEX, token=token)
         if index is not None:
             weight_map = json.loads(Path(index).read_text())["weight_map"]
-            files = {name: _resolve(config, name, token=token) for name in set(weight_map.values())}
-            if any(path is None for path in files.values()):
-                return None
-            return cls({key: Path(files[name]) for key, name in weight_map.items()})
+            return cls(config, dict(weight_map), token=token)
         single = _resolve(config, SAFE_WEIGHTS, token=token)
         if single is None:
             return None  # pickled weights only: from_pretrained reads them whole
         from safetensors import safe_open
 
         with safe_open(single, framework="pt") as handle:  # the header only
-            return cls(dict.fromkeys(handle.keys(), Path(single)))
+            checkpoint = cls(config, dict.fromkeys(handle.keys(), SAFE_WEIGHTS), token=token)
+        checkpoint._paths[SAFE_WEIGHTS] = single
+        return checkpoint
 
     def model_keys(self, model: Any, state_keys: set[str]) -> dict[str, str]:
         """Model key → checkpoint key, for checkpoints saved with or without the base
         model's prefix (a ``LlamaModel`` checkpoint loaded as a classifier, say)."""
         prefix = getattr(model, "base_model_prefix", "")
         out: dict[str, str] = {}
-        for key in self.shards:
+        for key in self.files:
             for candidate in (key, f"{prefix}.{key}" if prefix else key,
                               key[len(prefix) + 1:] if prefix and key.startswith(f"{prefix}.")
                               else key):
@@ -124,7 +130,13 @@ class _Checkpoint:
     def tensor(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(str(self.shards[key]), framework="pt") as handle:
+        name = self.files[key]
+        if name not in self._paths:
+            path = _resolve(self.config, name, token=self.token)
+            if path is None:
+                raise OSError(f"{name} of {self.config.base_model} is missing")
+            self._paths[name] = path
+        with safe_open(self._paths[name], framework="pt") as handle:
             return handle.get_tensor(key)
 
 

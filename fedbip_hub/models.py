@@ -33,11 +33,18 @@ def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = Non
         else:
             model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
     except (OSError, ValueError) as exc:
+        from fedbip_hub.locations import is_local_path
+
+        hint = ("Check the model id or path and your access to it (a private or gated "
+                "base needs --token); offline, point --base-model at a local folder.")
+        if is_local_path(config.base_model) and not Path(config.base_model).is_dir():
+            hint = ("The federation's base model is a local folder of the machine that "
+                    "created it: put a copy at that same path here, or have the federation "
+                    "re-created with a Hub model id.")
         raise ConfigError(
             f"cannot load base model {config.base_model!r} "
             f"(revision {config.base_revision or 'default'}): {str(exc).splitlines()[0]}",
-            hint="Check the model id or path and your access to it; offline, point "
-            "--base-model at a local folder.") from exc
+            hint=hint) from exc
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -90,4 +97,6 @@ def stamp_base_model(folder: Path, config: FederationConfig) -> None:
     data = json.loads(path.read_text())
     data["base_model_name_or_path"] = config.base_model
     data["revision"] = config.base_revision
+    if isinstance(data.get("target_modules"), list):  # PEFT keeps a set: order by hash seed
+        data["target_modules"] = sorted(data["target_modules"])
     path.write_text(json.dumps(data, indent=2) + "\n")
