@@ -142,14 +142,21 @@ def push(fed: FedArg, client: ClientOption,
 def pull(fed: FedArg, client: ClientOption,
          out: Annotated[Path, typer.Option(help="Where to write the adapter.")] = Path(
              "personalized"),
+         or_init: Annotated[bool, typer.Option(
+             "--or-init", help="Before your first round, write the federation's initial "
+             "adapter instead (what your own trainer starts from).")] = False,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
     """Fetch your latest personalized adapter (PEFT-loadable) and note its revision."""
     from fedbip_hub.client import pull as pull_adapter
 
-    result = pull_adapter(_fed(fed, token), client, out)
+    result = pull_adapter(_fed(fed, token), client, out, or_init=or_init)
     if json_output:
         print_json({"ok": True, "client": client, "revision": result.revision,
                     "folder": str(result.folder)})
+        return
+    if result.revision is None:
+        out_console.print(f"No round has personalized {client} yet: the initial adapter "
+                          f"was written to {out}.")
         return
     out_console.print(f"Personalized adapter @ {result.revision[:12]} written to {out}.")
 

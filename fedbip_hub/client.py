@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import tempfile
 import uuid
@@ -318,29 +319,37 @@ def latest_personalized_revision(fed: Federation, repo_id: str) -> str | None:
 @dataclass
 class PullResult:
     client: str
-    revision: str
+    revision: str | None  # None: the federation's initial adapter (``or_init``)
     folder: Path
 
 
-def pull(fed: Federation, client: str, dest: str | Path) -> PullResult:
-    """Copy the member's latest personalized adapter into ``dest``, noting its revision.
+def pull(fed: Federation, client: str, dest: str | Path, *, or_init: bool = False
+         ) -> PullResult:
+    """Copy the member's latest personalized adapter into ``dest``, noting its revision
+    in ``fedbip_start.json``; the folder is what ``PeftModel.from_pretrained(base, dest,
+    is_trainable=True)`` loads, and what ``push`` reads the start revision from.
+
+    With ``or_init``, a member no round has personalized yet gets the federation's
+    initial adapter (start revision null): the start of every first round.
 
     Raises:
-        NotFoundError: no round has personalized this member yet.
+        NotFoundError: no round has personalized this member yet (without ``or_init``).
     """
     member = fed.member(client)
     revision = latest_personalized_revision(fed, member.repo_id)
-    if revision is None:
+    if revision is None and not or_init:
         raise NotFoundError(f"no personalized adapter for {client} yet.", client=client,
-                            hint="Push an upload, then wait for (or run) `fedbip-server run`.")
-    source = fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
+                            hint="Push an upload, then wait for (or run) `fedbip-server run`; "
+                            "to train from the initial adapter, pull with --or-init.")
+    source = (fed.init_folder() if revision is None
+              else fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file():
             shutil.copyfile(path, dest / path.name)
-    (dest / START_FILE).write_text(
-        f'{{"start_revision": "{revision}", "repo_id": "{member.repo_id}"}}\n')
+    (dest / START_FILE).write_text(json.dumps(
+        {"start_revision": revision, "repo_id": member.repo_id}) + "\n")
     return PullResult(client, revision, dest)
 
 
