@@ -15,9 +15,9 @@ for the weights the checkpoint lacks, then ``get_peft_model`` draws the LoRA fac
 the result is tensor-exact with loading the whole base (tests/test_meta_init.py checks it).
 
 Anything this cannot reproduce exactly returns None, and the caller loads the whole
-base instead: a checkpoint that is not safetensors (pickles), weights the checkpoint
-lacks outside the head (their random init would shift every later draw), or an adapter
-tensor that would come out of a stand-in.
+base instead: a checkpoint that is not safetensors (pickles), a pre-quantized one,
+weights the checkpoint lacks outside the head (their random init would shift every later
+draw), or an adapter tensor that would come out of a stand-in.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def build_on_meta(config: FederationConfig, lora_config: Any, *, token: str | No
         model_config = _model_config(config, token=token)
     except (OSError, ValueError):
         return None  # the full load reports it, with its hint
-    if checkpoint is None:
-        return None
+    if checkpoint is None or getattr(model_config, "quantization_config", None):
+        return None  # pre-quantized weights load into other layer types
     auto = _auto_class(config)
     dtype = _load_dtype(model_config)
     with init_empty_weights(include_buffers=False):

@@ -34,6 +34,9 @@ def _save(kind: str, folder: Path) -> Path:
         LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
     elif kind == "bare":  # saved without the model prefix or any head
         LlamaModel(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
+    elif kind == "tied":  # lm_head tied to the embeddings: not in the checkpoint
+        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, tie_word_embeddings=True)
+                         ).save_pretrained(folder)
     elif kind == "bf16":
         LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, dtype="bfloat16")).to(
             torch.bfloat16).save_pretrained(folder)
@@ -52,6 +55,7 @@ CASES = {
     "bf16 checkpoint": ("bf16", "SEQ_CLS", 2, ["q_proj", "v_proj"]),
     "bert": ("bert", "SEQ_CLS", 2, ["query", "value"]),
     "causal lm": ("causal", "CAUSAL_LM", None, ["q_proj", "v_proj"]),
+    "causal lm, tied embeddings": ("tied", "CAUSAL_LM", None, ["q_proj", "v_proj"]),
 }
 
 
