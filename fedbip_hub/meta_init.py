@@ -62,15 +62,15 @@ def build_on_meta(config: FederationConfig, lora_config: Any, *, token: str | No
     missing = state_keys - set(present) - _tied_targets(model)
     if missing - head_keys:
         return None  # their init would draw before the LoRA's: only a full load matches
-    for name, module in heads:
-        module.to_empty(device="cpu")
-        for key, _ in module.named_parameters():
-            full = f"{name}.{key}"
-            if full in present:
-                with torch.no_grad():
-                    module.get_parameter(key).copy_(checkpoint.tensor(present[full]))
+    try:
+        _materialise_heads(heads, present, checkpoint)
+    except OSError:  # a shard that cannot be fetched: the full load reports it
+        return None
     _stand_in_for_meta(model)
-    _init_missing(model, missing)
+    try:
+        _init_missing(model, missing)
+    except RuntimeError:  # an init that writes a base weight in place (a stand-in refuses)
+        return None
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
         eos = model.config.eos_token_id  # as load_base_model does
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -188,6 +188,19 @@ def _head_modules(model: Any) -> list[tuple[str, Any]]:
                 name.startswith(f"{outer}.") for outer, _ in found):
             found.append((name, module))
     return found
+
+
+def _materialise_heads(heads: list[tuple[str, Any]], present: dict[str, str],
+                       checkpoint: _Checkpoint) -> None:
+    """The heads on the CPU, with the checkpoint's values where it has them (the rest
+    is initialised by ``_init_missing``)."""
+    for name, module in heads:
+        module.to_empty(device="cpu")
+        for key, _ in module.named_parameters():
+            if f"{name}.{key}" in present:
+                with torch.no_grad():
+                    module.get_parameter(key).copy_(
+                        checkpoint.tensor(present[f"{name}.{key}"]))
 
 
 def _tied_targets(model: Any) -> set[str]:
