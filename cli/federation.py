@@ -61,8 +61,10 @@ def init(
       fedbip init ./myfed --base-model ./tiny-base --rank 4 --strategy fedbip
     """
     from pydantic import ValidationError
+    from rich.markup import escape
 
-    from fedbip_hub.client import init_federation
+    from cli._common import err_console
+    from fedbip_hub.client import init_federation, local_base_warning
     from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.federation import FederationConfig, LoraSpec
     from fedbip_hub.strategies import Strategy
@@ -96,10 +98,14 @@ def init(
             "method": chosen.method},
         seed=seed)
     federation = init_federation(fed, config, token=token)
+    warning = local_base_warning(federation, config)
     if json_output:
         print_json({"ok": True, "federation": fed, "store": federation.store.describe(),
-                    "config": config.model_dump(mode="json")})
+                    "config": config.model_dump(mode="json"),
+                    "warnings": [warning] if warning else []})
         return
+    if warning:
+        err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
     out_console.print(f"Created federation [bold]{config.name}[/] on "
                       f"{federation.store.describe()} ({chosen.method}).")
     out_console.print(f"Next: members run `fedbip join {fed} --client NAME`.")
@@ -164,6 +170,9 @@ def push(fed: FedArg, client: ClientOption,
 def pull(fed: FedArg, client: ClientOption,
          out: Annotated[Path, typer.Option(
              file_okay=False, help="Folder to write the adapter to.")] = Path("personalized"),
+         or_init: Annotated[bool, typer.Option(
+             "--or-init", help="Before your first round, write the federation's initial "
+             "adapter instead (what your own trainer starts from).")] = False,
          token: TokenOption = None, json_output: JsonOption = False) -> None:
     """Fetch your latest personalized adapter (PEFT-loadable) and note its revision.
 
@@ -175,10 +184,14 @@ def pull(fed: FedArg, client: ClientOption,
     """
     from fedbip_hub.client import pull as pull_adapter
 
-    result = pull_adapter(_fed(fed, token), client, out)
+    result = pull_adapter(_fed(fed, token), client, out, or_init=or_init)
     if json_output:
         print_json({"ok": True, "client": client, "revision": result.revision,
                     "folder": str(result.folder)})
+        return
+    if result.revision is None:
+        out_console.print(f"No round has personalized {client} yet: the initial adapter "
+                          f"was written to {out}.")
         return
     out_console.print(f"Personalized adapter @ {result.revision[:12]} written to {out}.")
 

@@ -5,8 +5,9 @@
     python examples/own_trainer.py --fed ./walkthrough/myfed --client alice \\
         --data ./walkthrough/alice.jsonl [--quick]
 
-``fedbip pull`` writes ``fedbip_start.json`` (the personalized revision it pulled) into the
-folder; saving into the same folder keeps it, and ``fedbip push`` records that start, so
+``fedbip pull`` writes ``fedbip_start.json`` (the personalized revision it pulled; null
+for the initial adapter ``--or-init`` writes before a first round) into the folder;
+saving into the same folder keeps it, and ``fedbip push`` records that start, so
 the server computes the task vector from the adapter you really trained from.
 """
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> Path:
     from fedbip_hub.federation import Federation
 
     folder = (args.out or Path(f"own-trainer-{args.client}")).resolve()
-    fedbip("pull", args.fed, "--client", args.client, "--out", str(folder))
+    # --or-init: before the member's first round, the federation's initial adapter
+    fedbip("pull", args.fed, "--client", args.client, "--out", str(folder), "--or-init")
 
     config = Federation.at(args.fed).config()
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)

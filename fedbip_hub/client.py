@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import shutil
 import tempfile
 import uuid
@@ -73,6 +75,14 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
                     ) -> Federation:
     """Create the federation repo with its config and initial adapter, in one commit.
 
+    Everything that can fail (the strategy, the base model, the initial adapter, the
+    card) is done before the repo is created, and a repo this call created is deleted
+    again if its first commit fails: a failed init leaves no half-made repo.
+
+    ``token`` reaches every Hub call, the base model's download included. A local base
+    model is recorded (absolute) in ``federation.json`` and the card's text, never in
+    card metadata, which holds Hub model ids only (see ``local_base_warning``).
+
     Raises:
         ConfigError: a federation already exists at this address, or its strategy is
             invalid or could not run (the oracle without groups).
@@ -84,23 +94,47 @@ def init_federation(address: str, config: FederationConfig, *, token: str | None
     config.runnable_strategy()  # refused before anything is created or loaded
     config.base_model = resolve_base_model(config.base_model)  # a local folder: absolute
     fed = Federation.at(address, token=token)
-    if fed.store.repo_exists(fed.repo_id) and fed.store.file_exists(
-            fed.repo_id, FEDERATION_FILE, fed.store.head(fed.repo_id)):
+    existed = fed.store.repo_exists(fed.repo_id)
+    if existed and fed.store.file_exists(fed.repo_id, FEDERATION_FILE,
+                                         fed.store.head(fed.repo_id)):
         raise ConfigError(f"a federation already exists at {address}.",
                           hint="Pick another name, or inspect it with `fedbip status`.")
     config.created_by = config.created_by or fed.store.whoami()
-    create_private_repo(fed, fed.repo_id, "the federation repo")
     with tempfile.TemporaryDirectory() as tmp:
-        init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR)
+        init_dir = build_initial_adapter(config, Path(tmp) / INIT_DIR, token=token)
         files: dict = {f"{INIT_DIR}/{p.name}": p.read_bytes() for p in init_dir.iterdir()
                        if p.is_file() and p.name != "README.md"}
     state = FederationState()
     files[FEDERATION_FILE] = dump_json(config)
     files[STATE_FILE] = dump_json(state)
     files["README.md"] = dashboard_card(config, {}, state, None).encode()
-    fed.store.commit(fed.repo_id, files, message=f"fedbip: create federation {config.name}",
-                     parent=fed.store.head(fed.repo_id))
+    create_private_repo(fed, fed.repo_id, "the federation repo")
+    try:
+        fed.store.commit(fed.repo_id, files, message=f"fedbip: create federation "
+                         f"{config.name}", parent=fed.store.head(fed.repo_id))
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(FedbipError):  # the commit's error is the one to show
+                fed.store.delete_repo(fed.repo_id)
+        raise
     return fed
+
+
+def local_base_warning(fed: Federation, config: FederationConfig) -> str | None:
+    """What to tell the coordinator of a Hub federation whose base model is a local
+    folder: its members train on their own machines, where only that same absolute path
+    finds it (a shared file system, a mirror at a fixed path). That is accepted, not
+    refused, because such set-ups are real; None when there is nothing to say."""
+    from fedbip_hub.locations import is_local_path
+
+    if fed.store.kind == "local" or not is_local_path(config.base_model):
+        return None
+    namespace = fed.repo_id.split("/")[0]
+    name = Path(config.base_model).name
+    return (f"the base model is the local folder {config.base_model}: every member needs "
+            f"it at that same path. To share it instead, upload it to a private Hub repo "
+            f"(`hf upload {namespace}/{name} {config.base_model}`) and create the "
+            f"federation with --base-model {namespace}/{name}.")
 
 
 def join(fed: Federation, client: str, *, repo_id: str | None = None) -> Member:
@@ -302,29 +336,37 @@ def latest_personalized_revision(fed: Federation, repo_id: str) -> str | None:
 @dataclass
 class PullResult:
     client: str
-    revision: str
+    revision: str | None  # None: the federation's initial adapter (``or_init``)
     folder: Path
 
 
-def pull(fed: Federation, client: str, dest: str | Path) -> PullResult:
-    """Copy the member's latest personalized adapter into ``dest``, noting its revision.
+def pull(fed: Federation, client: str, dest: str | Path, *, or_init: bool = False
+         ) -> PullResult:
+    """Copy the member's latest personalized adapter into ``dest``, noting its revision
+    in ``fedbip_start.json``; the folder is what ``PeftModel.from_pretrained(base, dest,
+    is_trainable=True)`` loads, and what ``push`` reads the start revision from.
+
+    With ``or_init``, a member no round has personalized yet gets the federation's
+    initial adapter (start revision null): the start of every first round.
 
     Raises:
-        NotFoundError: no round has personalized this member yet.
+        NotFoundError: no round has personalized this member yet (without ``or_init``).
     """
     member = fed.member(client)
     revision = latest_personalized_revision(fed, member.repo_id)
-    if revision is None:
+    if revision is None and not or_init:
         raise NotFoundError(f"no personalized adapter for {client} yet.", client=client,
-                            hint="Push an upload, then wait for (or run) `fedbip-server run`.")
-    source = fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
+                            hint="Push an upload, then wait for (or run) `fedbip-server run`; "
+                            "to train from the initial adapter, pull with --or-init.")
+    source = (fed.init_folder() if revision is None
+              else fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file():
             shutil.copyfile(path, dest / path.name)
-    (dest / START_FILE).write_text(
-        f'{{"start_revision": "{revision}", "repo_id": "{member.repo_id}"}}\n')
+    (dest / START_FILE).write_text(json.dumps(
+        {"start_revision": revision, "repo_id": member.repo_id}) + "\n")
     return PullResult(client, revision, dest)
 
 

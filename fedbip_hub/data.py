@@ -170,8 +170,10 @@ def _load_folder(path: Path, split: str | None) -> Any:
     return loaded
 
 
-def load_tokenizer(name_or_path: str, *, revision: str | None = None) -> Any:
-    """The base model's tokenizer (a Hub id or a local folder).
+def load_tokenizer(name_or_path: str, *, revision: str | None = None,
+                   token: str | None = None) -> Any:
+    """The base model's tokenizer (a Hub id or a local folder); ``token`` reaches the Hub
+    download (None: HF_TOKEN or the stored login).
 
     Raises:
         ConfigError: there is none, with a hint to pre-tokenize.
@@ -179,7 +181,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, token=token)
     except Exception as exc:  # OSError, ValueError, and tokenizer-specific errors
         raise ConfigError(
             f"the base model {name_or_path!r} has no loadable tokenizer "

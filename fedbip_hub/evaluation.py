@@ -171,12 +171,13 @@ def evaluate_client(fed: Federation, client: str, dataset: Any, *,
     member = fed.member(client)
     task_type = config.task_type
     if tokenizer is None and needs_tokenizer(dataset, task_type, text_field=text_field):
-        tokenizer = load_tokenizer(config.base_model, revision=config.base_revision)
+        tokenizer = load_tokenizer(config.base_model, revision=config.base_revision,
+                                   token=fed.token)
     prepared = prepare_dataset(dataset, task_type=task_type, tokenizer=tokenizer,
                                max_length=max_length, text_field=text_field,
                                label_field=label_field, num_labels=config.num_labels)
     target = str(resolve_device(device))
-    model = fresh_base(config, base_model)
+    model = fresh_base(config, base_model, token=fed.token)
     check_vocab(model, prepared)
     notes: list[str] = []
 
@@ -223,13 +224,15 @@ def evaluate_client(fed: Federation, client: str, dataset: Any, *,
     }
 
 
-def fresh_base(config: FederationConfig, base_model: Any = None) -> Any:
-    """A copy of ``base_model`` (left untouched), or the federation's base in fp32."""
+def fresh_base(config: FederationConfig, base_model: Any = None, *,
+               token: str | None = None) -> Any:
+    """A copy of ``base_model`` (left untouched), or the federation's base in fp32
+    (downloaded with ``token``, None: the environment's)."""
     if base_model is not None:
         return copy.deepcopy(base_model)
     from fedbip_hub.models import load_base_model
 
-    return load_base_model(config, dtype=torch.float32)
+    return load_base_model(config, dtype=torch.float32, token=token)
 
 
 def _with_adapter(base: Any, peft_model: Any, folder: Path, name: str, client: str) -> Any:

@@ -233,6 +233,11 @@ class Federation:
         return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO,
                    absolute(address))
 
+    @property
+    def token(self) -> str | None:
+        """The token this federation was opened with (for model and tokenizer loads)."""
+        return self.store.token
+
     # -- reads -------------------------------------------------------------------------
     def head(self) -> str:
         try:

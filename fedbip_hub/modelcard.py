@@ -41,6 +41,24 @@ def heatmap_png(report: CosineSource, *, max_layers: int = 7) -> bytes:
         return path.read_bytes()
 
 
+def hub_base_model(config: FederationConfig) -> str | None:
+    """The base model as card metadata may hold it: a Hub model id, or None for a local
+    path (the Hub refuses a ``base_model`` that is not a model id; the path stays in
+    ``federation.json`` and in the card's text)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from fedbip_hub.locations import is_local_path
+
+    if is_local_path(config.base_model):
+        return None
+    try:
+        validate_repo_id(config.base_model)
+    except HFValidationError:
+        return None
+    return config.base_model
+
+
 def _card(data: ModelCardData, body: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"))
 
@@ -52,7 +70,7 @@ def personalized_card(config: FederationConfig, client: str, round_no: int,
                       names: Sequence[str], report: CosineSource, weights: WeightTable,
                       index: int, inputs: Sequence[Any], adapter: MergedAdapter) -> str:
     """The card of ``client``'s personalized adapter: who contributed, with what weight."""
-    data = ModelCardData(base_model=config.base_model, library_name="peft",
+    data = ModelCardData(base_model=hub_base_model(config), library_name="peft",
                          tags=[*TAGS, f"fedbip-federation-{config.name}"])
     cosine = report.model_cosine()[index]
     memory_note = ("" if config.strategy_obj().similarity_memory == 0 else
@@ -114,7 +132,7 @@ Produced by [fedbip-hub](https://pypi.org/project/fedbip-hub/); the merge record
 def dashboard_card(config: FederationConfig, members: Mapping[str, Member],
                    state: FederationState, record: Mapping[str, Any] | None) -> str:
     """The federation repo's README: members, the last round, the similarity heatmap."""
-    data = ModelCardData(base_model=config.base_model, library_name="peft", tags=TAGS)
+    data = ModelCardData(base_model=hub_base_model(config), library_name="peft", tags=TAGS)
     member_rows = []
     for name, member in members.items():
         client_state = state.clients.get(name)

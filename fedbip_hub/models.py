@@ -13,15 +13,17 @@ from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation import FederationConfig
 
 
-def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None) -> Any:
-    """The base model for the federation's task (any model id or local path).
+def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None,
+                    token: str | None = None) -> Any:
+    """The base model for the federation's task (any model id or local path); ``token``
+    reaches the Hub download (None: HF_TOKEN or the stored login).
 
     Raises:
         ConfigError: the model cannot be loaded (names the id and what to check).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"revision": config.base_revision}
+    kwargs: dict[str, Any] = {"revision": config.base_revision, "token": token}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -31,11 +33,18 @@ def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = Non
         else:
             model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
     except (OSError, ValueError) as exc:
+        from fedbip_hub.locations import is_local_path
+
+        hint = ("Check the model id or path and your access to it (a private or gated "
+                "base needs --token); offline, point --base-model at a local folder.")
+        if is_local_path(config.base_model) and not Path(config.base_model).is_dir():
+            hint = ("The federation's base model is a local folder of the machine that "
+                    "created it: put a copy at that same path here, or have the federation "
+                    "re-created with a Hub model id.")
         raise ConfigError(
             f"cannot load base model {config.base_model!r} "
             f"(revision {config.base_revision or 'default'}): {str(exc).splitlines()[0]}",
-            hint="Check the model id or path and your access to it; offline, point "
-            "--base-model at a local folder.") from exc
+            hint=hint) from exc
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -54,17 +63,28 @@ def lora_config_for(config: FederationConfig, *, inference_mode: bool = False) -
     )
 
 
-def build_initial_adapter(config: FederationConfig, dest: str | Path) -> Path:
+def build_initial_adapter(config: FederationConfig, dest: str | Path, *,
+                          token: str | None = None, low_memory: bool = True) -> Path:
     """Seeded LoRA init (A random, B zero) plus the initial head, saved by PEFT.
 
     Every client's first round starts here, so first-round task vectors share one zero
-    point and freshly initialised heads stay comparable.
+    point and freshly initialised heads stay comparable. With ``low_memory`` the base is
+    built on the meta device and only the LoRA factors and the head are materialised
+    (fedbip_hub.meta_init); where that cannot reproduce the full load exactly, or with
+    ``low_memory=False``, the whole base is loaded. Both give the same adapter.
     """
-    from peft import get_peft_model
+    peft_model = None
+    if low_memory:
+        from fedbip_hub.meta_init import build_on_meta
 
-    torch.manual_seed(config.seed)
-    model = load_base_model(config)
-    peft_model = get_peft_model(model, lora_config_for(config))
+        torch.manual_seed(config.seed)
+        peft_model = build_on_meta(config, lora_config_for(config), token=token)
+    if peft_model is None:
+        from peft import get_peft_model
+
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(load_base_model(config, token=token),
+                                    lora_config_for(config))
     dest = Path(dest)
     peft_model.save_pretrained(str(dest))
     stamp_base_model(dest, config)
@@ -77,4 +97,6 @@ def stamp_base_model(folder: Path, config: FederationConfig) -> None:
     data = json.loads(path.read_text())
     data["base_model_name_or_path"] = config.base_model
     data["revision"] = config.base_revision
+    if isinstance(data.get("target_modules"), list):  # PEFT keeps a set: order by hash seed
+        data["target_modules"] = sorted(data["target_modules"])
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -56,3 +56,27 @@ def test_the_shipped_github_workflow_is_what_the_command_prints():
     assert shipped == printed, "regenerate: fedbip-server schedule print github acme/fed"
     steps = yaml.safe_load(shipped)["jobs"]["round"]["steps"]
     assert steps[-1]["run"].strip() == "fedbip-server run acme/fed"
+
+
+def test_the_trl_member_trains_with_sft_and_its_callback_pushes(tmp_path):
+    work = tmp_path / "trl"
+    out = _script("trl_member.py", "--setup", str(work), "--out", str(tmp_path / "alice"),
+                  "--quick", cwd=tmp_path).stdout
+    assert "alice starts from the initial adapter" in out
+    fed = Federation.at(str(work / "llmfed"))
+    repo = fed.member("alice").repo_id
+    metadata = json.loads(fed.store.read_bytes(repo, "fedbip_upload.json",
+                                               fed.store.head(repo)))
+    assert metadata.get("start_revision") is None and metadata["n_examples"] == 32
+    record = json.loads(run_cli(["run", str(work / "llmfed"), "--json"], {},
+                                server=True).stdout)
+    assert record["inputs"]["alice"]["fresh"] is True and "alice" in record["outputs"]
+
+    # the next round starts from alice's personalized adapter, and the push says so
+    personalized = latest_personalized_revision(fed, repo)
+    out = _script("trl_member.py", "--setup", str(work), "--out", str(tmp_path / "alice"),
+                  "--quick", cwd=tmp_path).stdout
+    assert f"alice starts from {personalized[:12]}" in out
+    metadata = json.loads(fed.store.read_bytes(repo, "fedbip_upload.json",
+                                               fed.store.head(repo)))
+    assert metadata["start_revision"] == personalized

@@ -109,6 +109,18 @@ def test_create_repo_is_private_and_idempotent(backend: Backend) -> None:
     assert not store.repo_exists(OTHER)
 
 
+def test_delete_repo_removes_it_and_is_idempotent(backend: Backend) -> None:
+    store = backend.store
+    store.create_repo(REPO)
+    store.create_repo(OTHER)
+    store.commit(REPO, {"a.txt": b"one"}, message="add a")
+    store.delete_repo(REPO)
+    assert not store.repo_exists(REPO) and store.repo_exists(OTHER)
+    store.delete_repo(REPO)  # again: nothing to do
+    store.create_repo(REPO)  # and the name is free again, with a fresh history
+    assert len(store.history(REPO)) == 1
+
+
 def test_an_existing_public_repo_stays_public_until_made_private(backend: Backend) -> None:
     store = backend.store
     store.create_repo(REPO, private=False)

@@ -57,6 +57,16 @@ class Store(ABC):
     def repo_exists(self, repo_id: str) -> bool: ...
 
     @abstractmethod
+    def delete_repo(self, repo_id: str) -> None:
+        """Delete a repo this process created (a failed ``fedbip init`` undoing itself)."""
+
+    @property
+    def token(self) -> str | None:
+        """The token given for this store's Hub calls (None: the environment's), which
+        model and tokenizer downloads reuse."""
+        return None
+
+    @abstractmethod
     def is_private(self, repo_id: str) -> bool:
         """Whether only its owner (and those it grants) can read the repo."""
 

@@ -361,6 +361,15 @@ class HubStore(Store):
     def repo_exists(self, repo_id: str) -> bool:
         return bool(self._call(repo_id, "check repo", lambda: self.api.repo_exists(repo_id)))
 
+    def delete_repo(self, repo_id: str) -> None:
+        # Idempotent (missing_ok), so safe to retry.
+        self._call(repo_id, "delete repo",
+                   lambda: self.api.delete_repo(repo_id, missing_ok=True))
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
     def is_private(self, repo_id: str) -> bool:
         info = self._call(repo_id, "read repo settings",
                           lambda: self.api.repo_info(repo_id, expand=["private"]))

@@ -112,6 +112,9 @@ class LocalStore(Store):
     def repo_exists(self, repo_id: str) -> bool:
         return (self._repo(repo_id) / "HEAD").is_file()
 
+    def delete_repo(self, repo_id: str) -> None:
+        shutil.rmtree(self._repo(repo_id), ignore_errors=True)
+
     def is_private(self, repo_id: str) -> bool:
         meta = self._existing(repo_id) / "meta.json"
         return not meta.is_file() or json.loads(meta.read_text()).get("private") is not False
