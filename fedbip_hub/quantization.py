@@ -76,6 +76,22 @@ def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: t
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    _no_cpu_inference_packing(model)
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _no_cpu_inference_packing(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit CPU layers on their differentiable path.
+
+    On an AVX512-BF16 CPU, an eval-mode forward (the loss measured before training)
+    repacks each 4-bit weight for a faster inference kernel that has no autograd, and
+    training afterwards keeps using it: the gradients through the base layers come out
+    wrong (bitsandbytes 0.50 warns "an autograd kernel was not registered").
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
