@@ -13,9 +13,10 @@ beyond the config); ``estimate`` is pure arithmetic over that shape and the run'
   (kept in fp32 by the loss) come on top.
 
 The per-token coefficients were counted from a decoder layer (Llama/Mistral/Qwen-like,
-SDPA attention) with ``torch.autograd.graph.saved_tensors_hooks``: about 9 hidden-sized
-and 3.75 intermediate-sized tensors per token per layer, and, per LoRA module with
-dropout, the dropout's output and mask. Other architectures land close, not exactly.
+SDPA attention) with ``torch.autograd.graph.saved_tensors_hooks``, leaving out the
+frozen weights autograd also keeps (they are the base's bytes): about 6.25 hidden-sized
+and 3 intermediate-sized tensors per token per layer, and, per LoRA module with dropout,
+the dropout's output and mask. Other architectures land close, not exactly.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from typing import Any
 
 GIB = 1024 ** 3
 # Saved-for-backward elements per token per layer (see the module docstring).
-HIDDEN_TERMS = 9.0
-INTERMEDIATE_TERMS = 3.75
-# Outside the layers: final norm, the head's input, the embedding output.
-EDGE_HIDDEN_TERMS = 4.0
+HIDDEN_TERMS = 6.25
+INTERMEDIATE_TERMS = 3.0
+# Per LoRA module with dropout: its output (activation dtype) and mask, in bytes per h.
+DROPOUT_EXTRA_BYTES = 1.5
+# With checkpointing, what each layer keeps: its input and the rotary position tensors.
+CHECKPOINT_HIDDEN_TERMS = 1.5
 # bitsandbytes storage per quantized weight: NF4 packs 2 per byte, plus one 8-bit absmax
 # per 64 weights and one fp32 scale per 256 absmax (double quantization); int8 is 1 byte.
 BYTES_4BIT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -157,11 +160,12 @@ def estimate(shape: ModelShape, *, dtype: str, quantize: str | None, batch_size:
     h, i = shape.hidden_size, shape.intermediate_size
     per_layer = tokens * act * (HIDDEN_TERMS * h + INTERMEDIATE_TERMS * i)
     per_layer += tokens * shape.lora_modules_per_layer * (
-        shape.lora_r * act + (h * (act + 1) if shape.lora_dropout > 0 else 0))
-    edges = tokens * act * EDGE_HIDDEN_TERMS * h
-    without = int(shape.num_layers * per_layer + edges)
+        shape.lora_r * act + (h * (act + DROPOUT_EXTRA_BYTES) if shape.lora_dropout > 0
+                              else 0))
+    without = int(shape.num_layers * per_layer)
     # Checkpointing keeps each layer's input and recomputes one layer during backward.
-    with_ckpt = int(shape.num_layers * tokens * h * act + per_layer + edges)
+    with_ckpt = int(shape.num_layers * tokens * act * CHECKPOINT_HIDDEN_TERMS * h
+                    + per_layer)
     # A causal LM's logits: the output, its fp32 copy for the loss, and its gradient.
     logits = tokens * shape.vocab_size * (act + 4 + 4) if shape.causal_lm else 0
     activations = with_ckpt if gradient_checkpointing else without

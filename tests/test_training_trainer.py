@@ -460,11 +460,15 @@ def test_the_parameter_counts_match_the_real_models() -> None:
 
 
 def saved_activation_bytes(model, ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """What autograd keeps for backward, one count per storage."""
+    """What autograd keeps for backward, one count per storage, less the model's own
+    weights (which it keeps too, but which are counted as the base)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        pointer = t.untyped_storage().data_ptr()
+        if pointer not in weights:
+            seen[(pointer, t.dtype)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
