@@ -3,10 +3,12 @@
 For a tiny Llama built from a config (no download), each configuration runs in a fresh
 subprocess (one thread) through ``train_adapter``:
 
-* peak memory: the process's peak resident set (VmHWM, reset through
-  ``/proc/self/clear_refs`` once the imports are warm) minus its resident set just
-  before ``train_adapter`` is called, so it counts the base's load, the LoRA, the
-  optimizer and the activations; on a GPU, ``torch.cuda.max_memory_allocated``;
+* peak memory of the training steps: the process's peak resident set (VmHWM, reset
+  through ``/proc/self/clear_refs`` when the Trainer starts) minus its resident set just
+  before ``train_adapter`` is called, so it counts the loaded base, the LoRA, the
+  optimizer and the activations; the loading's own peak is reported apart (a quantized
+  load holds the full-precision weights before quantizing them); on a GPU,
+  ``torch.cuda.max_memory_allocated``;
 * time per optimizer step: (a run of S steps − a run of 0 steps) / S, so loading is
   not counted, and the trainer's own setup is spread over the steps;
 * the memory estimate ``train_adapter`` prints (``fedbip_hub.memory_estimate``) against
@@ -296,6 +298,18 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     baseline = _status("VmRSS")
+    load_peak: list[int] = []
+    if config.impl == "new":  # the steps' peak, apart from loading's (a quantized load
+        from fedbip_hub.hf_trainer import FedbipTrainer  # holds full-precision shards)
+
+        real_train = FedbipTrainer.train
+
+        def train_after_reset(self: Any, *a: Any, **kw: Any) -> Any:
+            load_peak.append(_status("VmHWM") - baseline)
+            _reset_peak()
+            return real_train(self, *a, **kw)
+
+        FedbipTrainer.train = train_after_reset
     began = time.perf_counter()
     result = run(args, work / "out")
     seconds = time.perf_counter() - began
@@ -311,6 +325,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
                                _numerics(args, torch.device("cpu")), size.seq_len)
         estimate = est.to_dict()
     return {"config": asdict(config), "peak_bytes": int(peak),
+            "load_peak_bytes": load_peak[0] if load_peak else None,
             "estimate_bytes": int(estimate["total"]), "estimate": estimate,
             "seconds_per_step": max(seconds - fixed, 0.0) / steps,
             "final_loss": result.losses[-1] if result.losses else None,
@@ -390,7 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
             run = _subprocess(config, size, steps, work)
             run["estimate_ratio"] = run["estimate_bytes"] / max(run["peak_bytes"], 1)
             runs.append(run)
-            print(f"{config.name:32s} peak {run['peak_bytes'] / 2**20:7.1f} MiB  estimate "
+            load = run["load_peak_bytes"]
+            print(f"{config.name:32s} load {(load or 0) / 2**20:6.1f} MiB  "
+                  f"peak {run['peak_bytes'] / 2**20:7.1f} MiB  estimate "
                   f"{run['estimate_bytes'] / 2**20:7.1f} MiB  (×{run['estimate_ratio']:.2f})"
                   f"  {run['seconds_per_step'] * 1e3:7.1f} ms/step", flush=True)
         timing: dict[str, list[float]] = {"new": [], "old": []}

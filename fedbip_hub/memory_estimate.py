@@ -9,8 +9,12 @@ beyond the config); ``estimate`` is pure arithmetic over that shape and the run'
   fp32, their fp32 gradients and AdamW's two fp32 moments: 16 bytes each;
 * the activations autograd keeps for the backward pass, from hidden size, intermediate
   size, layers, sequence length and batch: without checkpointing every layer's, with it
-  each layer's input plus one layer recomputed at a time; the logits of a causal LM
-  (kept in fp32 by the loss) come on top.
+  each layer's input plus one layer recomputed at a time; plus the backward pass's
+  gradients of one layer's activations; the logits of a causal LM (kept in fp32 by the
+  loss) come on top.
+
+It is the peak of the training steps: loading a checkpoint may briefly take more on the
+host (a quantized load reads the full-precision shard before quantizing it).
 
 The per-token coefficients were counted from a decoder layer (Llama/Mistral/Qwen-like,
 SDPA attention) with ``torch.autograd.graph.saved_tensors_hooks``, leaving out the
@@ -32,6 +36,12 @@ INTERMEDIATE_TERMS = 3.0
 DROPOUT_EXTRA_BYTES = 1.5
 # With checkpointing, what each layer keeps: its input and the rotary position tensors.
 CHECKPOINT_HIDDEN_TERMS = 1.5
+# Under half-precision autocast the norms still keep fp32 copies (elements per h).
+HALF_NORM_FP32_TERMS = 1.3
+# The backward pass's own gradients of one layer's activations, live at once: about two
+# intermediate-sized and two hidden-sized tensors per token.
+WORKSPACE_INTERMEDIATE_TERMS = 2.0
+WORKSPACE_HIDDEN_TERMS = 2.0
 # bitsandbytes storage per quantized weight: NF4 packs 2 per byte, plus one 8-bit absmax
 # per 64 weights and one fp32 scale per 256 absmax (double quantization); int8 is 1 byte.
 BYTES_4BIT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -159,13 +169,16 @@ def estimate(shape: ModelShape, *, dtype: str, quantize: str | None, batch_size:
     tokens = batch_size * seq_len
     h, i = shape.hidden_size, shape.intermediate_size
     per_layer = tokens * act * (HIDDEN_TERMS * h + INTERMEDIATE_TERMS * i)
+    if act < 4:
+        per_layer += tokens * 4 * HALF_NORM_FP32_TERMS * h
     per_layer += tokens * shape.lora_modules_per_layer * (
         shape.lora_r * act + (h * (act + DROPOUT_EXTRA_BYTES) if shape.lora_dropout > 0
                               else 0))
-    without = int(shape.num_layers * per_layer)
+    workspace = tokens * act * (WORKSPACE_INTERMEDIATE_TERMS * i + WORKSPACE_HIDDEN_TERMS * h)
+    without = int(shape.num_layers * per_layer + workspace)
     # Checkpointing keeps each layer's input and recomputes one layer during backward.
     with_ckpt = int(shape.num_layers * tokens * act * CHECKPOINT_HIDDEN_TERMS * h
-                    + per_layer)
+                    + per_layer + workspace)
     # A causal LM's logits: the output, its fp32 copy for the loss, and its gradient.
     logits = tokens * shape.vocab_size * (act + 4 + 4) if shape.causal_lm else 0
     activations = with_ckpt if gradient_checkpointing else without

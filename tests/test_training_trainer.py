@@ -481,7 +481,12 @@ def test_the_activation_estimate_matches_what_autograd_keeps(dropout: float) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fedbip_hub.memory_estimate import ModelShape, estimate
+    from fedbip_hub.memory_estimate import (
+        WORKSPACE_HIDDEN_TERMS,
+        WORKSPACE_INTERMEDIATE_TERMS,
+        ModelShape,
+        estimate,
+    )
 
     hf = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=2)
@@ -497,7 +502,10 @@ def test_the_activation_estimate_matches_what_autograd_keeps(dropout: float) -> 
         measured = saved_activation_bytes(model, ids, torch.zeros(batch, dtype=torch.long))
         est = estimate(shape, dtype="fp32", quantize=None, batch_size=batch, seq_len=seq,
                        gradient_checkpointing=False, activation_dtype="fp32")
-        assert est.activations == pytest.approx(measured, rel=0.15), (batch, seq)
+        # The estimate adds the backward pass's gradients of one layer, not saved.
+        workspace = batch * seq * 4 * (WORKSPACE_INTERMEDIATE_TERMS * 344
+                                       + WORKSPACE_HIDDEN_TERMS * 128)
+        assert est.activations - workspace == pytest.approx(measured, rel=0.1), (batch, seq)
 
 
 def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None:
