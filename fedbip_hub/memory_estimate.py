@@ -11,7 +11,7 @@ beyond the config); ``estimate`` is pure arithmetic over that shape and the run'
   size, layers, sequence length and batch: without checkpointing every layer's, with it
   each layer's input plus one layer recomputed at a time; plus the backward pass's
   gradients of one layer's activations; the logits of a causal LM (kept in fp32 by the
-  loss) come on top.
+  loss) come on top; an 8-bit base also keeps an fp16 copy of each linear layer's input.
 
 It is the peak of the training steps: loading a checkpoint may briefly take more on the
 host (a quantized load reads the full-precision shard before quantizing it).
@@ -63,6 +63,7 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     lora_modules_per_layer: int
+    linear_per_layer: int  # the base's linear modules in one layer (7 in a Llama layer)
     lora_r: int
     lora_dropout: float
     causal_lm: bool
@@ -84,9 +85,10 @@ class ModelShape:
                 hf_config.num_labels = num_labels or 2
                 model = AutoModelForSequenceClassification.from_config(hf_config)
             n_params = sum(p.numel() for p in model.parameters())
-            n_linear = sum(m.weight.numel() for name, m in model.named_modules()
-                           if isinstance(m, torch.nn.Linear)
-                           and name.rsplit(".", 1)[-1] not in HEAD_NAMES)
+            linears = [m for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear)
+                       and name.rsplit(".", 1)[-1] not in HEAD_NAMES]
+            n_linear = sum(m.weight.numel() for m in linears)
             peft_model = get_peft_model(model, lora_config)
             n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
             lora_modules = sum(1 for name, _ in peft_model.named_modules()
@@ -100,6 +102,7 @@ class ModelShape:
                    hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
                    vocab_size=int(getattr(text, "vocab_size", 0)),
                    lora_modules_per_layer=round(lora_modules / max(layers, 1)),
+                   linear_per_layer=round(len(linears) / max(layers, 1)),
                    lora_r=int(lora_config.r), lora_dropout=float(lora_config.lora_dropout),
                    causal_lm=causal)
 
@@ -171,6 +174,8 @@ def estimate(shape: ModelShape, *, dtype: str, quantize: str | None, batch_size:
     per_layer = tokens * act * (HIDDEN_TERMS * h + INTERMEDIATE_TERMS * i)
     if act < 4:
         per_layer += tokens * 4 * HALF_NORM_FP32_TERMS * h
+    if quantize == "8bit":  # bitsandbytes' int8 matmul keeps an fp16 copy of each input
+        per_layer += tokens * 2 * ((shape.linear_per_layer - 1) * h + i)
     per_layer += tokens * shape.lora_modules_per_layer * (
         shape.lora_r * act + (h * (act + DROPOUT_EXTRA_BYTES) if shape.lora_dropout > 0
                               else 0))

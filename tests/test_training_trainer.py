@@ -457,6 +457,7 @@ def test_the_parameter_counts_match_the_real_models() -> None:
         assert shape.n_trainable == sum(p.numel() for p in peft.parameters()
                                         if p.requires_grad)
         assert shape.lora_modules_per_layer == 3 and shape.num_layers == 2
+        assert shape.linear_per_layer == 7
 
 
 def saved_activation_bytes(model, ids: torch.Tensor, labels: torch.Tensor) -> int:
