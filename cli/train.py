@@ -48,7 +48,30 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed (shuffling, dropout).")] = 0,
     device: DeviceOption = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="Mixed precision: auto, fp32, bf16 or fp16.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="The frozen base's dtype: auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, bf16 "
+        "or fp16.")] = "auto",
+    quantize: Annotated[str | None, typer.Option(
+        help="Load the base in 4bit or 8bit through bitsandbytes (QLoRA); the adapter "
+        "stays a plain LoRA.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Recompute activations in the backward pass "
+        "(less memory, ~30% slower).")] = False,
+    grad_accum: Annotated[int, typer.Option(
+        help="Micro-batches of --batch-size per optimizer step.")] = 1,
+    report_to: Annotated[str, typer.Option(
+        help="Log to tensorboard, wandb or none.")] = "none",
+    save_steps: Annotated[int | None, typer.Option(
+        help="Write a checkpoint every N steps (to --checkpoint-dir).")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Where checkpoints go (default OUT/checkpoints).")] = None,
+    resume_from_checkpoint: Annotated[str | None, typer.Option(
+        help="Continue from 'latest' or a checkpoint-N folder.")] = None,
+    skip_memory_check: Annotated[bool, typer.Option(
+        "--skip-memory-check", help="Train even when the memory estimate exceeds the "
+        "GPU's free memory.")] = False,
     start: Annotated[str, typer.Option(
         help="auto (your latest personalized adapter, else the initial one), init, or an "
         "adapter folder.")] = "auto",
@@ -74,7 +97,13 @@ def train(
                         max_length=max_length, seed=seed, device=device, precision=precision,
                         max_steps=max_steps, lr_scheduler=lr_scheduler,
                         warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
-                        max_grad_norm=max_grad_norm, weight_decay=weight_decay)
+                        max_grad_norm=max_grad_norm, weight_decay=weight_decay,
+                        dtype=dtype, quantize=quantize,
+                        gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum,
+                        report_to=report_to, save_steps=save_steps,
+                        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                        resume_from_checkpoint=resume_from_checkpoint,
+                        memory_check=not skip_memory_check)
     args.validate()  # before the data, the federation or the model are read
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
@@ -106,7 +135,7 @@ def train(
                else "the federation's initial adapter")
     out_console.print(f"Trained {client} for {result.steps} steps on {result.n_examples} "
                       f"examples in {result.seconds:.1f}s on {result.device} "
-                      f"({result.precision}){losses}.")
+                      f"({result.dtype} base, {result.precision}){losses}.")
     out_console.print(f"Started from {started}; adapter saved to {result.output_dir}.")
     if pushed is not None:
         out_console.print(f"Pushed to {pushed.repo_id} @ {pushed.commit[:12]} "

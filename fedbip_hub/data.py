@@ -7,7 +7,8 @@ A prepared dataset has exactly two columns:
 
 * ``input_ids``: a list of token ids, at most ``max_length`` long;
 * ``labels``: the class id (SEQ_CLS), or one id per token with ``-100`` where no loss is
-  taken (CAUSAL_LM: prompt tokens of a prompt/completion pair).
+  taken (CAUSAL_LM: prompt tokens of a prompt/completion pair, everything but the
+  assistant turns of a ``messages`` conversation).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",
 DEFAULT_SPLIT = "train"
 PROMPT_FIELD = "prompt"
 COMPLETION_FIELD = "completion"
+MESSAGES_FIELD = "messages"
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -202,6 +204,8 @@ def needs_tokenizer(ds: Any, task_type: str, *, text_field: str = "text") -> boo
     if task_type == "CAUSAL_LM" and {PROMPT_FIELD, COMPLETION_FIELD} <= columns:
         sample = ds[0][PROMPT_FIELD]
         return isinstance(sample, str)
+    if task_type == "CAUSAL_LM" and MESSAGES_FIELD in columns:
+        return True
     return text_field in columns
 
 
@@ -214,7 +218,9 @@ def prepare_dataset(ds: Any, *, task_type: str, tokenizer: Any = None, max_lengt
     either ``input_ids`` or ``text_field`` plus a tokenizer. CAUSAL_LM takes ``input_ids``
     (with ``labels`` used as given when present), a ``prompt``/``completion`` pair (loss on
     the completion only: supervised fine-tuning; strings with a tokenizer, or lists of ids),
-    or ``text_field``. ``input_ids`` may be lists of ints, or strings of them (CSV).
+    ``messages`` (chat turns ``{"role", "content"}`` through the tokenizer's chat template,
+    loss on the assistant turns only), or ``text_field``. ``input_ids`` may be lists of
+    ints, or strings of them (CSV).
 
     Raises:
         ConfigError: a needed column is missing, a label is invalid, or text needs a
@@ -243,6 +249,8 @@ def prepare_dataset(ds: Any, *, task_type: str, tokenizer: Any = None, max_lengt
             labels = [list(row) for row in ids]
     elif PROMPT_FIELD in columns and COMPLETION_FIELD in columns:
         ids, labels = _prompt_completion(ds, tokenizer, max_length)
+    elif MESSAGES_FIELD in columns:
+        ids, labels = _messages(ds[MESSAGES_FIELD], tokenizer, max_length)
     else:
         ids = _input_ids(ds, columns, tokenizer, max_length, text_field, task_type)
         labels = [list(row) for row in ids]
@@ -283,7 +291,7 @@ def _input_ids(ds: Any, columns: list[str], tokenizer: Any, max_length: int, tex
     else:
         sources = "input_ids or " + repr(text_field)
         if task_type == "CAUSAL_LM":
-            sources += " or prompt/completion"
+            sources += " or prompt/completion or messages"
         raise _missing(sources, columns,
                        f"Name the text column with --text-field (now {text_field!r}), or give "
                        "pre-tokenized input_ids.")
@@ -358,6 +366,60 @@ def _prompt_completion(ds: Any, tokenizer: Any, max_length: int
         ids.append(prompt + completion)
         labels.append([IGNORE_INDEX] * len(prompt) + completion)
     return ids, labels
+
+
+def _messages(conversations: list, tokenizer: Any, max_length: int
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each conversation through the chat template, labelled on the assistant
+    turns only (truncated to ``max_length`` from the end)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("messages data needs a tokenizer with a chat template.",
+                          hint="Use a base model whose tokenizer has one (set "
+                          "tokenizer.chat_template and save it), or give prompt/completion "
+                          "pairs.")
+    ids, labels = [], []
+    for index, conversation in enumerate(conversations):
+        row_ids, row_labels = _conversation(conversation, tokenizer, index)
+        ids.append(row_ids[:max_length])
+        labels.append(row_labels[:max_length])
+    return ids, labels
+
+
+def _conversation(messages: Any, tokenizer: Any, index: int) -> tuple[list[int], list[int]]:
+    """An assistant turn's tokens are what its message adds to the template's rendering of
+    the conversation before it (with the generation prompt): the template's own markup
+    around the turn (its end-of-turn token included) is learned, the prompt is not."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                       for m in messages)):
+        raise ConfigError(f"example {index}: messages must be a list of "
+                          '{"role": ..., "content": ...} turns.',
+                          hint='E.g. [{"role": "user", "content": "Hi"}, '
+                          '{"role": "assistant", "content": "Hello"}].')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"example {index}: the conversation has no assistant turn to learn.",
+                          hint="Each conversation needs at least one assistant message.")
+
+    def render(turns: list, prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(turns, tokenize=True,
+                                            add_generation_prompt=prompt, return_dict=False)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+
+    full = render(messages, False)
+    labels = [IGNORE_INDEX] * len(full)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:turn], True) if turn else []
+        through = render(messages[:turn + 1], False)
+        if full[:len(through)] != through or through[:len(before)] != before:
+            raise ConfigError(f"example {index}: the chat template does not render a "
+                              "conversation as the sum of its turns, so the assistant's "
+                              "tokens cannot be told apart.",
+                              hint="Give prompt/completion pairs, or pre-tokenized "
+                              "input_ids with labels (-100 where no loss is taken).")
+        labels[len(before):len(through)] = full[len(before):len(through)]
+    return full, labels
 
 
 def split_holdout(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:

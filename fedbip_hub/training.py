@@ -1,16 +1,20 @@
 """Local LoRA training for one member: from the right start adapter to a pushable folder.
 
 ``train_adapter`` picks the start (the member's latest personalized adapter, or the
-federation's initial one), trains it on local data with a plain PyTorch loop (AdamW,
+federation's initial one), trains it on local data with transformers' Trainer (AdamW,
 a constant, linear or cosine learning-rate schedule with optional warmup, gradient-norm
-clipping, autocast on GPU), and writes a folder that ``fedbip push`` uploads with
-the right metadata: the PEFT adapter, ``fedbip_start.json`` (the start revision) and
-``fedbip_upload.json`` (example count, base model).
+clipping, mixed precision, gradient accumulation and checkpointing, a bitsandbytes-quantized
+base, checkpoints and resume, TensorBoard/W&B logging, several GPUs through accelerate),
+after printing a memory estimate (``fedbip_hub.memory_estimate``), and writes a folder
+that ``fedbip push`` uploads with the right metadata: the PEFT adapter,
+``fedbip_start.json`` (the start revision) and ``fedbip_upload.json`` (example count,
+base model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -27,21 +31,10 @@ from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.client import START_FILE, pull, read_start_revision
 from fedbip_hub.data import load_examples, load_tokenizer, needs_tokenizer, prepare_dataset
 from fedbip_hub.errors import AdapterError, ConfigError, NotFoundError
-from fedbip_hub.evaluation import (
-    check_vocab,
-    evaluate_prepared,
-    fresh_base,
-    iter_batches,
-    pad_id_of,
-    resolve_device,
-)
+from fedbip_hub.evaluation import check_vocab, evaluate_prepared, pad_id_of, resolve_device
 from fedbip_hub.federation import Federation
-from fedbip_hub.training_args import (
-    DEFAULT_LR_SCHEDULER,
-    PRECISIONS,
-    SCHEDULER_NAMES,
-    TrainingArgs,
-)
+from fedbip_hub.memory_estimate import MemoryEstimate, ModelShape, estimate, fix_for, gib
+from fedbip_hub.training_args import DEFAULT_LR_SCHEDULER, DTYPES, PRECISIONS, TrainingArgs
 from fedbip_hub.upload_metadata import UploadMetadata
 
 
@@ -52,7 +45,9 @@ class TrainResult:
     ``train_loss`` is the mean training loss over the last epoch's steps (dropout on);
     ``start_loss``/``end_loss`` are eval-mode losses on the first ``measure_examples``
     training examples before the first and after the last step (None when not measured).
-    ``learning_rates`` holds the rate each optimizer step used.
+    ``learning_rates`` holds the rate each optimizer step used and ``losses`` each step's
+    training loss (the mean over its micro-batches). ``dtype`` is the frozen base's
+    dtype, or "4bit"/"8bit" when quantized.
     """
 
     output_dir: Path
@@ -70,6 +65,10 @@ class TrainResult:
     learning_rates: list[float] = field(default_factory=list, repr=False)
     lr_scheduler: str = DEFAULT_LR_SCHEDULER
     warmup_steps: int = 0
+    dtype: str = "fp32"
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    memory_estimate: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir), "n_examples": self.n_examples,
@@ -78,7 +77,10 @@ class TrainResult:
                 "end_loss": self.end_loss, "steps": self.steps,
                 "seconds": round(self.seconds, 3), "device": self.device,
                 "precision": self.precision, "lr_scheduler": self.lr_scheduler,
-                "warmup_steps": self.warmup_steps}
+                "warmup_steps": self.warmup_steps, "dtype": self.dtype,
+                "grad_accum": self.grad_accum,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "memory_estimate": self.memory_estimate}
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -128,11 +130,175 @@ def _load_start(base: Any, folder: Path, client: str) -> Any:
                            client=client) from exc
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The frozen base's dtype and its name, for ``dtype`` on ``device``."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32, "fp32"
+        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and dtype == "fp16":
+        raise ConfigError("an fp16 base needs a GPU.", hint="Use --dtype fp32 or bf16.")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype], dtype
+
+
+@dataclass(frozen=True)
+class _Numerics:
+    base_dtype: torch.dtype       # the frozen base's weights (what bitsandbytes leaves)
+    dtype: str
+    autocast: torch.dtype | None  # mixed precision; None: none
+    precision: str
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast or torch.float32
+
+
+def _numerics(args: TrainingArgs, device: torch.device) -> _Numerics:
+    """The base dtype and the autocast dtype; a half-precision base needs autocast (the
+    fp32 head and LoRA meet its half activations), so "auto" follows the base."""
+    base_dtype, dtype = resolve_dtype(args.dtype, device)
+    precision = args.precision
+    if precision == "auto" and base_dtype != torch.float32 and not args.quantize:
+        precision = dtype
+    autocast, precision = resolve_precision(precision, device)
+    if autocast is None and base_dtype != torch.float32 and not args.quantize:
+        raise ConfigError(f"a {dtype} base needs {dtype} mixed precision, not fp32.",
+                          hint=f"Use --precision auto or {dtype}, or --dtype fp32.")
+    return _Numerics(base_dtype, dtype, autocast, precision)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ConfigError(f"--device {device} is not supported by the trainer.",
+                          hint=f"Pick the GPU with CUDA_VISIBLE_DEVICES={device.index} and "
+                          "--device cuda (or launch on several GPUs with accelerate).")
+
+
+def _check_report_to(report_to: str) -> None:
+    if report_to == "none":
+        return
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise ConfigError(f"--report-to {report_to} needs the {module} package.",
+                          hint=f"pip install {module}, or use --report-to none.") from exc
+
+
+def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics: _Numerics,
+                     device: torch.device) -> Any:
+    """The base to train LoRA on: a copy of ``base_model`` (left untouched) or the
+    federation's, at the run's dtype or quantized."""
+    if args.quantize:
+        from fedbip_hub.quantization import load_quantized_base
+
+        return load_quantized_base(config, args.quantize, compute_dtype=numerics.compute_dtype,
+                                   device=device,
+                                   gradient_checkpointing=args.gradient_checkpointing)
+    if base_model is not None:
+        return copy.deepcopy(base_model).to(numerics.base_dtype)
+    from fedbip_hub.models import load_base_model
+
+    return load_base_model(config, dtype=numerics.base_dtype)
+
+
+def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: TrainingArgs,
+                     numerics: _Numerics, seq_len: int) -> MemoryEstimate | None:
+    """The run's memory estimate from the base's config (no weights); None where the
+    architecture cannot be built on the meta device."""
+    from peft import LoraConfig
+    from transformers import AutoConfig
+
+    try:
+        hf_config = (copy.deepcopy(base_model.config) if base_model is not None else
+                     AutoConfig.from_pretrained(config.base_model,
+                                                revision=config.base_revision))
+        shape = ModelShape.from_config(hf_config, task_type=config.task_type,
+                                       num_labels=config.num_labels,
+                                       lora_config=LoraConfig.from_pretrained(str(start_dir)))
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError):
+        return None
+    activation = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast,
+                                                                      numerics.dtype)
+    return estimate(shape, dtype=numerics.dtype, quantize=args.quantize,
+                    batch_size=args.batch_size, seq_len=seq_len,
+                    gradient_checkpointing=args.gradient_checkpointing,
+                    activation_dtype=activation)
+
+
+def _check_fits(est: MemoryEstimate | None, device: torch.device, client: str) -> None:
+    """Stop before loading when the estimate exceeds the GPU's free memory."""
+    if est is None or device.type != "cuda":
+        return
+    free, _total = torch.cuda.mem_get_info(device)
+    if est.total > free:
+        raise ConfigError(f"training needs about {gib(est.total)} but {device} has "
+                          f"{gib(free)} free ({'; '.join(est.lines()[:-1])}).",
+                          hint=fix_for(est) + " (--skip-memory-check runs anyway.)",
+                          client=client)
+
+
+def _measure(model: Any, data: Any, task_type: str, batch_size: int,
+             autocast: torch.dtype | None) -> float | None:
+    """Eval-mode loss on ``data`` where the model is (None without data)."""
+    if data is None:
+        return None
+    device = next(model.parameters()).device
+    context = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+               else contextlib.nullcontext())
+    with context:
+        scores = evaluate_prepared(model, data, task_type=task_type, batch_size=batch_size,
+                                   device=str(device))
+    return float(scores["loss"])
+
+
+def _cast_trainable(model: Any, numerics: _Numerics, quantized: bool) -> None:
+    """Trainable weights (LoRA, head) in fp32; the frozen rest stays at the base's dtype."""
+    if not quantized and numerics.base_dtype == torch.float32:
+        model.float()  # whatever the checkpoint's dtype
+        return
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def _resume_target(args: TrainingArgs, checkpoints: Path, start_revision: str | None,
+                   client: str) -> str | bool | None:
+    """What to pass the Trainer's ``resume_from_checkpoint``, after checking that the
+    checkpoints continue a run from the same start adapter."""
+    if not args.resume_from_checkpoint:
+        return None
+    target = args.resume_from_checkpoint
+    folder = checkpoints if target == "latest" else Path(target)
+    if target != "latest" and not folder.is_dir():
+        raise ConfigError(f"no checkpoint at {folder}.",
+                          hint="Pass --resume-from-checkpoint latest, or a checkpoint-N "
+                          "folder a run with --save-steps wrote.", client=client)
+    if target == "latest" and not any(checkpoints.glob("checkpoint-*")):
+        raise ConfigError(f"no checkpoint in {checkpoints} to resume from.",
+                          hint="Train with --save-steps N first (and the same --out or "
+                          "--checkpoint-dir).", client=client)
+    noted = (folder if target == "latest" else folder.parent) / START_FILE
+    if noted.is_file():
+        recorded = json.loads(noted.read_text()).get("start_revision")
+        if recorded != start_revision:
+            raise ConfigError(
+                f"the checkpoints continue a run that started from "
+                f"{recorded or 'the initial adapter'}, but this run starts from "
+                f"{start_revision or 'the initial adapter'}.",
+                hint="Pass --start with the run's original start, or train afresh without "
+                "--resume-from-checkpoint.", client=client)
+    return True if target == "latest" else str(folder)
+
+
 def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | Path, *,
                   args: TrainingArgs | None = None, start: str | Path = "auto",
                   tokenizer: Any = None, base_model: Any = None, progress: bool = True,
                   text_field: str = "text", label_field: str = "label") -> TrainResult:
-    """Train ``client``'s LoRA adapter on ``dataset`` and save a pushable folder.
+    """Train ``client``'s LoRA adapter on ``dataset`` with transformers' Trainer and save a
+    pushable folder.
 
     Args:
         fed: the federation (its config gives the base model, task and LoRA).
@@ -145,11 +311,11 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
             an adapter folder (whose ``fedbip_start.json`` gives the start revision).
         tokenizer: for text data; by default the base model's, loaded only when needed.
         base_model: an already-loaded base model to copy (it is not modified).
-        progress: show a progress bar on stderr.
+        progress: show the memory estimate and the Trainer's progress bar on stderr.
 
     Raises:
-        ConfigError: bad data, options or base model; AdapterError: a bad start adapter;
-        NotFoundError: ``client`` is not a member.
+        ConfigError: bad data, options or base model, or a run that cannot fit the GPU;
+        AdapterError: a bad start adapter; NotFoundError: ``client`` is not a member.
     """
     args = args or TrainingArgs()
     args.validate()
@@ -158,6 +324,18 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     config = fed.config(head)
     member = fed.member(client, head)
     task_type = config.task_type
+    device = resolve_device(args.device)
+    _check_device(device)
+    numerics = _numerics(args, device)
+    _check_report_to(args.report_to)
+    if args.quantize:
+        from fedbip_hub.quantization import require_bitsandbytes
+
+        require_bitsandbytes(args.quantize)
+        if base_model is not None:
+            raise ConfigError("a quantized run loads the base itself; it cannot copy a "
+                              "given base_model.", hint="Drop base_model or --quantize.",
+                              client=client)
     if isinstance(dataset, (str, Path)):
         dataset = load_examples(dataset)
     if tokenizer is None and needs_tokenizer(dataset, task_type, text_field=text_field):
@@ -165,108 +343,72 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     prepared = prepare_dataset(dataset, task_type=task_type, tokenizer=tokenizer,
                                max_length=args.max_length, text_field=text_field,
                                label_field=label_field, num_labels=config.num_labels)
-    device = resolve_device(args.device)
-    amp_dtype, precision = resolve_precision(args.precision, device)
+    seq_len = max(len(row) for row in prepared["input_ids"])
+    out = Path(output_dir)
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
 
-    torch.manual_seed(args.seed)
-    base = fresh_base(config, base_model)
-    check_vocab(base, prepared)
     with tempfile.TemporaryDirectory(prefix="fedbip-start-") as tmp:
         start_dir, start_revision, start_kind = _start_folder(fed, client, start, Path(tmp))
+        resume = _resume_target(args, checkpoints, start_revision, client)
+        est = _memory_estimate(config, base_model, start_dir, args, numerics, seq_len)
+        if progress and est is not None:
+            print("Memory estimate: " + "; ".join(est.lines()), file=sys.stderr)
+        if args.memory_check:
+            _check_fits(est, device, client)
+        torch.manual_seed(args.seed)
+        base = load_frozen_base(config, base_model, args, numerics, device)
+        check_vocab(base, prepared)
         model = _load_start(base, start_dir, client)
-    if amp_dtype is None:
-        model.float()  # no autocast: everything in fp32, whatever the checkpoint's dtype
-    else:
-        for param in model.parameters():  # trainable weights (LoRA, head) in fp32
-            if param.requires_grad:
-                param.data = param.data.float()
-    model.to(device)
-    pad_id = pad_id_of(model)
+    _cast_trainable(model, numerics, bool(args.quantize))
 
-    measured = (prepared.select(range(min(args.measure_examples, len(prepared))))
-                if args.measure_examples > 0 else None)
-
-    def measure() -> float | None:
-        if measured is None:
-            return None
-        scores = evaluate_prepared(model, measured, task_type=task_type,
-                                   batch_size=args.batch_size, device=str(device))
-        return float(scores["loss"])
-
-    start_loss = measure()
-    steps_per_epoch = math.ceil(len(prepared) / args.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(prepared) / args.batch_size) / args.grad_accum)
     total = (args.max_steps if args.max_steps is not None
              else math.ceil(args.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    from transformers import get_scheduler
-
     warmup = args.warmup_for(total)
-    scheduler = get_scheduler(SCHEDULER_NAMES[args.lr_scheduler], optimizer,
-                              num_warmup_steps=warmup, num_training_steps=total)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    shuffler = torch.Generator().manual_seed(args.seed)
-    losses: list[float] = []
-    rates: list[float] = []
+    from fedbip_hub.hf_trainer import build_trainer, trainer_arguments
 
-    def batches():
-        while True:
-            order = torch.randperm(len(prepared), generator=shuffler).tolist()
-            yield from iter_batches(prepared, args.batch_size, pad_id=pad_id,
-                                    task_type=task_type, order=order)
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
-
-    bar = _progress_bar(total, f"train {client}", enabled=progress)
-    torch.manual_seed(args.seed)  # dropout masks: the same whether the base was given or not
-    model.train()
-    stream = batches()
-    try:
-        for _step in range(total):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
-            with autocast():
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            if args.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            rates.append(float(optimizer.param_groups[0]["lr"]))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-    end_loss = measure() if total else start_loss
+    targs = trainer_arguments(args, output_dir=checkpoints, total_steps=max(total, 1),
+                              warmup=warmup, autocast=numerics.autocast,
+                              use_cpu=device.type == "cpu", progress=progress)
+    trainer, recorder = build_trainer(model, prepared, targs, pad_id=pad_id_of(model),
+                                      task_type=task_type, progress=progress)
+    model = trainer.model  # placed on the Trainer's device
+    measured = (prepared.select(range(min(args.measure_examples, len(prepared))))
+                if args.measure_examples > 0 else None)
+    start_loss = _measure(model, measured, task_type, args.batch_size, numerics.autocast)
+    if total > 0:
+        if args.save_steps and trainer.is_world_process_zero():
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / START_FILE).write_text(json.dumps(
+                {"start_revision": start_revision, "repo_id": member.repo_id}) + "\n")
+        torch.manual_seed(args.seed)  # dropout masks: the same whether the base was given
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except ValueError as exc:
+            if "checkpoint" not in str(exc).lower():
+                raise
+            raise ConfigError(f"cannot resume: {str(exc).splitlines()[0]}",
+                              hint="Check --resume-from-checkpoint and --checkpoint-dir.",
+                              client=client) from exc
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    end_loss = (_measure(model, measured, task_type, args.batch_size, numerics.autocast)
+                if total else start_loss)
+    losses = recorder.losses
     last_epoch = losses[-min(len(losses), steps_per_epoch):]
     train_loss = sum(last_epoch) / len(last_epoch) if last_epoch else (start_loss or 0.0)
-
-    out = _save(model, Path(output_dir), config, member.repo_id, start_revision,
-                len(prepared))
+    if trainer.is_world_process_zero():
+        _save(model, out, config, member.repo_id, start_revision, len(prepared))
     return TrainResult(output_dir=out, n_examples=len(prepared),
                        start_revision=start_revision, train_loss=float(train_loss),
                        seconds=time.perf_counter() - began, device=str(device), steps=total,
                        start=start_kind, start_loss=start_loss, end_loss=end_loss,
-                       precision=precision, losses=losses, learning_rates=rates,
-                       lr_scheduler=args.lr_scheduler, warmup_steps=warmup)
-
-
-def _progress_bar(total: int, description: str, *, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+                       precision=numerics.precision, losses=losses,
+                       learning_rates=recorder.rates, lr_scheduler=args.lr_scheduler,
+                       warmup_steps=warmup, dtype=args.quantize or numerics.dtype,
+                       grad_accum=args.grad_accum,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       memory_estimate=est.to_dict() if est is not None else None)
 
 
 def _save(model: Any, out: Path, config: Any, repo_id: str,

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from fedbip_hub.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = PRECISIONS  # the frozen base's dtype: auto is bf16/fp16 on a GPU, fp32 on CPU
+QUANTIZE = ("4bit", "8bit")
+REPORT_TO = ("none", "tensorboard", "wandb")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 # A decay to zero in every round starves the few local steps a federated client takes: on
 # a real encoder with 16 examples per client (issue 11) a constant rate reached local 0.851
@@ -30,6 +33,15 @@ class TrainingArgs:
     ``get_scheduler``) shapes the rate after a linear warmup from 0 of ``warmup_steps``
     steps (when set) or ``warmup_ratio`` of the steps; linear and cosine decay to 0 at the
     last step. ``max_grad_norm`` clips the gradients' global norm; None or 0 disables it.
+
+    ``dtype`` is the frozen base's dtype ("auto": bf16, or fp16 without bf16 support, on a
+    GPU; fp32 on CPU); trainable weights are fp32 whatever it is. ``quantize`` ("4bit" or
+    "8bit") loads the base's linear layers through bitsandbytes instead (QLoRA).
+    ``batch_size`` is per device and optimizer step; ``grad_accum`` micro-batches of it
+    make one step. ``save_steps`` writes a Trainer checkpoint every so many steps to
+    ``checkpoint_dir`` (default: ``checkpoints`` inside the output folder);
+    ``resume_from_checkpoint`` ("latest" or a ``checkpoint-N`` folder) continues one.
+    ``memory_check`` stops a GPU run whose memory estimate exceeds the free memory.
     """
 
     epochs: float = 3
@@ -46,6 +58,15 @@ class TrainingArgs:
     measure_examples: int = 256
     lr_scheduler: str = DEFAULT_LR_SCHEDULER
     warmup_steps: int | None = None
+    dtype: str = "auto"
+    quantize: str | None = None
+    gradient_checkpointing: bool = False
+    grad_accum: int = 1
+    report_to: str = "none"
+    save_steps: int | None = None
+    checkpoint_dir: str | None = None
+    resume_from_checkpoint: str | None = None
+    memory_check: bool = True
 
     def validate(self) -> None:
         """Refuse out-of-range options (ConfigError naming the CLI flag), before any load."""
@@ -69,6 +90,19 @@ class TrainingArgs:
         if self.precision not in PRECISIONS:
             problems.append(f"unknown precision (--precision) {self.precision!r}; use one "
                             f"of {', '.join(PRECISIONS)}")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum (--grad-accum) must be ≥ 1, got {self.grad_accum}")
+        if self.save_steps is not None and self.save_steps < 1:
+            problems.append(f"save_steps (--save-steps) must be ≥ 1, got {self.save_steps}")
+        for name, flag, value, allowed in (("dtype", "--dtype", self.dtype, DTYPES),
+                                           ("report_to", "--report-to", self.report_to,
+                                            REPORT_TO)):
+            if value not in allowed:
+                problems.append(f"unknown {name} ({flag}) {value!r}; use one of "
+                                f"{', '.join(allowed)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            problems.append(f"unknown quantize (--quantize) {self.quantize!r}; use "
+                            f"{' or '.join(QUANTIZE)}")
         if problems:
             raise ConfigError("invalid training options: " + "; ".join(problems) + ".",
                               hint="Fix the options named above.")

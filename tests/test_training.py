@@ -628,7 +628,7 @@ def test_bad_training_options_are_refused_before_the_model_loads(world: World,
     def no_load(*_args, **_kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(training, "fresh_base", no_load)
+    monkeypatch.setattr(training, "load_frozen_base", no_load)
     for options, flag in (({"lr_scheduler": "step"}, "--lr-scheduler"),
                           ({"warmup_ratio": 1.5}, "--warmup-ratio"),
                           ({"warmup_ratio": float("nan")}, "--warmup-ratio"),
