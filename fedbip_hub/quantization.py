@@ -44,7 +44,8 @@ def bnb_config(mode: str, compute_dtype: torch.dtype) -> Any:
 
 
 def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: torch.dtype,
-                        device: torch.device, gradient_checkpointing: bool) -> Any:
+                        device: torch.device, gradient_checkpointing: bool,
+                        token: str | None = None) -> Any:
     """The federation's base with its linear layers quantized, ready for k-bit training
     (peft.prepare_model_for_kbit_training: norms and embeddings in fp32, input grads on).
 
@@ -56,6 +57,7 @@ def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: t
 
     require_bitsandbytes(mode)
     kwargs: dict[str, Any] = {"revision": config.base_revision, "dtype": compute_dtype,
+                              "token": token,
                               "quantization_config": bnb_config(mode, compute_dtype)}
     if device.type == "cuda":  # one process, one GPU: accelerate's local device
         from accelerate import PartialState

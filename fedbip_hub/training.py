@@ -188,7 +188,7 @@ def _check_report_to(report_to: str) -> None:
 
 
 def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics: _Numerics,
-                     device: torch.device) -> Any:
+                     device: torch.device, *, token: str | None = None) -> Any:
     """The base to train LoRA on: a copy of ``base_model`` (left untouched) or the
     federation's, at the run's dtype or quantized."""
     if args.quantize:
@@ -196,16 +196,18 @@ def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics:
 
         return load_quantized_base(config, args.quantize, compute_dtype=numerics.compute_dtype,
                                    device=device,
-                                   gradient_checkpointing=args.gradient_checkpointing)
+                                   gradient_checkpointing=args.gradient_checkpointing,
+                                   token=token)
     if base_model is not None:
         return copy.deepcopy(base_model).to(numerics.base_dtype)
     from fedbip_hub.models import load_base_model
 
-    return load_base_model(config, dtype=numerics.base_dtype)
+    return load_base_model(config, dtype=numerics.base_dtype, token=token)
 
 
 def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: TrainingArgs,
-                     numerics: _Numerics, seq_len: int) -> MemoryEstimate | None:
+                     numerics: _Numerics, seq_len: int, *, token: str | None = None
+                     ) -> MemoryEstimate | None:
     """The run's memory estimate from the base's config (no weights); None where the
     architecture cannot be built on the meta device."""
     from peft import LoraConfig
@@ -214,7 +216,8 @@ def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: Traini
     try:
         hf_config = (copy.deepcopy(base_model.config) if base_model is not None else
                      AutoConfig.from_pretrained(config.base_model,
-                                                revision=config.base_revision))
+                                                revision=config.base_revision,
+                                                token=token))
         shape = ModelShape.from_config(hf_config, task_type=config.task_type,
                                        num_labels=config.num_labels,
                                        lora_config=LoraConfig.from_pretrained(str(start_dir)))
@@ -339,7 +342,8 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     if isinstance(dataset, (str, Path)):
         dataset = load_examples(dataset)
     if tokenizer is None and needs_tokenizer(dataset, task_type, text_field=text_field):
-        tokenizer = load_tokenizer(config.base_model, revision=config.base_revision)
+        tokenizer = load_tokenizer(config.base_model, revision=config.base_revision,
+                                   token=fed.token)
     prepared = prepare_dataset(dataset, task_type=task_type, tokenizer=tokenizer,
                                max_length=args.max_length, text_field=text_field,
                                label_field=label_field, num_labels=config.num_labels)
@@ -350,13 +354,14 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     with tempfile.TemporaryDirectory(prefix="fedbip-start-") as tmp:
         start_dir, start_revision, start_kind = _start_folder(fed, client, start, Path(tmp))
         resume = _resume_target(args, checkpoints, start_revision, client)
-        est = _memory_estimate(config, base_model, start_dir, args, numerics, seq_len)
+        est = _memory_estimate(config, base_model, start_dir, args, numerics, seq_len,
+                               token=fed.token)
         if progress and est is not None:
             print("Memory estimate: " + "; ".join(est.lines()), file=sys.stderr)
         if args.memory_check:
             _check_fits(est, device, client)
         torch.manual_seed(args.seed)
-        base = load_frozen_base(config, base_model, args, numerics, device)
+        base = load_frozen_base(config, base_model, args, numerics, device, token=fed.token)
         check_vocab(base, prepared)
         model = _load_start(base, start_dir, client)
     _cast_trainable(model, numerics, bool(args.quantize))

@@ -140,3 +140,8 @@ def test_token_reaches_the_base_model_and_tokenizer_without_hf_token(hub, hub_en
     scored = _cli(["eval", "fedorg/tokfed", "--client", "alice", "--data", str(data),
                    "--split", "train", "--device", "cpu", "--token", HUB_TOKEN, "--json"], env)
     assert json.loads(scored.stdout)["base"]["accuracy"] is not None
+    trained = _cli(["train", "fedorg/tokfed", "--client", "alice", "--data", str(data),
+                    "--out", str(tmp_path / "alice-out"), "--max-steps", "1", "--batch-size",
+                    "4", "--device", "cpu", "--token", HUB_TOKEN, "--push", "--json"], env)
+    # the private base and its tokenizer loaded with --token alone (no HF_TOKEN, no login)
+    assert json.loads(trained.stdout)["ok"]
