@@ -20,6 +20,7 @@ from fedbip_hub.task_vectors import Space
 from fedbip_hub.weighting import (
     RuleName,
     WeightOptions,
+    centred_cosine,
     group_weights,
     local_weights,
     model_credibility,
@@ -89,6 +90,13 @@ class Strategy(BaseModel):
     evidence_layer_shrinkage: float = Field(
         0.5, ge=0, le=1, description="The evidence rule's per-layer (or per-module) cosines "
         "are shrunk toward the model level by this fraction: λ·c_model + (1−λ)·c_layer.")
+    evidence_centre: Literal["off", "gram", "unit"] = Field(
+        "off", description="The evidence rule's cosines are taken between centred task "
+        "vectors τ_i − mean(τ) (weighting.centred_cosine): gram weighs each client by "
+        "its norm in the mean, unit by its direction alone; off: raw cosines.")
+    evidence_centre_min_clients: int = Field(
+        4, ge=3, description="Centre only from this many clients on; below, the raw "
+        "cosines are used (two centred vectors are always opposite).")
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
     similarity_space: Space = "delta"
@@ -251,6 +259,19 @@ class WeightTable:
                 for k, v in self.matrices.items()}
 
 
+def _centred(report: CosineSource, mode: str, granularity: Granularity,
+             model_cos: torch.Tensor, cosines: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model-level and per-key cosines of the centred task vectors."""
+    def norms(level: Granularity) -> dict[str, torch.Tensor]:
+        read = getattr(report, "level_norms", None)  # a source without norms: unit
+        return read(level) if mode == "gram" and read is not None else {}
+
+    model_norms, key_norms = norms("model"), norms(granularity)
+    return (centred_cosine(model_cos, model_norms.get(MODEL_KEY)),
+            {key: centred_cosine(cos, key_norms.get(key)) for key, cos in cosines.items()})
+
+
 def compute_weights(
     strategy: Strategy,
     *,
@@ -282,6 +303,10 @@ def compute_weights(
         options = strategy.weight_options
         model_cos = report.model_cosine()
         cosines = report.cosines(granularity)
+        if (options.rule == "evidence" and strategy.evidence_centre != "off"
+                and k >= strategy.evidence_centre_min_clients):
+            model_cos, cosines = _centred(report, strategy.evidence_centre, granularity,
+                                          model_cos, cosines)
         if (options.rule == "evidence" and granularity != "model"
                 and strategy.evidence_layer_shrinkage > 0):
             lam = strategy.evidence_layer_shrinkage

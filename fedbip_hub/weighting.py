@@ -220,6 +220,34 @@ def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tens
     return q / q.sum(dim=1, keepdim=True)
 
 
+def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosines of the centred task vectors τ_i − mean_k τ_k, from a cosine matrix alone.
+
+    With G = diag(n)·cos·diag(n) the Gram of the task vectors (n their norms; None: unit
+    vectors, each client's direction counting alike) and C = I − 11ᵀ/K, the centred Gram
+    is C·G·C, exactly the Gram of the centred vectors; its cosines are returned. The
+    component every update shares (the head, the common input distribution) leaves the
+    cosine, so unrelated clients' background falls to about −1/(K−1). A client whose
+    vector equals the mean has cosine 0 with everyone. Degenerate for K = 2 (the two
+    centred vectors are opposite): callers centre from a few clients on only.
+    """
+    k = cos.shape[0]
+    cos = cos.to(torch.float64).clone()
+    cos.fill_diagonal_(1.0)
+    n = (torch.ones(k, dtype=torch.float64) if norms is None
+         else norms.to(torch.float64).clamp_min(0))
+    gram = cos * n[:, None] * n[None, :]
+    centre = torch.eye(k, dtype=torch.float64) - 1.0 / max(k, 1)
+    gram = centre @ gram @ centre
+    d = gram.diagonal().clamp_min(0).sqrt()
+    scale = d[:, None] * d[None, :]
+    tol = 1e-12 * float(scale.max()) if k else 0.0  # a vector at the mean: no direction
+    out = torch.where(scale > tol, gram / scale.clamp_min(1e-300), torch.zeros_like(gram))
+    out = out.clamp(-1.0, 1.0)
+    out.fill_diagonal_(1.0)
+    return out
+
+
 def _top_k_mask(row: torch.Tensor, i: int, mask: torch.Tensor, k: int) -> torch.Tensor:
     peer_scores = torch.where(mask, row, torch.full_like(row, float("-inf")))
     peer_scores[i] = float("-inf")
