@@ -1,0 +1,120 @@
+"""Centred cosines for the evidence rule (weighting.centred_cosine, evidence_centre)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedbip_hub.memory import SimilarityMemory
+from fedbip_hub.similarity import SimilarityReport
+from fedbip_hub.strategies import Strategy, compute_weights
+from fedbip_hub.weighting import WeightOptions, centred_cosine, similarity_weights
+
+
+def _cosine_rows(x: torch.Tensor) -> torch.Tensor:
+    unit = x / x.norm(dim=1, keepdim=True)
+    return unit @ unit.T
+
+
+@pytest.mark.parametrize("k", [3, 4, 7])
+def test_centred_cosine_is_the_cosine_of_the_centred_vectors(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(k, 11, generator=gen, dtype=torch.float64) * torch.rand(
+        k, 1, generator=gen, dtype=torch.float64).add(0.2)
+    cos, norms = _cosine_rows(x), x.norm(dim=1)
+    # gram: each vector as it is; unit: each direction counted alike
+    torch.testing.assert_close(centred_cosine(cos, norms), _cosine_rows(x - x.mean(dim=0)))
+    unit = x / norms[:, None]
+    torch.testing.assert_close(centred_cosine(cos), _cosine_rows(unit - unit.mean(dim=0)))
+
+
+def test_a_shared_component_leaves_the_cosine() -> None:
+    # K clients = one common direction + a private orthogonal one each: raw cosines are
+    # all 0.8, the centred ones the −1/(K−1) of K vectors that sum to zero
+    k = 5
+    x = torch.zeros(k, k + 1, dtype=torch.float64)
+    x[:, 0] = 2.0
+    x[:, 1:] = torch.eye(k, dtype=torch.float64)
+    cos = _cosine_rows(x)
+    assert float(cos[0, 1]) == pytest.approx(0.8)
+    centred = centred_cosine(cos, x.norm(dim=1))
+    off = centred[~torch.eye(k, dtype=torch.bool)]
+    torch.testing.assert_close(off, torch.full_like(off, -1 / (k - 1)))
+
+
+def test_a_vector_at_the_mean_has_no_direction() -> None:
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    cos = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                       dtype=torch.float64)
+    out = centred_cosine(cos, x.norm(dim=1))
+    assert out[2].tolist() == [0.0, 0.0, 1.0] and out[0, 1] == -1.0
+
+
+class _Source:
+    """A cosine source with model-level and per-layer norms, as the memory view has."""
+
+    def __init__(self, x: dict[str, torch.Tensor]):
+        self.report = SimilarityReport([f"c{i}" for i in range(len(next(iter(x.values()))))],
+                                       {k: v @ v.T for k, v in x.items()})
+        self.clients = self.report.clients
+
+    def cosines(self, granularity: str) -> dict[str, torch.Tensor]:
+        return self.report.cosines(granularity)
+
+    def model_cosine(self) -> torch.Tensor:
+        return self.report.model_cosine()
+
+    def level_norms(self, granularity: str) -> dict[str, torch.Tensor]:
+        return self.report.level_norms(granularity)
+
+
+def _options(strategy: Strategy) -> WeightOptions:
+    return strategy.weight_options
+
+
+def test_centring_weights_are_the_evidence_rule_on_centred_cosines() -> None:
+    # 6 clients, two pairs and two singletons; every update shares a common component
+    gen = torch.Generator().manual_seed(3)
+    tasks = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    common = torch.randn(16, generator=gen, dtype=torch.float64) * 2
+    x = torch.stack([common + tasks[t] + 0.3 * torch.randn(16, generator=gen,
+                                                             dtype=torch.float64)
+                     for t in (0, 0, 1, 1, 2, 3)])
+    source = _Source({"layers.0.q": x})  # one layer, so the layer is the model
+    strategy = Strategy(method="fedbip", evidence_centre="gram")
+    table = compute_weights(strategy, k=6, report=source)
+    expected = similarity_weights(_cosine_rows(x - x.mean(dim=0)), _options(strategy))
+    torch.testing.assert_close(table.matrices["model"], expected)
+    raw = compute_weights(Strategy(method="fedbip"), k=6, report=source)
+    torch.testing.assert_close(raw.matrices["model"],
+                               similarity_weights(_cosine_rows(x), _options(strategy)))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_small_federations_are_not_centred(k: int) -> None:
+    # two centred vectors are always opposite; below evidence_centre_min_clients (4) the
+    # raw cosines are used, K=2 with the priors: cosine 0.2 → z = 2 → q = 1/2 → peer 1/3
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.9798, 0.0], [0.0, 0.0, 1.0]],
+                     dtype=torch.float64)[:k]
+    source = _Source({"layers.0.q": x})
+    centred = compute_weights(Strategy(method="fedbip", evidence_centre="gram"), k=k,
+                              report=source)
+    raw = compute_weights(Strategy(method="fedbip"), k=k, report=source)
+    torch.testing.assert_close(centred.matrices["model"], raw.matrices["model"])
+    if k == 2:
+        assert float(raw.matrices["model"][0, 1]) == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_memory_view_norms_are_the_remembered_norms() -> None:
+    gen = torch.Generator().manual_seed(5)
+    modules = ("model.layers.0.q_proj", "model.layers.1.q_proj")
+    memory = SimilarityMemory(granularity="layer")
+    sums = torch.zeros(3, 2, dtype=torch.float64)
+    for _ in range(2):
+        x = {m: torch.randn(3, 5, generator=gen, dtype=torch.float64) for m in modules}
+        report = SimilarityReport(["a", "b", "c"], {m: v @ v.T for m, v in x.items()})
+        memory = memory.updated(report, [True] * 3, decay=1.0)
+        sums += torch.stack([x[m].pow(2).sum(dim=1) for m in modules], dim=1)
+    view = memory.view(report)
+    torch.testing.assert_close(view.level_norms("layer")["model.layers.0"], sums[:, 0].sqrt())
+    torch.testing.assert_close(view.level_norms("model")["model"], sums.sum(dim=1).sqrt())
