@@ -94,6 +94,10 @@ class Strategy(BaseModel):
         "off", description="The evidence rule's cosines are taken between centred task "
         "vectors τ_i − mean(τ) (weighting.centred_cosine): gram weighs each client by "
         "its norm in the mean, unit by its direction alone; off: raw cosines.")
+    evidence_centre_raw_gate: bool = Field(
+        False, description="With centring, a pair also needs evidence in the raw "
+        "(uncentred) model-level cosines: subtracting the mean makes small groups that "
+        "both differ from a large one look alike.")
     evidence_centre_min_clients: int = Field(
         4, ge=3, description="Centre only from this many clients on; below, the raw "
         "cosines are used (two centred vectors are always opposite).")
@@ -303,8 +307,11 @@ def compute_weights(
         options = strategy.weight_options
         model_cos = report.model_cosine()
         cosines = report.cosines(granularity)
+        raw_cap = None
         if (options.rule == "evidence" and strategy.evidence_centre != "off"
                 and k >= strategy.evidence_centre_min_clients):
+            if strategy.evidence_centre_raw_gate:
+                raw_cap = model_credibility(model_cos, options, population)
             model_cos, cosines = _centred(report, strategy.evidence_centre, granularity,
                                           model_cos, cosines)
         if (options.rule == "evidence" and granularity != "model"
@@ -315,10 +322,13 @@ def compute_weights(
         cap = (model_credibility(model_cos, options, population)
                if options.rule == "evidence" and strategy.evidence_model_gate
                and granularity != "model" else None)
+        if raw_cap is not None:  # centred evidence must also stand out in the raw cosines
+            cap = raw_cap if cap is None else torch.minimum(cap, raw_cap)
         matrices = {key: similarity_weights(cos, options, allowed, cap=cap,
                                             population=population)
                     for key, cos in cosines.items()}
-        fallback = (similarity_weights(model_cos, options, allowed, population=population)
+        fallback = (similarity_weights(model_cos, options, allowed, cap=raw_cap,
+                                       population=population)
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":
