@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -118,3 +120,82 @@ def test_memory_view_norms_are_the_remembered_norms() -> None:
     view = memory.view(report)
     torch.testing.assert_close(view.level_norms("layer")["model.layers.0"], sums[:, 0].sqrt())
     torch.testing.assert_close(view.level_norms("model")["model"], sums.sum(dim=1).sqrt())
+
+
+def _by_hand(x: torch.Tensor, *, low: float, high: float, raw_gate: bool) -> torch.Tensor:
+    """The centred evidence rule in plain Python, from the docstring's maths: cosines of
+    x_i − mean(x); background = median pair, noise = 1.4826 · median of (b − c) below it,
+    floored at 0.05; q = clip((z − low)/(high − low)); the raw cosines' q caps it."""
+    k = x.shape[0]
+
+    def cosines(v: torch.Tensor) -> list[list[float]]:
+        return [[float(v[i] @ v[j] / (v[i].norm() * v[j].norm())) for j in range(k)]
+                for i in range(k)]
+
+    def credibility(c: list[list[float]]) -> list[list[float]]:
+        pairs = sorted(c[i][j] for i in range(k) for j in range(i + 1, k))
+        level = pairs[(len(pairs) - 1) // 2]  # the lower median, as torch takes it
+        below = sorted(level - v for v in pairs if v < level)
+        spread = max(1.4826 * below[(len(below) - 1) // 2] if below else 0.0, 0.05)
+        return [[min(1.0, max(0.0, ((c[i][j] - level) / spread - low) / (high - low)))
+                 for j in range(k)] for i in range(k)]
+
+    q = credibility(cosines(x - x.mean(dim=0)))
+    if raw_gate:
+        raw = credibility(cosines(x))
+        q = [[min(a, b) for a, b in zip(qa, qb, strict=True)]
+             for qa, qb in zip(q, raw, strict=True)]
+    out = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        row = [1.0 if j == i else q[i][j] for j in range(k)]
+        for j in range(k):
+            out[i, j] = row[j] / sum(row)
+    return out
+
+
+def _federation(gen: torch.Generator, tasks: Sequence[int], noise: float) -> torch.Tensor:
+    """Task vectors sharing a common component (the head, the common inputs), one task
+    direction per group, and each client's own noise."""
+    directions = torch.randn(max(tasks) + 1, 24, generator=gen, dtype=torch.float64)
+    common = 1.5 * torch.randn(24, generator=gen, dtype=torch.float64)
+    return torch.stack([common + directions[t]
+                        + noise * torch.randn(24, generator=gen, dtype=torch.float64)
+                        for t in tasks])
+
+
+@pytest.mark.parametrize(("raw_gate", "high"), [(False, 3.0), (True, 3.0), (True, 2.0)])
+@pytest.mark.parametrize("tasks", [(0, 0, 1, 1, 2, 3), (0, 0, 0, 1, 1, 2, 2, 3)])
+def test_centred_rule_against_hand_computed_weights(tasks, raw_gate: bool, high: float
+                                                    ) -> None:
+    gen = torch.Generator().manual_seed(len(tasks) + int(high))
+    x = _federation(gen, tasks, noise=0.8)
+    strategy = Strategy(method="fedbip", evidence_centre="gram",
+                        evidence_centre_raw_gate=raw_gate, evidence_high=high)
+    table = compute_weights(strategy, k=len(tasks), report=_Source({"layers.0.q": x}))
+    torch.testing.assert_close(table.matrices["model"],
+                               _by_hand(x, low=1.0, high=high, raw_gate=raw_gate))
+
+
+def test_the_raw_gate_keeps_two_small_groups_apart() -> None:
+    # a group of six (a shared direction plus each client's own) and two unrelated pairs:
+    # the pairs are orthogonal to each other, but both also to the group's direction,
+    # which dominates the mean, so the centred pairs look alike
+    gen = torch.Generator().manual_seed(9)
+    x = torch.zeros(10, 16, dtype=torch.float64)
+    x[:6, 0] = 1.0
+    x[:6, 6:12] = torch.eye(6, dtype=torch.float64)
+    x[6:8, 3] = 1.0
+    x[8:10, 4] = 1.0
+    x += 0.05 * torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    raw_cos = _cosine_rows(x)
+    centred = centred_cosine(raw_cos, x.norm(dim=1))
+    assert abs(float(raw_cos[6, 8])) < 0.05 < float(centred[6, 8])
+    source = _Source({"layers.0.q": x})
+    free = compute_weights(Strategy(method="fedbip", evidence_centre="gram"), k=10,
+                           report=source).matrices["model"]
+    gated = compute_weights(Strategy(method="fedbip", evidence_centre="gram",
+                                     evidence_centre_raw_gate=True), k=10,
+                            report=source).matrices["model"]
+    assert float(free[6, 8:].sum()) > 0.1  # the artefact hands weight across the pairs
+    assert float(gated[6, 8:].sum()) == 0.0
+    assert float(gated[6, 7]) == pytest.approx(0.5)  # the true pair still shares fully
