@@ -21,6 +21,18 @@ the background that unrelated clients show, not by its rank within the row:
 On a real pretrained encoder every client's update shares a component (the head, the
 common input distribution), so cross-task cosines are positive; rules that rank within a
 row (``zscore``, the paper's ``normalize``) turn that background into weight.
+
+Centring (``Strategy.evidence_centre``, applied by ``strategies.compute_weights`` from
+``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between the
+centred task vectors τ_i − τ̄, τ̄ = (1/K)Σ_k τ_k, exactly from the Gram matrix G (of the
+round, or the similarity memory's Σγ^age⟨τ_i, τ_k⟩): with C = I − 11ᵀ/K the centred Gram
+is G̃ = C·G·C and c̃_ik = G̃_ik/√(G̃_ii·G̃_kk) (``centred_cosine``; "unit" centres the
+unit vectors τ_i/‖τ_i‖ instead). Subtracting the mean removes the shared component, but
+when one large group dominates τ̄, two small groups that both differ from it come out
+alike; with ``evidence_centre_raw_gate`` a pair's credibility is therefore capped by its
+credibility in the raw (uncentred) model-level cosines: q_ik = min(q̃_ik, q_ik^raw). Below
+4 clients the raw cosines are used: two centred vectors are exactly opposite, and three
+are bound to sum to zero.
 """
 
 from __future__ import annotations
