@@ -90,8 +90,10 @@ class Strategy(BaseModel):
     evidence_layer_shrinkage: float = Field(
         0.5, ge=0, le=1, description="The evidence rule's per-layer (or per-module) cosines "
         "are shrunk toward the model level by this fraction: λ·c_model + (1−λ)·c_layer.")
+    # Chosen on bench_realmodel.py (the failing k10/k12 seeds), bench_quality.py and the
+    # demo together (benchmarks/README.md, "Real-model benchmark").
     evidence_centre: Literal["off", "gram", "unit"] = Field(
-        "off", description="The evidence rule's cosines are taken between centred task "
+        "unit", description="The evidence rule's cosines are taken between centred task "
         "vectors τ_i − mean(τ) (weighting.centred_cosine): gram weighs each client by "
         "its norm in the mean, unit by its direction alone; off: raw cosines.")
     evidence_centre_raw_gate: bool = Field(
@@ -264,7 +266,8 @@ class WeightTable:
 
 
 def _centred(report: CosineSource, mode: str, granularity: Granularity,
-             model_cos: torch.Tensor, cosines: dict[str, torch.Tensor]
+             model_cos: torch.Tensor, cosines: dict[str, torch.Tensor],
+             population: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model-level and per-key cosines of the centred task vectors."""
     def norms(level: Granularity) -> dict[str, torch.Tensor]:
@@ -272,8 +275,9 @@ def _centred(report: CosineSource, mode: str, granularity: Granularity,
         return read(level) if mode == "gram" and read is not None else {}
 
     model_norms, key_norms = norms("model"), norms(granularity)
-    return (centred_cosine(model_cos, model_norms.get(MODEL_KEY)),
-            {key: centred_cosine(cos, key_norms.get(key)) for key, cos in cosines.items()})
+    return (centred_cosine(model_cos, model_norms.get(MODEL_KEY), population),
+            {key: centred_cosine(cos, key_norms.get(key), population)
+             for key, cos in cosines.items()})
 
 
 def compute_weights(
@@ -313,7 +317,7 @@ def compute_weights(
             if strategy.evidence_centre_raw_gate:
                 raw_cap = model_credibility(model_cos, options, population)
             model_cos, cosines = _centred(report, strategy.evidence_centre, granularity,
-                                          model_cos, cosines)
+                                          model_cos, cosines, population)
         if (options.rule == "evidence" and granularity != "model"
                 and strategy.evidence_layer_shrinkage > 0):
             lam = strategy.evidence_layer_shrinkage

@@ -22,7 +22,7 @@ On a real pretrained encoder every client's update shares a component (the head,
 common input distribution), so cross-task cosines are positive; rules that rank within a
 row (``zscore``, the paper's ``normalize``) turn that background into weight.
 
-Centring (``Strategy.evidence_centre``, applied by ``strategies.compute_weights`` from
+Centring (``Strategy.evidence_centre``, default "gram", applied by ``compute_weights`` from
 ``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between the
 centred task vectors τ_i − τ̄, τ̄ = (1/K)Σ_k τ_k, exactly from the Gram matrix G (of the
 round, or the similarity memory's Σγ^age⟨τ_i, τ_k⟩): with C = I − 11ᵀ/K the centred Gram
@@ -232,12 +232,15 @@ def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tens
     return q / q.sum(dim=1, keepdim=True)
 
 
-def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosines of the centred task vectors τ_i − mean_k τ_k, from a cosine matrix alone.
+def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None,
+                   population: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosines of the centred task vectors τ_i − τ̄, from a cosine matrix alone.
 
     With G = diag(n)·cos·diag(n) the Gram of the task vectors (n their norms; None: unit
-    vectors, each client's direction counting alike) and C = I − 11ᵀ/K, the centred Gram
-    is C·G·C, exactly the Gram of the centred vectors; its cosines are returned. The
+    vectors, each client's direction counting alike) and τ̄ the mean over ``population``
+    (K bools, default all: copies and held-back updates are left out, so they cannot move
+    it), C = I − 1pᵀ/|P| and the centred Gram is C·G·Cᵀ, exactly the Gram of the centred
+    vectors; its cosines are returned. The
     component every update shares (the head, the common input distribution) leaves the
     cosine, so unrelated clients' background falls to about −1/(K−1). A client whose
     vector equals the mean has cosine 0 with everyone. Degenerate for K = 2 (the two
@@ -249,8 +252,10 @@ def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None) -> torc
     n = (torch.ones(k, dtype=torch.float64) if norms is None
          else norms.to(torch.float64).clamp_min(0))
     gram = cos * n[:, None] * n[None, :]
-    centre = torch.eye(k, dtype=torch.float64) - 1.0 / max(k, 1)
-    gram = centre @ gram @ centre
+    members = (torch.ones(k, dtype=torch.float64) if population is None
+               else population.to(torch.float64))
+    centre = torch.eye(k, dtype=torch.float64) - members[None, :] / max(float(members.sum()), 1)
+    gram = centre @ gram @ centre.T
     d = gram.diagonal().clamp_min(0).sqrt()
     scale = d[:, None] * d[None, :]
     tol = 1e-12 * float(scale.max()) if k else 0.0  # a vector at the mean: no direction

@@ -30,6 +30,16 @@ def test_centred_cosine_is_the_cosine_of_the_centred_vectors(k: int) -> None:
     torch.testing.assert_close(centred_cosine(cos), _cosine_rows(unit - unit.mean(dim=0)))
 
 
+def test_the_mean_is_taken_over_the_population() -> None:
+    # a copy of client 0 left out of the population does not move the mean
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    with_copy = torch.cat([x, x[:1]])
+    population = torch.tensor([True] * 5 + [False])
+    out = centred_cosine(_cosine_rows(with_copy), with_copy.norm(dim=1), population)
+    torch.testing.assert_close(out[:5, :5], _cosine_rows(x - x.mean(dim=0)))
+
+
 def test_a_shared_component_leaves_the_cosine() -> None:
     # K clients = one common direction + a private orthogonal one each: raw cosines are
     # all 0.8, the centred ones the −1/(K−1) of K vectors that sum to zero
@@ -87,7 +97,15 @@ def test_centring_weights_are_the_evidence_rule_on_centred_cosines() -> None:
     table = compute_weights(strategy, k=6, report=source)
     expected = similarity_weights(_cosine_rows(x - x.mean(dim=0)), _options(strategy))
     torch.testing.assert_close(table.matrices["model"], expected)
-    raw = compute_weights(Strategy(method="fedbip"), k=6, report=source)
+    # the default centres the unit vectors: each client's direction counts alike
+    default = Strategy(method="fedbip")
+    assert default.evidence_centre == "unit"
+    unit = x / x.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(
+        compute_weights(default, k=6, report=source).matrices["model"],
+        similarity_weights(_cosine_rows(unit - unit.mean(dim=0)), _options(default)))
+    raw = compute_weights(Strategy(method="fedbip", evidence_centre="off"), k=6,
+                          report=source)
     torch.testing.assert_close(raw.matrices["model"],
                                similarity_weights(_cosine_rows(x), _options(strategy)))
 
@@ -101,7 +119,8 @@ def test_small_federations_are_not_centred(k: int) -> None:
     source = _Source({"layers.0.q": x})
     centred = compute_weights(Strategy(method="fedbip", evidence_centre="gram"), k=k,
                               report=source)
-    raw = compute_weights(Strategy(method="fedbip"), k=k, report=source)
+    raw = compute_weights(Strategy(method="fedbip", evidence_centre="off"), k=k,
+                          report=source)
     torch.testing.assert_close(centred.matrices["model"], raw.matrices["model"])
     if k == 2:
         assert float(raw.matrices["model"][0, 1]) == pytest.approx(1 / 3, abs=1e-4)
