@@ -22,17 +22,20 @@ On a real pretrained encoder every client's update shares a component (the head,
 common input distribution), so cross-task cosines are positive; rules that rank within a
 row (``zscore``, the paper's ``normalize``) turn that background into weight.
 
-Centring (``Strategy.evidence_centre``, default "gram", applied by ``compute_weights`` from
-``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between the
-centred task vectors τ_i − τ̄, τ̄ = (1/K)Σ_k τ_k, exactly from the Gram matrix G (of the
-round, or the similarity memory's Σγ^age⟨τ_i, τ_k⟩): with C = I − 11ᵀ/K the centred Gram
-is G̃ = C·G·C and c̃_ik = G̃_ik/√(G̃_ii·G̃_kk) (``centred_cosine``; "unit" centres the
-unit vectors τ_i/‖τ_i‖ instead). Subtracting the mean removes the shared component, but
-when one large group dominates τ̄, two small groups that both differ from it come out
-alike; with ``evidence_centre_raw_gate`` a pair's credibility is therefore capped by its
-credibility in the raw (uncentred) model-level cosines: q_ik = min(q̃_ik, q_ik^raw). Below
-4 clients the raw cosines are used: two centred vectors are exactly opposite, and three
-are bound to sum to zero.
+Centring (``Strategy.evidence_centre``, default "unit", applied by ``compute_weights``
+from ``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between
+centred task vectors, exactly from the cosine matrix (``centred_cosine``). "unit" centres
+the directions u_i = τ_i/‖τ_i‖: with G = cos (the Gram of the u_i), p the background's
+population (copies and held-back updates left out, so they cannot move the mean) and
+C = I − 1pᵀ/|P|, the centred Gram is G̃ = C·G·Cᵀ, the Gram of u_i − ū, and
+c̃_ik = G̃_ik/√(G̃_ii·G̃_kk). "gram" centres τ_i themselves, G = diag(n)·cos·diag(n) with
+n the norms (of the round, or the similarity memory's √Σγ^age‖τ_i‖²); one large update
+then moves the mean for everyone. Subtracting the mean removes the component every
+update shares, but when one large group dominates it, two small groups that both differ
+from it come out alike; with ``evidence_centre_raw_gate`` a pair's credibility is
+therefore capped by its credibility in the raw model-level cosines: q_ik = min(q̃_ik,
+q_ik^raw). Below 4 clients the raw cosines are used: two centred vectors are exactly
+opposite, and three are bound to sum to zero.
 """
 
 from __future__ import annotations
