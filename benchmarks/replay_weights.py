@@ -92,7 +92,8 @@ def load_dump(dump: Path, method: str = "fedbip-l") -> list[ReplayRound]:
 
 def row_stats(rnd: ReplayRound, strategy: Strategy) -> list[dict[str, float | bool | str]]:
     """Per weight matrix and row: self, same-group and cross-group mass, L1 to the oracle."""
-    table = compute_weights(strategy, k=len(rnd.clients), report=rnd.view())
+    table = compute_weights(strategy, k=len(rnd.clients), report=rnd.view(),
+                            clients=rnd.clients)
     same = torch.tensor([[a == b for b in rnd.groups] for a in rnd.groups])
     eye = torch.eye(len(rnd.clients), dtype=torch.bool)
     oracle = same.double() / same.sum(dim=1, keepdim=True)
