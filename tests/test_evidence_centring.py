@@ -122,6 +122,8 @@ def test_small_federations_are_not_centred(k: int) -> None:
     raw = compute_weights(Strategy(method="fedbip", evidence_centre="off"), k=k,
                           report=source)
     torch.testing.assert_close(centred.matrices["model"], raw.matrices["model"])
+    default = compute_weights(Strategy(method="fedbip"), k=k, report=source)
+    torch.testing.assert_close(default.matrices["model"], raw.matrices["model"])
     if k == 2:
         assert float(raw.matrices["model"][0, 1]) == pytest.approx(1 / 3, abs=1e-4)
 
@@ -141,7 +143,8 @@ def test_memory_view_norms_are_the_remembered_norms() -> None:
     torch.testing.assert_close(view.level_norms("model")["model"], sums.sum(dim=1).sqrt())
 
 
-def _by_hand(x: torch.Tensor, *, low: float, high: float, raw_gate: bool) -> torch.Tensor:
+def _by_hand(x: torch.Tensor, *, low: float, high: float, raw_gate: bool,
+             unit: bool = False) -> torch.Tensor:
     """The centred evidence rule in plain Python, from the docstring's maths: cosines of
     x_i − mean(x); background = median pair, noise = 1.4826 · median of (b − c) below it,
     floored at 0.05; q = clip((z − low)/(high − low)); the raw cosines' q caps it."""
@@ -159,7 +162,8 @@ def _by_hand(x: torch.Tensor, *, low: float, high: float, raw_gate: bool) -> tor
         return [[min(1.0, max(0.0, ((c[i][j] - level) / spread - low) / (high - low)))
                  for j in range(k)] for i in range(k)]
 
-    q = credibility(cosines(x - x.mean(dim=0)))
+    v = x / x.norm(dim=1, keepdim=True) if unit else x
+    q = credibility(cosines(v - v.mean(dim=0)))
     if raw_gate:
         raw = credibility(cosines(x))
         q = [[min(a, b) for a, b in zip(qa, qb, strict=True)]
@@ -182,17 +186,21 @@ def _federation(gen: torch.Generator, tasks: Sequence[int], noise: float) -> tor
                         for t in tasks])
 
 
-@pytest.mark.parametrize(("raw_gate", "high"), [(False, 3.0), (True, 3.0), (True, 2.0)])
+@pytest.mark.parametrize(("centre", "raw_gate", "high"), [
+    ("unit", False, 3.0),  # the default
+    ("gram", False, 3.0), ("gram", True, 3.0), ("gram", True, 2.0), ("unit", True, 2.0)])
 @pytest.mark.parametrize("tasks", [(0, 0, 1, 1, 2, 3), (0, 0, 0, 1, 1, 2, 2, 3)])
-def test_centred_rule_against_hand_computed_weights(tasks, raw_gate: bool, high: float
-                                                    ) -> None:
+def test_centred_rule_against_hand_computed_weights(tasks, centre: str, raw_gate: bool,
+                                                    high: float) -> None:
+    # two singletons (tasks 2 and 3, or task 3) among pairs and a triple
     gen = torch.Generator().manual_seed(len(tasks) + int(high))
     x = _federation(gen, tasks, noise=0.8)
-    strategy = Strategy(method="fedbip", evidence_centre="gram",
+    strategy = Strategy(method="fedbip", evidence_centre=centre,
                         evidence_centre_raw_gate=raw_gate, evidence_high=high)
     table = compute_weights(strategy, k=len(tasks), report=_Source({"layers.0.q": x}))
     torch.testing.assert_close(table.matrices["model"],
-                               _by_hand(x, low=1.0, high=high, raw_gate=raw_gate))
+                               _by_hand(x, low=1.0, high=high, raw_gate=raw_gate,
+                                        unit=centre == "unit"))
 
 
 def test_the_raw_gate_keeps_two_small_groups_apart() -> None:
