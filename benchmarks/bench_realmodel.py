@@ -220,8 +220,33 @@ def plain_peft_local(scenario: RealModelScenario, init_folder: Path) -> dict[str
     return out
 
 
+def dump_rounds(fed_folder: Path, dest: Path) -> int:
+    """Copy a finished federation's round records and, per round, the similarity memory
+    it committed (``round-NNNNNN.json``, ``memory-NNNNNN.safetensors``) to ``dest``: what
+    the server saw, for replaying weighting rules offline. Returns the rounds copied."""
+    from fedbip_hub.federation import Federation, round_record_path
+    from fedbip_hub.memory import MEMORY_FILE
+
+    fed = Federation.at(str(fed_folder))
+    dest.mkdir(parents=True, exist_ok=True)
+    done: set[int] = set()
+    for commit in reversed(fed.store.history(fed.repo_id)):  # oldest first
+        files = set(fed.store.list_files(fed.repo_id, commit.id))
+        number = len(done) + 1
+        if round_record_path(number) not in files:
+            continue
+        raw = fed.store.read_bytes(fed.repo_id, round_record_path(number), commit.id)
+        (dest / f"round-{number:06d}.json").write_bytes(raw)
+        if MEMORY_FILE in files:
+            (dest / f"memory-{number:06d}.safetensors").write_bytes(
+                fed.store.read_bytes(fed.repo_id, MEMORY_FILE, commit.id))
+        done.add(number)
+    return len(done)
+
+
 def run_setting(name: str, setting: Setting, seed: int, method_rows: Sequence[Method], *,
-                rounds: int, shared: dict[str, Any], work: Path, plain_loop: bool) -> dict:
+                rounds: int, shared: dict[str, Any], work: Path, plain_loop: bool,
+                dump: Path | None = None) -> dict:
     config = scenario_config(setting, seed, rounds=rounds)
     scenario = RealModelScenario(config, work / f"{name}-s{seed}", log=console.log, **shared)
     began = time.perf_counter()
@@ -243,6 +268,11 @@ def run_setting(name: str, setting: Setting, seed: int, method_rows: Sequence[Me
                                      if r.get("memory_auc") is not None],
             "sign_guard": [r.get("sign_guard") for r in rounds_],
         }
+    if dump is not None:
+        for label in results["methods"]:
+            dump_rounds(work / f"{name}-s{seed}" / "runs" / label,
+                        dump / f"{name}-s{seed}" / label)
+        (dump / f"{name}-s{seed}" / "run.json").write_text(json.dumps(out, default=str))
     if plain_loop:
         init = Path(work / f"{name}-s{seed}" / "runs" / "local")
         from fedbip_hub.federation import Federation
@@ -423,6 +453,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="skip the plain PEFT local-training comparison")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--dump", type=Path, default=None,
+                        help="copy every federation's round records and similarity "
+                        "memory here, per scenario-seed and method (offline replay)")
     return parser.parse_args(argv)
 
 
@@ -472,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     warnings.simplefilter("ignore")
                     runs.append(run_setting(name, setting, seed, rows, rounds=rounds,
                                             shared=shared, work=work,
-                                            plain_loop=not args.no_plain_loop))
+                                            plain_loop=not args.no_plain_loop,
+                                            dump=args.dump))
                 console.log(f"{name} seed {seed}: " + ", ".join(
                     f"{k} {100 * v['accuracy']:.1f}" for k, v in runs[-1]["methods"].items()))
                 # every finished run is kept, so a long run stopped early still counts

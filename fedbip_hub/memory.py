@@ -140,14 +140,18 @@ class SimilarityMemory:
         if self.granularity == "module":
             levels["module"] = {key: [key] for key in self.cross}
         cosines: dict[Granularity, dict[str, torch.Tensor]] = {}
+        norms: dict[Granularity, dict[str, torch.Tensor]] = {}
         for level, groups in levels.items():
             fallback = report.cosines(level)
-            cosines[level] = {
-                key: _memory_cosine(sum(self.cross[m][pick] for m in members),
-                                    sum(self.own[m][pick] for m in members),
-                                    fallback.get(key))
-                for key, members in groups.items()}
-        return SimilarityView(list(report.clients), cosines)
+            cosines[level], norms[level] = {}, {}
+            for key, members in groups.items():
+                own = sum(self.own[m][pick] for m in members)
+                cosines[level][key] = _memory_cosine(
+                    sum(self.cross[m][pick] for m in members), own, fallback.get(key))
+                # a client's remembered norm: its own sum over the most rounds compared
+                norms[level][key] = (own.max(dim=1).values if own.numel()
+                                     else own.new_zeros(0)).clamp_min(0).sqrt()
+        return SimilarityView(list(report.clients), cosines, norms)
 
     # -- storage -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -204,12 +208,17 @@ class SimilarityView:
 
     clients: list[str]
     by_level: dict[Granularity, dict[str, torch.Tensor]]
+    # level → key → K remembered norms √Σγ^age‖τ_i‖² (the evidence rule's centring)
+    norms_by_level: dict[Granularity, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def cosines(self, granularity: Granularity) -> dict[str, torch.Tensor]:
         if granularity not in self.by_level:
             raise ValueError(f"this memory is kept per layer; it has no {granularity} "
                              "cosines (set the strategy's granularity to module)")
         return dict(self.by_level[granularity])
+
+    def level_norms(self, granularity: Granularity) -> dict[str, torch.Tensor]:
+        return dict(self.norms_by_level.get(granularity, {}))
 
     def model_cosine(self) -> torch.Tensor:
         return self.by_level["model"][MODEL_KEY]

@@ -75,6 +75,10 @@ class SimilarityReport:
     def model_cosine(self) -> torch.Tensor:
         return self.cosines("model")[MODEL_KEY]
 
+    def level_norms(self, granularity: Granularity) -> dict[str, torch.Tensor]:
+        """‖τ_k‖_F per key of a granularity."""
+        return {key: g.diagonal().clamp_min(0).sqrt() for key, g in self.gram(granularity).items()}
+
     def norms(self) -> torch.Tensor:
         """‖τ_k‖_F over the whole model."""
         return self.gram("model")[MODEL_KEY].diagonal().clamp_min(0).sqrt()

@@ -20,6 +20,7 @@ from fedbip_hub.task_vectors import Space
 from fedbip_hub.weighting import (
     RuleName,
     WeightOptions,
+    centred_cosine,
     group_weights,
     local_weights,
     model_credibility,
@@ -89,6 +90,19 @@ class Strategy(BaseModel):
     evidence_layer_shrinkage: float = Field(
         0.5, ge=0, le=1, description="The evidence rule's per-layer (or per-module) cosines "
         "are shrunk toward the model level by this fraction: λ·c_model + (1−λ)·c_layer.")
+    # Chosen on bench_realmodel.py (the failing k10/k12 seeds), bench_quality.py and the
+    # demo together (benchmarks/README.md, "Real-model benchmark").
+    evidence_centre: Literal["off", "gram", "unit"] = Field(
+        "unit", description="The evidence rule's cosines are taken between centred task "
+        "vectors τ_i − mean(τ) (weighting.centred_cosine): gram weighs each client by "
+        "its norm in the mean, unit by its direction alone; off: raw cosines.")
+    evidence_centre_raw_gate: bool = Field(
+        False, description="With centring, a pair also needs evidence in the raw "
+        "(uncentred) model-level cosines: subtracting the mean makes small groups that "
+        "both differ from a large one look alike.")
+    evidence_centre_min_clients: int = Field(
+        4, ge=3, description="Centre only from this many clients on; below, the raw "
+        "cosines are used (two centred vectors are always opposite).")
     granularity: Granularity | None = Field(
         None, description="Override the method's similarity granularity.")
     similarity_space: Space = "delta"
@@ -260,6 +274,21 @@ class WeightTable:
                 for k, v in self.matrices.items()}
 
 
+def _centred(report: CosineSource, mode: str, granularity: Granularity,
+             model_cos: torch.Tensor, cosines: dict[str, torch.Tensor],
+             population: torch.Tensor | None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model-level and per-key cosines of the centred task vectors."""
+    def norms(level: Granularity) -> dict[str, torch.Tensor]:
+        read = getattr(report, "level_norms", None)  # a source without norms: unit
+        return read(level) if mode == "gram" and read is not None else {}
+
+    model_norms, key_norms = norms("model"), norms(granularity)
+    return (centred_cosine(model_cos, model_norms.get(MODEL_KEY), population),
+            {key: centred_cosine(cos, key_norms.get(key), population)
+             for key, cos in cosines.items()})
+
+
 def compute_weights(
     strategy: Strategy,
     *,
@@ -291,6 +320,13 @@ def compute_weights(
         options = strategy.weight_options
         model_cos = report.model_cosine()
         cosines = report.cosines(granularity)
+        raw_cap = None
+        if (options.rule == "evidence" and strategy.evidence_centre != "off"
+                and k >= strategy.evidence_centre_min_clients):
+            if strategy.evidence_centre_raw_gate:
+                raw_cap = model_credibility(model_cos, options, population)
+            model_cos, cosines = _centred(report, strategy.evidence_centre, granularity,
+                                          model_cos, cosines, population)
         if (options.rule == "evidence" and granularity != "model"
                 and strategy.evidence_layer_shrinkage > 0):
             lam = strategy.evidence_layer_shrinkage
@@ -299,10 +335,13 @@ def compute_weights(
         cap = (model_credibility(model_cos, options, population)
                if options.rule == "evidence" and strategy.evidence_model_gate
                and granularity != "model" else None)
+        if raw_cap is not None:  # centred evidence must also stand out in the raw cosines
+            cap = raw_cap if cap is None else torch.minimum(cap, raw_cap)
         matrices = {key: similarity_weights(cos, options, allowed, cap=cap,
                                             population=population)
                     for key, cos in cosines.items()}
-        fallback = (similarity_weights(model_cos, options, allowed, population=population)
+        fallback = (similarity_weights(model_cos, options, allowed, cap=raw_cap,
+                                       population=population)
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)
     if weighting == "size":

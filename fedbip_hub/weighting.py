@@ -21,6 +21,21 @@ the background that unrelated clients show, not by its rank within the row:
 On a real pretrained encoder every client's update shares a component (the head, the
 common input distribution), so cross-task cosines are positive; rules that rank within a
 row (``zscore``, the paper's ``normalize``) turn that background into weight.
+
+Centring (``Strategy.evidence_centre``, default "unit", applied by ``compute_weights``
+from ``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between
+centred task vectors, exactly from the cosine matrix (``centred_cosine``). "unit" centres
+the directions u_i = τ_i/‖τ_i‖: with G = cos (the Gram of the u_i), p the background's
+population (copies and held-back updates left out, so they cannot move the mean) and
+C = I − 1pᵀ/|P|, the centred Gram is G̃ = C·G·Cᵀ, the Gram of u_i − ū, and
+c̃_ik = G̃_ik/√(G̃_ii·G̃_kk). "gram" centres τ_i themselves, G = diag(n)·cos·diag(n) with
+n the norms (of the round, or the similarity memory's √Σγ^age‖τ_i‖²); one large update
+then moves the mean for everyone. Subtracting the mean removes the component every
+update shares, but when one large group dominates it, two small groups that both differ
+from it come out alike; with ``evidence_centre_raw_gate`` a pair's credibility is
+therefore capped by its credibility in the raw model-level cosines: q_ik = min(q̃_ik,
+q_ik^raw). Below 4 clients the raw cosines are used: two centred vectors are exactly
+opposite, and three are bound to sum to zero.
 """
 
 from __future__ import annotations
@@ -218,6 +233,39 @@ def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tens
     q = torch.where(allowed, q, torch.zeros_like(q))
     q.fill_diagonal_(1.0)
     return q / q.sum(dim=1, keepdim=True)
+
+
+def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None,
+                   population: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosines of the centred task vectors τ_i − τ̄, from a cosine matrix alone.
+
+    With G = diag(n)·cos·diag(n) the Gram of the task vectors (n their norms; None: unit
+    vectors, each client's direction counting alike) and τ̄ the mean over ``population``
+    (K bools, default all: copies and held-back updates are left out, so they cannot move
+    it), C = I − 1pᵀ/|P| and the centred Gram is C·G·Cᵀ, exactly the Gram of the centred
+    vectors; its cosines are returned. The
+    component every update shares (the head, the common input distribution) leaves the
+    cosine, so unrelated clients' background falls to about −1/(K−1). A client whose
+    vector equals the mean has cosine 0 with everyone. Degenerate for K = 2 (the two
+    centred vectors are opposite): callers centre from a few clients on only.
+    """
+    k = cos.shape[0]
+    cos = cos.to(torch.float64).clone()
+    cos.fill_diagonal_(1.0)
+    n = (torch.ones(k, dtype=torch.float64) if norms is None
+         else norms.to(torch.float64).clamp_min(0))
+    gram = cos * n[:, None] * n[None, :]
+    members = (torch.ones(k, dtype=torch.float64) if population is None
+               else population.to(torch.float64))
+    centre = torch.eye(k, dtype=torch.float64) - members[None, :] / max(float(members.sum()), 1)
+    gram = centre @ gram @ centre.T
+    d = gram.diagonal().clamp_min(0).sqrt()
+    scale = d[:, None] * d[None, :]
+    tol = 1e-12 * float(scale.max()) if k else 0.0  # a vector at the mean: no direction
+    out = torch.where(scale > tol, gram / scale.clamp_min(1e-300), torch.zeros_like(gram))
+    out = out.clamp(-1.0, 1.0)
+    out.fill_diagonal_(1.0)
+    return out
 
 
 def _top_k_mask(row: torch.Tensor, i: int, mask: torch.Tensor, k: int) -> torch.Tensor:

