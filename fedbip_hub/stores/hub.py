@@ -610,6 +610,7 @@ class HubStore(Store):
                     f"commit: {repo_id} moved: expected parent {parent[:8]}, main is "
                     f"{base[:8]}.", hint="Another writer committed first; re-read and retry.")
             adds, delete_specs = self._changes(repo_id, base, payload, deletes)
+            listed = self._cached_tree(repo_id, base) is not None  # else sent unlisted
             if not adds and not delete_specs:
                 if base == parent and self.head(repo_id) != base:  # unread: check it
                     raise ConflictError(f"commit: {repo_id} moved past {base[:8]}.",
@@ -648,9 +649,11 @@ class HubStore(Store):
             if sent is None:  # cannot tell from HfApi's operations: ask the Hub
                 sent = self._carries(repo_id, str(info.oid), write_id)
             if sent:  # sent with parent_commit=base and accepted: the commit is ours
-                self.traffic.uploaded += sum(len(d) for d in adds.values())
+                self.traffic.uploaded += _uploaded_bytes(operations, adds)
                 self._after_commit(repo_id, base, str(info.oid), adds, delete_specs)
                 return str(info.oid)
+            if not listed and self.head(repo_id) == base:
+                return base  # sent unlisted, and HfApi found every file unchanged: a no-op
             # HfApi sends no commit when, at preupload time, main already holds every
             # change (it then returns main's head, skipping the parent check): someone
             # else moved main. Treat it like a 412.
@@ -673,8 +676,13 @@ class HubStore(Store):
     def _changes(self, repo_id: str, base: str, payload: Mapping[str, bytes],
                  deletes: Sequence[str]) -> tuple[dict[str, bytes], list[tuple[str, bool]]]:
         """The files that change ``base`` and the deletes (path, is_folder) it needs:
-        deletes of absent paths and unchanged files are dropped."""
-        tree = self._tree(repo_id, base)
+        deletes of absent paths and unchanged files are dropped. With no deletes and no
+        cached tree of ``base`` every file is sent without listing it: HfApi's preupload
+        leaves out the unchanged ones itself (``commit`` tells a no-op from a race)."""
+        tree = self._cached_tree(repo_id, base)
+        if tree is None and not any(raw.strip("/") for raw in deletes):
+            return dict(payload), []
+        tree = tree if tree is not None else self._tree(repo_id, base)
         remaining = set(tree)
         delete_specs: list[tuple[str, bool]] = []
         for raw in deletes:
@@ -697,7 +705,10 @@ class HubStore(Store):
                       ) -> None:
         """Cache the tree of a commit we just made (``base``'s, with our changes: the Hub
         applied exactly those on ``base``), so listing it costs nothing."""
-        tree = dict(self._tree(repo_id, base))
+        known = self._cached_tree(repo_id, base)
+        if known is None:
+            return
+        tree = dict(known)
         for path, folder in delete_specs:
             for existing in [p for p in tree if (p.startswith(path) if folder else p == path)]:
                 del tree[existing]
@@ -790,6 +801,14 @@ def _commit_sent(operations: Sequence[Any]) -> bool | None:
                        for op in operations)
     except AttributeError:
         return None
+
+
+def _uploaded_bytes(operations: Sequence[Any], adds: Mapping[str, bytes]) -> int:
+    """The bytes of the adds HfApi did send (it drops those preupload found unchanged)."""
+    unchanged = {op.path_in_repo for op in operations
+                 if getattr(op, "_remote_oid", None) is not None
+                 and op._remote_oid == getattr(op, "_local_oid", None)}
+    return sum(len(data) for path, data in adds.items() if path not in unchanged)
 
 
 def _common_prefix(names: Sequence[str]) -> str:
