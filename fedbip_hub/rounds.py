@@ -441,7 +441,8 @@ class RoundRunner:
         if not history:
             return None
         try:
-            self.store.list_files_fresh(member.repo_id, history[-1])  # never from a cache
+            self.store.check_revision(member.repo_id, history[-1],  # never from a cache
+                                      f"{PERSONALIZED_DIR}/{MERGE_RECORD}")
             return None
         except NotFoundError:
             self.store.head(member.repo_id)  # the repo answers: that revision is gone

@@ -99,10 +99,11 @@ class Store(ABC):
         """
         return {}
 
-    def list_files_fresh(self, repo_id: str, revision: str) -> list[str]:
-        """``list_files`` asked of the store itself, never of a cache: the check that a
-        revision still exists (NotFoundError when it is gone)."""
-        return self.list_files(repo_id, revision)
+    def check_revision(self, repo_id: str, revision: str, probe: str) -> None:
+        """Raise NotFoundError unless ``revision`` still exists, asking the store itself,
+        never a cache. ``probe`` is a file the revision is expected to hold (a store may
+        ask for it alone; its absence alone does not count as the revision gone)."""
+        self.list_files(repo_id, revision)
 
     @abstractmethod
     def commit(self, repo_id: str, files: Mapping[str, FileContent], *, message: str,

@@ -502,9 +502,8 @@ class HubStore(Store):
         finally:
             partial.unlink(missing_ok=True)
 
-    def _tree(self, repo_id: str, revision: str, *, cached: bool = True
-              ) -> dict[str, dict[str, Any]]:
-        if cached and (tree := self._cached_tree(repo_id, revision)) is not None:
+    def _tree(self, repo_id: str, revision: str) -> dict[str, dict[str, Any]]:
+        if (tree := self._cached_tree(repo_id, revision)) is not None:
             return tree
         url = self._api_url(repo_id, "tree", quote(revision, safe=""))
         entries = self._call(repo_id, "list files",
@@ -516,8 +515,25 @@ class HubStore(Store):
     def list_files(self, repo_id: str, revision: str) -> list[str]:
         return sorted(self._tree(repo_id, revision))
 
-    def list_files_fresh(self, repo_id: str, revision: str) -> list[str]:
-        return sorted(self._tree(repo_id, revision, cached=False))
+    def check_revision(self, repo_id: str, revision: str, probe: str) -> None:
+        """One HEAD of ``probe``'s resolve URL, never answered from a cache: a file
+        request (the Hub counts it with downloads), not an API call. A revision that
+        exists without ``probe`` answers EntryNotFound, which is no error here."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(repo_id, probe, revision=revision, endpoint=self.endpoint)
+
+        def ask() -> None:
+            response = get_session().head(url, headers=build_hf_headers(token=self._token),
+                                          follow_redirects=False)
+            if response.status_code >= 400:
+                hf_raise_for_status(response)
+
+        try:
+            self._call(repo_id, "check a revision", ask)
+        except _EntryMissing:
+            return
 
     def fetch_folder(self, repo_id: str, revision: str, subfolder: str = "",
                      *, only: Sequence[str] | None = None) -> Path:
