@@ -1030,7 +1030,7 @@ class RoundRunner:
                 if done is not None:
                     return done
                 continue
-            return {"repo_id": pinned.repo_id, "commit": commit,
+            return {"repo_id": pinned.repo_id, "commit": commit, "parent": head,
                     "max_discarded_energy": adapter.max_discarded_energy}
         raise ConflictError(f"{pinned.repo_id} kept moving while publishing; gave up after "
                             f"{_PUBLISH_TRIES} tries.", hint="A later run publishes it.")
@@ -1150,8 +1150,11 @@ class RoundRunner:
                 state.clients[name] = state.client(name).model_copy(
                     update={"consumed_commit": None, "consumed_start": None})
             for name, seen in plan.heads.items():  # where the next round's listing starts
+                # Our publish, when made on the head planning saw; else the repo moved
+                # in between (a push during the round), and the next round looks again.
                 output = outputs.get(name) or {}
-                state.client(name).seen_head = output.get("commit") or seen
+                state.client(name).seen_head = (output["commit"] if output.get("commit")
+                                                and output.get("parent") == seen else seen)
             for name, uid in internal.items():  # see _waits
                 client_state = state.client(name)
                 client_state.internal_error_upload = uid

@@ -21,13 +21,15 @@ from federation_helpers import (
     publish_commits,
     published_tensors,
     pull_and_push,
+    push_fresh,
     set_strategy,
 )
 
-from fedbip_hub.client import latest_personalized_revision
+from fedbip_hub.client import latest_personalized_revision, upload_id
 from fedbip_hub.federation import PERSONALIZED_DIR, Federation
 from fedbip_hub.rounds import RoundRunner, run_round
 from fedbip_hub.stores import HubStore
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
 
 
 def _members(k: int) -> dict[str, int]:
@@ -204,3 +206,26 @@ def test_pinned_reads_are_never_repeated_across_jobs_sharing_a_cache(hub, tmp_pa
     since = len(hub.requests)
     second.commit(repo, {"adapter/x.json": b"{\"a\": 1}"}, message="more", parent=rev)
     assert hub.request_counts(since) == {"api": 2, "downloads": 0, "commits": 1}
+
+
+def test_a_push_during_the_round_is_seen_by_the_next_round(hub, tmp_path, tiny_base):
+    """A member that pushes while the round runs gets its publish on top of the new
+    upload; the next round must still look at that upload, not take the publish for the
+    head it left."""
+    fed = _federation("fedorg/push-during", tiny_base, tmp_path, 3, method="local")
+    pull_and_push(fed, tmp_path, "m00", seed=80, group=0)
+    pushed: list[str] = []
+
+    def push_meanwhile(step: str) -> None:
+        if step == "computed":
+            pushed.append(push_fresh(fed, tmp_path, "m00", seed=81, group=0))
+
+    record = RoundRunner(fed, checkpoint=push_meanwhile).run()
+    assert pushed and sorted(record["outputs"]) == ["m00"]
+    assert record["outputs"]["m00"]["parent"] == pushed[0]  # published on top of it
+    following = run_round(fed)
+    assert following["status"] == "completed"
+    assert following["inputs"]["m00"]["fresh"]
+    repo = fed.member("m00").repo_id
+    expected = upload_id(fed.store.read_bytes(repo, UPLOAD_METADATA_NAME, pushed[0]))
+    assert following["inputs"]["m00"]["upload_id"] == expected
