@@ -229,3 +229,24 @@ def test_a_push_during_the_round_is_seen_by_the_next_round(hub, tmp_path, tiny_b
     repo = fed.member("m00").repo_id
     expected = upload_id(fed.store.read_bytes(repo, UPLOAD_METADATA_NAME, pushed[0]))
     assert following["inputs"]["m00"]["upload_id"] == expected
+
+
+def test_the_servers_listing_answers_hfapi_as_the_hub_does(hub):
+    """list_models with expand= returns only the fields asked for, paged by Link."""
+    from huggingface_hub import HfApi
+
+    for i in range(5):
+        hub.create_repo(f"fedorg/listed-{i}", private=True, files={"f.txt": str(i)})
+    hub.list_page_size = 2
+    try:
+        since = len(hub.requests)
+        models = list(HfApi().list_models(author="fedorg", search="listed-",
+                                          expand=["sha", "private"]))
+        pages = hub.request_counts(since)["api"]
+    finally:
+        hub.list_page_size = 1000
+    assert [m.id for m in models] == [f"fedorg/listed-{i}" for i in range(5)]
+    assert [m.sha for m in models] == [hub.head(f"fedorg/listed-{i}") for i in range(5)]
+    assert all(m.private for m in models)
+    assert all(m.downloads is None and m.last_modified is None for m in models)  # not asked
+    assert pages == 3
