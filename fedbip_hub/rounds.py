@@ -1149,7 +1149,14 @@ class RoundRunner:
             for name in evicted:  # its consumed update leaves the pool; it stays consumed
                 state.clients[name] = state.client(name).model_copy(
                     update={"consumed_commit": None, "consumed_start": None})
+            # Fresh uploads this round consumed or refused; any other (skipped for the
+            # store, or an internal error) is looked at again next round.
+            concluded = {p.client for p in inputs if p.fresh} | set(refused)
             for name, seen in plan.heads.items():  # where the next round's listing starts
+                pinned = plan.inputs.get(name) or plan.dropped.get(name)
+                if pinned is not None and pinned.fresh and name not in concluded:
+                    state.client(name).seen_head = None
+                    continue
                 # Our publish, when made on the head planning saw; else the repo moved
                 # in between (a push during the round), and the next round looks again.
                 output = outputs.get(name) or {}
