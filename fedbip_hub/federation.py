@@ -178,6 +178,9 @@ class ClientState(BaseModel):
     internal_error_upload: str | None = None
     internal_error_version: str | None = None
     internal_error_round: int | None = None
+    # The member repo's head as the last round left it (its publish, or the head it
+    # looked at): while a listing shows it there, the member has nothing new.
+    seen_head: str | None = None
 
 
 class RoundRecordHeader(BaseModel):

@@ -82,6 +82,7 @@ from fedbip_hub.skip_reasons import (
     reason,
     refusal_reason,
 )
+from fedbip_hub.stores import RepoHead
 from fedbip_hub.strategies import Strategy, WeightTable, compute_weights, oracle_groups
 from fedbip_hub.streaming import (
     DEFAULT_DOWNLOAD_WORKERS,
@@ -139,6 +140,10 @@ class RoundPlan(BaseModel):
     # refuses the fresh one, this stands in for it, as for an upload refused while
     # planning (every refusal is treated alike; see skip_reasons.refusal_reason).
     fallbacks: dict[str, PinnedInput] = Field(default_factory=dict)
+    # client → its repo's head as planning saw it, for each member planning looked at to
+    # the end (no store error); the completed round records it as the client's
+    # ``seen_head``, so the next round skips the member while its head stays there.
+    heads: dict[str, str] = Field(default_factory=dict)
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)
@@ -156,6 +161,13 @@ def read_lease(raw: Any, address: str) -> RoundPlan:
             hint="Restore state.json from the federation repo's history: the version the "
             "last 'fedbip: round N started' (or 'resumed') commit wrote, whose round is "
             "then resumed; never edit the lease by hand.") from exc
+
+
+def _round_deadline(config: FederationConfig, current: float | None) -> float:
+    """When a round stops waiting out rate limits: before its lease runs out (a job's
+    --timeout is kept under the lease), leaving a tenth of it to finish."""
+    deadline = time.monotonic() + 0.9 * 60.0 * config.lease_minutes
+    return deadline if current is None else min(deadline, current)
 
 
 def staleness_discount(staleness: int, beta: float) -> float:
@@ -199,6 +211,8 @@ class RoundRunner:
     _evicted: dict[str, str] | None = None
     # client → upload id: fresh uploads this round skipped for an internal error.
     _internal_errors: dict[str, str] | None = None
+    _resumed: bool = False  # this job resumes a plan another job made (it may have published)
+    _fed_head: str | None = None  # the federation head this job last saw holding its lease
 
     def __init__(self, fed: Federation, *, dry_run: bool = False, takeover: bool = False,
                  progress: ProgressFn | None = None, log: LogFn | None = None,
@@ -214,6 +228,7 @@ class RoundRunner:
         self.checkpoint = checkpoint or (lambda _step: None)
         self.groups = dict(groups) if groups is not None else None
         self.timings: dict[str, float] = {}
+        self._traffic_start = self.store.traffic.snapshot()
         self._clock = self._started = time.perf_counter()
         self._last_skips: dict[str, str] = {}
         self._latest_folders: dict[str, Path] = {}  # client → latest adapter, this round
@@ -237,6 +252,8 @@ class RoundRunner:
             ResourceError: the machine ran out of disk space, a quota or memory; the
                 lease (if taken) stays, so ``--takeover`` resumes the round.
         """
+        deadline = self.store.deadline
+        self._traffic_start = self.store.traffic.snapshot()
         try:
             return self._run()
         except (OSError, MemoryError) as exc:
@@ -245,9 +262,16 @@ class RoundRunner:
             raise resource_error(exc, "running a round of "
                                  f"{self.fed.address}") from exc
         finally:
+            self.store.deadline = deadline
             if self._staging is not None:  # a round stopped by an error: free its disk
                 self._staging.close()
                 self._staging = None
+
+    def hub_calls(self) -> dict[str, int]:
+        """The API calls and file downloads this round has made so far (the Hub's rate
+        limits count these; a local store makes none)."""
+        now, start = self.store.traffic.snapshot(), self._traffic_start
+        return {key: now[key] - start.get(key, 0) for key in ("api_calls", "downloads")}
 
     def _run(self) -> dict:
         self._started = time.perf_counter()
@@ -257,13 +281,15 @@ class RoundRunner:
             head = self.fed.head()
             config = self.fed.config(head)
             state = self.fed.state(head)
+            if attempt == 0:  # 429s are waited out only while the lease would still hold
+                self.store.deadline = _round_deadline(config, self.store.deadline)
             if attempt == 0 and state.in_progress is not None:
                 first_holder = str(state.in_progress.get("job_id"))
             plan = self._plan_or_resume(head, config, state, first_holder=first_holder)
             if plan is None:
                 self.log("Nothing new since the last round: no commit.")
                 return {"status": "nothing-new", "round": state.round,
-                        "skipped": self._last_skips}
+                        "skipped": self._last_skips, "hub": self.hub_calls()}
             self._preflight(config, plan)
             if self.dry_run:
                 break
@@ -272,9 +298,9 @@ class RoundRunner:
             verb = "started" if state.in_progress is None else "resumed"
             state.in_progress = plan.model_dump(mode="json")
             try:
-                self.store.commit(self.fed.repo_id, {STATE_FILE: dump_json(state)},
-                                  message=f"fedbip: round {plan.round} {verb}",
-                                  parent=head)
+                self._fed_head = self.store.commit(
+                    self.fed.repo_id, {STATE_FILE: dump_json(state)},
+                    message=f"fedbip: round {plan.round} {verb}", parent=head)
                 break
             except ConflictError:
                 self.log("The federation repo moved while planning; planning again.")
@@ -313,13 +339,15 @@ class RoundRunner:
                     "(or wait for the lease to expire) to resume the same round.")
             self.log(f"Resuming round {plan.round} (plan {plan.plan_id[:8]}, taking the "
                      f"lease over from job {plan.job_id}).")
+            self._resumed = True
             now = datetime.now(timezone.utc)
             return plan.model_copy(update={
                 "job_id": uuid.uuid4().hex[:12],
                 "lease_until": (now + timedelta(minutes=config.lease_minutes)).isoformat(
                     timespec="seconds")})
         membership = self.fed.membership(head)
-        inputs, skipped, restarted, fallbacks = self._collect(membership.members, state)
+        inputs, skipped, restarted, fallbacks, heads = self._collect(membership.members,
+                                                                     state)
         skipped.update(membership.problems)  # broken members/*.json: file → why
         self._last_skips = skipped
         waiting = {name for name, pinned in inputs.items()
@@ -338,39 +366,55 @@ class RoundRunner:
             lease_until=(now + timedelta(minutes=config.lease_minutes)).isoformat(
                 timespec="seconds"),
             federation_revision=head, inputs=inputs, latest=latest, skipped=skipped,
-            restarted=restarted, fallbacks=fallbacks)
+            restarted=restarted, fallbacks=fallbacks, heads=heads)
 
     def _collect(self, members: dict[str, Member], state: FederationState
                  ) -> tuple[dict[str, PinnedInput], dict[str, str], dict[str, str],
-                            dict[str, PinnedInput]]:
+                            dict[str, PinnedInput], dict[str, str]]:
+        """Each member's input. Its head comes from one listing of many repos (see
+        ``Store.heads``); a member whose head is still the one the last round left
+        (``seen_head``) has nothing new and costs no call, the others are looked at."""
         inputs: dict[str, PinnedInput] = {}
         skipped: dict[str, str] = {}
         restarted: dict[str, str] = {}
         fallbacks: dict[str, PinnedInput] = {}
+        heads: dict[str, str] = {}
+        listed = self.store.heads([m.repo_id for m in members.values()])
         for name, member in self.progress(list(members.items()), "Checking members"):
             client_state = state.client(name)
-            try:
-                gone = self._history_gone(member, client_state)
-            except StoreError as exc:  # not a definite "gone": keep everything, retry later
-                skipped[name] = one_line(redact(
-                    f"could not check that its latest personalized adapter still exists in "
-                    f"{member.repo_id} ({reason(exc)}); skipped this round, its history is "
-                    "kept and it is retried next round"))
-                continue
-            if gone is not None:
-                restarted[name] = gone
-                self.log(f"{name}: {gone}.")
-                client_state = _started_over(client_state)
+            seen = listed.get(member.repo_id)
+            unchanged = (seen is not None and client_state.seen_head is not None
+                         and seen.sha == client_state.seen_head)
+            if not unchanged:
+                try:
+                    gone = self._history_gone(member, client_state)
+                except StoreError as exc:  # not a definite "gone": keep everything, retry later
+                    skipped[name] = one_line(redact(
+                        f"could not check that its latest personalized adapter still exists "
+                        f"in {member.repo_id} ({reason(exc)}); skipped this round, its "
+                        "history is kept and it is retried next round"))
+                    continue
+                if gone is not None:
+                    restarted[name] = gone
+                    self.log(f"{name}: {gone}.")
+                    client_state = _started_over(client_state)
             previous = _previous_input(name, member, client_state)
-            try:
-                fresh = self._fresh_upload(name, member, client_state)
-            except StoreError as exc:  # the store, not the upload: nothing is refused
-                skipped[name] = (f"{reason(exc)}; the upload was NOT refused and will be "
-                                 "retried next round")
-                fresh = None
-            except FedbipError as exc:  # refused from its listing or metadata
-                skipped[name] = refusal_reason(exc, reused=previous is not None)
-                fresh = None
+            fresh = None
+            if unchanged:
+                heads[name] = seen.sha  # type: ignore[union-attr]
+            else:
+                head = seen.sha if seen is not None else None
+                try:
+                    head = head or self.store.head(member.repo_id)
+                    fresh = self._fresh_upload(name, member, client_state, head)
+                    heads[name] = head
+                except StoreError as exc:  # the store, not the upload: nothing is refused
+                    skipped[name] = (f"{reason(exc)}; the upload was NOT refused and will be "
+                                     "retried next round")
+                except FedbipError as exc:  # refused from its listing or metadata
+                    skipped[name] = refusal_reason(exc, reused=previous is not None)
+                    if head is not None:
+                        heads[name] = head
             if fresh is not None:
                 inputs[name] = fresh
                 if previous is not None:
@@ -385,7 +429,7 @@ class RoundRunner:
                                  "says why); push a corrected one"
                                  if client_state.refused_upload else
                                  "has not pushed an adapter yet")
-        return inputs, skipped, restarted, fallbacks
+        return inputs, skipped, restarted, fallbacks, heads
 
     def _history_gone(self, member: Member, client_state: Any) -> str | None:
         """Why the client starts over, when its latest personalized revision no longer
@@ -397,7 +441,8 @@ class RoundRunner:
         if not history:
             return None
         try:
-            self.store.list_files(member.repo_id, history[-1])  # never served from cache
+            self.store.check_revision(member.repo_id, history[-1],  # never from a cache
+                                      f"{PERSONALIZED_DIR}/{MERGE_RECORD}")
             return None
         except NotFoundError:
             self.store.head(member.repo_id)  # the repo answers: that revision is gone
@@ -405,9 +450,9 @@ class RoundRunner:
                 f"latest personalized revision {history[-1][:12]} no longer exists; "
                 "starting again from the federation's initial adapter")
 
-    def _fresh_upload(self, name: str, member: Member, client_state: Any
+    def _fresh_upload(self, name: str, member: Member, client_state: Any, head: str
                       ) -> PinnedInput | None:
-        head = self.store.head(member.repo_id)
+        """The upload at ``head`` when it is one this federation has not seen yet."""
         files = self.store.list_files(member.repo_id, head)
         if not check_upload_listing(files, label=name):
             return None
@@ -503,6 +548,9 @@ class RoundRunner:
         self._lap("publish")
         record = self._record(plan, strategy, inputs, report, weights, merged, outputs,
                               skipped)
+        # Targets no fresh update reaches keep their adapter (see changed_targets).
+        record["unchanged"] = {p.client: plan.latest.get(p.client)
+                               for p, m in zip(inputs, merged, strict=False) if m is None}
         record["memory_cosine"] = (similarity.to_json()
                                    if isinstance(similarity, SimilarityView) else None)
         record["norm_guard"] = guard
@@ -514,10 +562,13 @@ class RoundRunner:
         if not self.dry_run:
             self.checkpoint("before-record")
             record["timings"] = self._timings()  # the committed record keeps them
+            # The committed record counts the Hub calls up to its own commit (2-4 more).
+            record["hub"] = self.hub_calls()
             self._complete(plan, config, record, outputs, inputs, refused, similarity,
                            memory)
         self._lap("record")
         record["timings"] = self._timings()
+        record["hub"] = self.hub_calls()
         record["bytes"] = {"downloaded": self.store.traffic.downloaded,
                            "uploaded": self.store.traffic.uploaded}
         return record
@@ -829,7 +880,9 @@ class RoundRunner:
                init: LoraAdapter, vectors: list[TaskVector], inputs: list[PinnedInput],
                similarity: CosineSource, scale: torch.Tensor, blocked: list[int],
                copies: DuplicateGroups | None = None
-               ) -> tuple[WeightTable, list[MergedAdapter]]:
+               ) -> tuple[WeightTable, list[MergedAdapter | None]]:
+        """The weights, and each input's merged adapter: None for a target the merge
+        leaves as it is (see ``changed_targets``), which is neither merged nor published."""
         k = len(vectors)
         fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
         fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
@@ -849,10 +902,11 @@ class RoundRunner:
             [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
              for p in inputs], dtype=torch.float64) * scale
         weights = _bounded(weights, strategy, fresh & (contribution > 0))
-        latest = [self._latest_adapter(p.client, init) for p in inputs]
-        merge_plan = MergePlan(targets=list(range(k)), contribution=contribution,
-                               latest=latest)
-        staging = self._staging = (StagingArea(k, space=strategy.spec.merge_space)
+        targets = changed_targets(weights, contribution,
+                                  [plan.latest.get(p.client) is not None for p in inputs])
+        latest = [self._latest_adapter(inputs[t].client, init) for t in targets]
+        merge_plan = MergePlan(targets=targets, contribution=contribution, latest=latest)
+        staging = self._staging = (StagingArea(len(targets), space=strategy.spec.merge_space)
                                    if self.streaming else None)
         merged = personalize(vectors, weights, merge_plan,
                              rank=strategy.rank or config.lora.r, refactor=strategy.refactor,
@@ -863,7 +917,11 @@ class RoundRunner:
                              device=resolve_device(self.device), sink=staging,
                              max_resident=resident_peers(strategy.top_k) if staging else None)
         # Streaming: adapters staged on disk, assembled one at a time when published.
-        return weights, (staging.adapters if staging is not None else merged)  # type: ignore[return-value]
+        results = staging.adapters if staging is not None else merged
+        by_input: list[MergedAdapter | None] = [None] * k
+        for position, target in enumerate(targets):
+            by_input[target] = results[position]  # type: ignore[assignment]
+        return weights, by_input
 
     def _heatmap(self, report: CosineSource) -> bytes:
         """The round's heatmap PNG, rendered once for the model cards and the dashboard."""
@@ -876,8 +934,10 @@ class RoundRunner:
     def _publish_all(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput],
                      report: CosineSource | None, weights: WeightTable | None,
-                     merged: list[MergedAdapter], template: Any) -> dict[str, dict]:
-        """Publish every target's adapter, one commit per member repo. A store error on
+                     merged: list[MergedAdapter | None], template: Any) -> dict[str, dict]:
+        """Publish every changed target's adapter, one commit per member repo (a target
+        the merge leaves as it is, None in ``merged``, is not republished). The targets'
+        heads and visibility come from one listing (``Store.heads``). A store error on
         one repo (403, deleted repo, retries exhausted) skips that member only: it is
         kept in ``self._publish_failed`` for ``_complete`` to record, and is not
         "already published" if this round is resumed, so a resumed round retries it."""
@@ -886,11 +946,14 @@ class RoundRunner:
             return {}
         heatmap = self._heatmap(report)
         outputs: dict[str, dict] = {}
-        for index, name in enumerate(self.progress(names, "Publishing")):
-            pinned = inputs[index]
+        targets = [k for k, adapter in enumerate(merged) if adapter is not None]
+        listed = self.store.heads([inputs[k].repo_id for k in targets]) if targets else {}
+        for index in self.progress(targets, "Publishing"):
+            name, pinned = names[index], inputs[index]
             try:
                 output = self._publish_one(plan, config, strategy, names, inputs, report,
-                                           weights, merged, index, heatmap, template)
+                                           weights, merged, index, heatmap, template,
+                                           listed.get(pinned.repo_id))
             except StoreError as exc:  # this member's repo only: the others still publish
                 why = one_line(redact(reason(exc)))
                 self._publish_failed[name] = (why, publish_skip_reason(
@@ -905,23 +968,34 @@ class RoundRunner:
 
     def _publish_one(self, plan: RoundPlan, config: FederationConfig, strategy: Strategy,
                      names: list[str], inputs: list[PinnedInput], report: CosineSource,
-                     weights: WeightTable, merged: list[MergedAdapter], index: int,
-                     heatmap: bytes, template: Any) -> dict:
+                     weights: WeightTable, merged: list[MergedAdapter | None], index: int,
+                     heatmap: bytes, template: Any, listed: RepoHead | None = None) -> dict:
         """Publish target ``index``'s adapter in one commit (or find it already published
-        by this plan); store failures propagate to ``_publish_all``."""
+        by this plan); store failures propagate to ``_publish_all``.
+
+        ``listed`` is the repo's head and visibility from this round's listing. A plan
+        this job made itself cannot have published here yet (another job that took it
+        over fails the lease check first, and any publish after the listing moves the
+        head, so ours gets a conflict), so it commits on that head straight away; a
+        resumed plan checks the head for its own adapter first."""
         from fedbip_hub.modelcard import personalized_card
 
         name, pinned = names[index], inputs[index]
-        head = self.store.head(pinned.repo_id)
-        done = self._already_published(plan, pinned.repo_id, head)
-        if done is not None:
-            return done
-        if not config.allow_public_members and not self.store.is_private(pinned.repo_id):
+        head = listed.sha if listed is not None else self.store.head(pinned.repo_id)
+        if self._resumed or listed is None:
+            done = self._already_published(plan, pinned.repo_id, head)
+            if done is not None:
+                return done
+        private = listed.private if listed is not None else None
+        if private is None and not config.allow_public_members:
+            private = self.store.is_private(pinned.repo_id)
+        if not config.allow_public_members and not private:
             raise VisibilityError(
                 f"{pinned.repo_id} is public, and its personalized adapter mixes other "
                 "members' updates", hint=f"the member makes {pinned.repo_id} private again "
                 "(or the federation sets allow_public_members in federation.json)")
         adapter = merged[index]
+        assert adapter is not None  # _publish_all passes changed targets only
         merge_record = {
             "plan_id": plan.plan_id, "round": plan.round, "client": name,
             "strategy": strategy.model_dump(mode="json"),
@@ -956,7 +1030,7 @@ class RoundRunner:
                 if done is not None:
                     return done
                 continue
-            return {"repo_id": pinned.repo_id, "commit": commit,
+            return {"repo_id": pinned.repo_id, "commit": commit, "parent": head,
                     "max_discarded_energy": adapter.max_discarded_energy}
         raise ConflictError(f"{pinned.repo_id} kept moving while publishing; gave up after "
                             f"{_PUBLISH_TRIES} tries.", hint="A later run publishes it.")
@@ -964,7 +1038,9 @@ class RoundRunner:
     def _check_lease(self, plan: RoundPlan, state: FederationState | None = None) -> None:
         """Stop (RoundInProgressError) unless this job still holds the plan's lease (in
         ``state``, default: the federation's state at its head)."""
-        state = state if state is not None else self.fed.state(self.fed.head())
+        if state is None:
+            self._fed_head = self.fed.head()
+            state = self.fed.state(self._fed_head)
         current = state.in_progress or {}
         if current.get("plan_id") != plan.plan_id:
             raise RoundInProgressError(
@@ -1016,7 +1092,7 @@ class RoundRunner:
             "weights": weights.to_json() if weights is not None else None,
             "truncation": {p.client: {"max_discarded_energy": m.max_discarded_energy,
                                       "per_module": m.discarded_energy}
-                           for p, m in zip(inputs, merged, strict=False)},
+                           for p, m in zip(inputs, merged, strict=False) if m is not None},
             "outputs": outputs,
             "skipped": skipped,
             "restarted": dict(plan.restarted),
@@ -1073,11 +1149,25 @@ class RoundRunner:
             for name in evicted:  # its consumed update leaves the pool; it stays consumed
                 state.clients[name] = state.client(name).model_copy(
                     update={"consumed_commit": None, "consumed_start": None})
+            # Fresh uploads this round consumed or refused; any other (skipped for the
+            # store, or an internal error) is looked at again next round.
+            concluded = {p.client for p in inputs if p.fresh} | set(refused)
+            for name, seen in plan.heads.items():  # where the next round's listing starts
+                pinned = plan.inputs.get(name) or plan.dropped.get(name)
+                if pinned is not None and pinned.fresh and name not in concluded:
+                    state.client(name).seen_head = None
+                    continue
+                # Our publish, when made on the head planning saw; else the repo moved
+                # in between (a push during the round), and the next round looks again.
+                output = outputs.get(name) or {}
+                state.client(name).seen_head = (output["commit"] if output.get("commit")
+                                                and output.get("parent") == seen else seen)
             for name, uid in internal.items():  # see _waits
                 client_state = state.client(name)
                 client_state.internal_error_upload = uid
                 client_state.internal_error_version = fedbip_hub.__version__
                 client_state.internal_error_round = plan.round
+                client_state.seen_head = None  # looked at again each round, see _waits
             state.round = plan.round
             state.in_progress = None
             files = {STATE_FILE: dump_json(state),
@@ -1090,8 +1180,34 @@ class RoundRunner:
                 files[MEMORY_FILE] = memory.to_bytes()
             return files
 
-        commit_with_retry(self.fed, self.fed.repo_id, build,
-                          f"fedbip: round {plan.round} completed")
+        self._commit_federation(build, f"fedbip: round {plan.round} completed")
+
+    def _commit_federation(self, build: Callable[[str], dict], message: str) -> str:
+        """``commit_with_retry`` on the federation repo, first tried on the head this job
+        last saw holding its lease, without reading the head again."""
+        known = self._fed_head
+        if known is not None:
+            try:
+                return self.store.commit(self.fed.repo_id, build(known), message=message,
+                                         parent=known)
+            except ConflictError:
+                pass  # the repo moved (a member joined, say): read its head and rebuild
+        return commit_with_retry(self.fed, self.fed.repo_id, build, message)
+
+
+def changed_targets(weights: WeightTable, contribution: torch.Tensor,
+                    has_adapter: list[bool]) -> list[int]:
+    """The inputs whose personalized adapter this round's merge changes: some fresh
+    update enters it (a nonzero weight on a nonzero contribution, in any weight matrix,
+    its own update included, which personal heads always take), or it has no
+    personalized adapter yet. Any other's merge is its latest adapter plus nothing: it is
+    left as it is, byte for byte, and not republished."""
+    live = contribution != 0
+    matrices = [*weights.matrices.values(),
+                *([weights.fallback] if weights.fallback is not None else [])]
+    return [i for i in range(len(has_adapter))
+            if not has_adapter[i] or bool(live[i])
+            or any(bool((m[i][live] != 0).any()) for m in matrices)]
 
 
 def _require_finite(report: SimilarityReport) -> None:

@@ -100,5 +100,7 @@ def _round_summary(record: dict | None) -> dict | None:
     return {"round": record["round"], "finished_at": record.get("finished_at"),
             "clients": clients, "skipped": record.get("skipped"),
             "outputs": {k: v.get("commit") for k, v in (record.get("outputs") or {}).items()},
+            "unchanged": record.get("unchanged") or {},
+            "hub_calls": record.get("hub"),  # API calls and downloads, up to its record
             "most_similar_peers": nearest, "model_cosine": cosine,
             "guards": describe_guards(record)}

@@ -121,6 +121,12 @@ def _print_summary(record: dict) -> None:
                           "personalized adapters.")
         for name, output in (record.get("outputs") or {}).items():
             out_console.print(f"  {name}: {output['repo_id']} @ {str(output['commit'])[:12]}")
+        if record.get("unchanged"):  # no fresh update has weight for them: not republished
+            out_console.print(f"  unchanged (no fresh update reaches them): "
+                              f"{', '.join(sorted(record['unchanged']))}")
+    if record.get("hub"):
+        out_console.print(f"  Hub: {record['hub']['api_calls']} API calls, "
+                          f"{record['hub']['downloads']} file downloads")
     for name, reason in (record.get("skipped") or {}).items():
         out_console.print(f"  [yellow]skipped[/] {name}: {reason}")
     for name, action in describe_guards(record).items():

@@ -330,3 +330,18 @@ def finish_all(procs: Sequence[subprocess.Popen], timeout: float = 300
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def reached(record: dict) -> list[str]:
+    """The members a round personalized: those it published, and those it left as they
+    were because no fresh update has weight for them (checked here: their weights on
+    every fresh upload are zero)."""
+    clients = list(record["clients"])
+    fresh = [j for j, c in enumerate(clients) if record["inputs"][c]["fresh"]]
+    unchanged = record.get("unchanged") or {}
+    for name in unchanged:
+        row = clients.index(name)
+        for matrix in (record["weights"] or {}).values():
+            assert all(matrix[row][j] == 0 for j in fresh), (name, matrix[row])
+    assert not set(unchanged) & set(record["outputs"])
+    return sorted({*record["outputs"], *unchanged})

@@ -25,6 +25,7 @@ from federation_helpers import (
     new_local_federation,
     published_tensors,
     push_fresh,
+    reached,
 )
 
 from fedbip_hub.client import join, latest_personalized_revision, pull
@@ -104,7 +105,7 @@ def test_a_recreated_member_repo_starts_over_from_the_init(tmp_path, tiny_base):
     lines: list[str] = []
     second = RoundRunner(fed, log=lines.append).run()
     assert second["status"] == "completed" and second["round"] == 2
-    assert sorted(second["outputs"]) == sorted(CLIENTS)
+    assert reached(second) == sorted(CLIENTS)
     assert second["skipped"] == {} and second["publish_failed"] == {}
     _assert_restarted(second, bob_repo)
     assert any(GONE in line for line in lines), lines
@@ -132,7 +133,8 @@ def test_a_recreated_member_repo_starts_over_from_the_init(tmp_path, tiny_base):
     assert state.client("bob").consumed_commit == bob_push
     assert state.client("bob").consumed_start is None
     assert len(state.client("alice").personalized_history) == 2
-    assert len(state.client("carol").personalized_history) == 2
+    # carol: republished only when a fresh update reaches it (else unchanged, see reached)
+    assert len(state.client("carol").personalized_history) == 1 + ("carol" in second["outputs"])
     stored = json.loads(fed.store.read_bytes(fed.repo_id, "rounds/000002.json", fed.head()))
     assert stored["restarted"] == second["restarted"]
 
@@ -143,7 +145,7 @@ def test_a_recreated_member_repo_starts_over_from_the_init(tmp_path, tiny_base):
     third = run_round(fed)
     assert third["status"] == "completed" and third["round"] == 3
     assert third["restarted"] == {} and third["skipped"] == {}
-    assert sorted(third["outputs"]) == sorted(CLIENTS)
+    assert reached(third) == sorted(CLIENTS)
     assert third["inputs"]["bob"]["start_revision"] == bob_r2
     assert third["inputs"]["bob"]["staleness"] == 0
     assert _merge_record(fed, "bob")[1]["previous_revision"] == bob_r2
@@ -160,7 +162,7 @@ def test_a_recreated_repo_without_a_new_upload_is_skipped_and_reset(tmp_path, ti
 
     second = run_round(fed)
     assert second["status"] == "completed"
-    assert sorted(second["outputs"]) == ["alice", "carol"]
+    assert reached(second) == ["alice", "carol"]
     _assert_restarted(second, bob_repo)
     reason = second["skipped"]["bob"]
     assert GONE in reason and "no new upload yet" in reason, reason
@@ -202,7 +204,7 @@ def test_a_plan_pinned_before_the_repo_was_recreated_skips_that_client_only(
     _edit_state(fed, as_an_old_plan)
     resumed = run_round(fed, takeover=True)
     assert resumed["status"] == "completed" and resumed["round"] == 2
-    assert sorted(resumed["outputs"]) == ["alice", "carol"]
+    assert reached(resumed) == ["alice", "carol"]
     reason = resumed["skipped"]["bob"]
     assert f"could not read its latest personalized adapter {bob_repo}@{gone[:12]}" in reason
     assert "NOT refused" in reason and "retried next round" in reason, reason
@@ -231,7 +233,7 @@ def _hub_federation(repo_id: str, tiny_base: Path, root: Path) -> tuple[Federati
     new_hub_federation(repo_id, tiny_base, root)
     server = _server(repo_id, root)
     first = run_round(server)
-    assert first["status"] == "completed" and sorted(first["outputs"]) == sorted(CLIENTS)
+    assert first["status"] == "completed" and reached(first) == sorted(CLIENTS)
     return server, Federation.at(repo_id, cache_dir=root / "client-cache")
 
 
@@ -257,20 +259,21 @@ def test_a_member_repo_recreated_on_the_hub_starts_over(hub, tmp_path, tiny_base
 
     second = run_round(server)
     assert second["status"] == "completed" and second["round"] == 2
-    assert sorted(second["outputs"]) == sorted(CLIENTS)
+    assert reached(second) == sorted(CLIENTS)
     assert second["skipped"] == {} and second["publish_failed"] == {}
     _assert_restarted(second, bob_repo)
     # a definite answer: the Hub said that revision does not exist (not a failure)
-    assert any(r.path.startswith(f"/api/models/{bob_repo}/tree/{gone}") and r.status == 404
-               for r in hub.requests)
+    assert any(r.method == "HEAD" and r.path.startswith(f"/{bob_repo}/resolve/{gone}/")
+               and r.status == 404 for r in hub.requests)
     assert second["inputs"]["bob"]["commit"] == bob_push
     assert second["inputs"]["bob"]["staleness"] == 0
     bob_r2, bob_merge = _merge_record(server, "bob")
     assert bob_merge["previous_revision"] is None
     published_tensors(server, "bob")
-    for client in ("alice", "carol"):
+    for client in ("alice", "carol"):  # republished when a fresh update reaches them
         published_tensors(server, client)
-        assert len(server.state().client(client).personalized_history) == 2
+        assert len(server.state().client(client).personalized_history) == 1 + (
+            client in second["outputs"])
     assert server.state().client("bob").personalized_history == [bob_r2]
 
     pulled = pull(clients, "bob", tmp_path / "bob-r2")
@@ -278,7 +281,7 @@ def test_a_member_repo_recreated_on_the_hub_starts_over(hub, tmp_path, tiny_base
     push_fresh(clients, tmp_path, "bob", seed=42, group=0, start=pulled.folder)
     third = run_round(server)
     assert third["status"] == "completed" and third["restarted"] == {}
-    assert third["skipped"] == {} and sorted(third["outputs"]) == sorted(CLIENTS)
+    assert third["skipped"] == {} and reached(third) == sorted(CLIENTS)
     assert third["inputs"]["bob"]["start_revision"] == bob_r2
     assert _merge_record(server, "bob")[1]["previous_revision"] == bob_r2
 
@@ -293,14 +296,15 @@ def test_a_transient_failure_is_not_taken_for_a_recreated_repo(status, hub, tmp_
     gone = before.personalized_history[-1]
     bob_push = _recreate_on_hub(clients, tmp_path, "bob", seed=51)
     push_fresh(clients, tmp_path, "alice", seed=52, group=0)
-    fault = hub.inject_fault("GET", rf"/api/models/{bob_repo}/tree/{gone}", status=status,
+    # The check that bob's latest revision still exists: one HEAD of a file in it.
+    fault = hub.inject_fault("HEAD", rf"^/{bob_repo}/resolve/{gone}/", status=status,
                              retry_after=0 if status == 429 else None, times=None)
 
     second = run_round(server)
     assert fault.hits == server.store.retries  # retried, then given up: not "gone"
     assert second["status"] == "completed" and second["round"] == 2
     assert second["restarted"] == {}
-    assert sorted(second["outputs"]) == ["alice", "carol"]
+    assert reached(second) == ["alice", "carol"]
     reason = second["skipped"]["bob"]
     assert "could not check that its latest personalized adapter still exists" in reason
     assert f"HTTP {status}" in reason and "its history is kept" in reason, reason
@@ -333,13 +337,13 @@ def test_a_failure_reading_one_latest_adapter_skips_that_client_only(hub, tmp_pa
 
     def checkpoint(step: str) -> None:
         if step == "planned":
-            faults.append(hub.inject_fault("GET", rf"/api/models/{bob_repo}/tree/{latest}",
+            faults.append(hub.inject_fault("GET", rf"^/{bob_repo}/resolve/{latest}/",
                                            status=503, times=None))
 
     second = RoundRunner(server, checkpoint=checkpoint).run()
     assert faults and faults[0].hits == server.store.retries
     assert second["status"] == "completed" and second["restarted"] == {}
-    assert sorted(second["outputs"]) == ["alice", "carol"]
+    assert reached(second) == ["alice", "carol"]
     reason = second["skipped"]["bob"]
     assert f"could not read its latest personalized adapter {bob_repo}@{latest[:12]}" in \
         reason, reason

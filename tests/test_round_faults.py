@@ -87,9 +87,8 @@ def test_transient_faults_are_retried_and_the_round_matches_a_clean_one(
                          delay=TIMEOUT * 2.5, times=1),
         hub.inject_fault("POST", r"/api/models/fedorg/flaky-bob/commit/", status=None,
                          delay=TIMEOUT * 2.5, times=1),
-        # a dropped connection
-        hub.inject_fault("GET", r"/api/models/fedorg/flaky-carol/refs", disconnect=True,
-                         times=1),
+        # a dropped connection, on the listing of the members' heads
+        hub.inject_fault("GET", r"^/api/models$", disconnect=True, times=1),
     ]
     fed = _server("fedorg/flaky", tmp_path)
     record = run_round(fed)

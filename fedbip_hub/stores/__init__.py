@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbip_hub.stores.base import CommitInfo, Store, Traffic
+from fedbip_hub.stores.base import CommitInfo, RepoHead, Store, Traffic
 from fedbip_hub.stores.hub import HubStore
 from fedbip_hub.stores.local import LocalStore
 
-__all__ = ["CommitInfo", "HubStore", "LocalStore", "Store", "Traffic", "is_hub_address"]
+__all__ = ["CommitInfo", "HubStore", "LocalStore", "RepoHead", "Store", "Traffic",
+           "is_hub_address"]
 
 
 def is_hub_address(address: str) -> bool:

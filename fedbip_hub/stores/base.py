@@ -26,10 +26,28 @@ class CommitInfo:
 
 @dataclass
 class Traffic:
-    """Bytes moved, for round records and benchmarks."""
+    """Bytes moved and requests made, for round records and benchmarks.
+
+    ``api_calls`` and ``downloads`` count HTTP requests as the Hub's rate limits do (API
+    calls, commits included, and file downloads); a local store makes none.
+    """
 
     downloaded: int = 0
     uploaded: int = 0
+    api_calls: int = 0
+    downloads: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"api_calls": self.api_calls, "downloads": self.downloads,
+                "downloaded_bytes": self.downloaded, "uploaded_bytes": self.uploaded}
+
+
+@dataclass(frozen=True)
+class RepoHead:
+    """A repo's head as a listing of many repos shows it."""
+
+    sha: str
+    private: bool | None = None  # None: the listing does not say
 
 
 class Store(ABC):
@@ -40,6 +58,9 @@ class Store(ABC):
     """
 
     kind: str = "abstract"
+    # time.monotonic() by which a call must give up rather than wait out a rate limit
+    # (a round sets it from its lease and job timeout); None: no deadline.
+    deadline: float | None = None
 
     def __init__(self, cache_dir: Path):
         self.cache_dir = Path(cache_dir)
@@ -77,6 +98,22 @@ class Store(ABC):
     @abstractmethod
     def head(self, repo_id: str) -> str:
         """The commit id main points to. Raises NotFoundError for a missing repo."""
+
+    def heads(self, repo_ids: Sequence[str]) -> dict[str, RepoHead]:
+        """The heads of many repos in as few calls as the store allows (a listing per
+        owner on the Hub). A repo missing from the answer was not seen: ask it with
+        ``head``. The default lists nothing, so callers ask each repo.
+
+        A listing may lag a write by a moment; callers use it only to tell which repos
+        moved, and read a moved repo's head exactly.
+        """
+        return {}
+
+    def check_revision(self, repo_id: str, revision: str, probe: str) -> None:
+        """Raise NotFoundError unless ``revision`` still exists, asking the store itself,
+        never a cache. ``probe`` is a file the revision is expected to hold (a store may
+        ask for it alone; its absence alone does not count as the revision gone)."""
+        self.list_files(repo_id, revision)
 
     @abstractmethod
     def commit(self, repo_id: str, files: Mapping[str, FileContent], *, message: str,

@@ -14,6 +14,16 @@ Robustness, on top of what huggingface_hub does by itself:
   GETs on the shared client rather than HfApi's paginated helpers and hf_hub_download,
   whose own retries (1, 2, 4, 8, 8 s) would make a dead Hub take minutes to report, and
   whose LocalEntryNotFoundError hides the real status.
+- A 429 whose ``RateLimit`` header says the quota is spent (the IETF draft the Hub
+  follows, parsed by huggingface_hub's ``parse_ratelimit_headers``) is waited out until
+  the quota resets, without using up an attempt, as long as the store's ``deadline`` (a
+  round's lease and job timeout) and ``max_rate_wait`` allow; only then does the call fail.
+- The call budget (see the README's Hub section): trees are cached by commit id on disk
+  (a commit never changes), a commit made here also caches its own tree,
+  a commit on a known parent sends only preupload and commit (no head or history read),
+  pinned folders of known files are downloaded without a listing, and ``heads`` learns
+  many repos' heads from one listing per owner. Every request is counted in
+  ``traffic.api_calls`` / ``traffic.downloads``, as the Hub's rate limits count them.
 - A commit is never blindly re-sent. Each commit carries a write id in its description
   and is always sent with ``parent_commit`` set; after an ambiguous failure (timeout,
   dropped reply, 5xx) the history is checked for that write id before trying again, so
@@ -27,8 +37,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
+import json
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -36,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fedbip_hub.errors import (
     AuthError,
@@ -47,9 +60,18 @@ from fedbip_hub.errors import (
     StoreError,
 )
 from fedbip_hub.secrets import REDACTED, redact
-from fedbip_hub.stores.base import CommitInfo, FileContent, Store
+from fedbip_hub.stores.base import (
+    _TRAFFIC_LOCK,
+    CommitInfo,
+    FileContent,
+    RepoHead,
+    Store,
+    Traffic,
+)
 
 T = TypeVar("T")
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+DEFAULT_MAX_RATE_WAIT = 600.0  # the longest a call waits out rate limits without a deadline
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_TIMEOUT = 30.0
 TIMEOUT_ENV = "FEDBIP_HUB_TIMEOUT"
@@ -64,6 +86,9 @@ _UNAVAILABLE_HINT = ("The Hub may be unavailable or overloaded; retry later. Set
 # it on the request; requests made outside a HubStore call keep the library's behaviour.
 _REQUEST_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "fedbip_hub_request_timeout", default=None)
+# The same way, the HubStore call in progress counts its requests in its store's Traffic.
+_REQUEST_TRAFFIC: contextvars.ContextVar[tuple[Traffic, str] | None] = contextvars.ContextVar(
+    "fedbip_hub_request_traffic", default=None)
 _HOOK_LOCK = threading.Lock()
 
 
@@ -74,6 +99,15 @@ def _timeout_hook(request: Any) -> None:
 
         request.extensions = {**request.extensions,
                               "timeout": httpx2.Timeout(timeout).as_dict()}
+    counted = _REQUEST_TRAFFIC.get()
+    if counted is not None:
+        traffic, api_prefix = counted
+        path = request.url.path
+        with _TRAFFIC_LOCK:  # as the Hub's limits count: API calls and file downloads
+            if path.startswith(api_prefix):
+                traffic.api_calls += 1
+            elif "/resolve/" in path:
+                traffic.downloads += 1
 
 
 def _add_hook(client: Any) -> None:
@@ -146,6 +180,23 @@ def _is_transient(exc: BaseException) -> bool:
     return _status(exc) in TRANSIENT_STATUS
 
 
+def _rate_limit_wait(exc: BaseException) -> float | None:
+    """Seconds a 429 asks us to wait until its quota resets, when its ``RateLimit``
+    header says the quota is spent (huggingface_hub waits the same, plus 1 s for
+    rounding); None otherwise (another 429 is retried like any transient failure,
+    honouring ``Retry-After``)."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    root = _root_cause(exc)
+    if _status(root) != 429:
+        return None
+    headers = getattr(getattr(root, "response", None), "headers", None)
+    info = parse_ratelimit_headers(headers) if headers is not None else None
+    if info is not None and info.remaining == 0:
+        return float(info.reset_in_seconds) + 1.0
+    return None
+
+
 def _retry_after(exc: BaseException) -> float | None:
     response = getattr(_root_cause(exc), "response", None)
     headers = getattr(response, "headers", None)
@@ -199,7 +250,8 @@ class HubStore(Store):
 
     def __init__(self, *, token: str | None = None, endpoint: str | None = None,
                  cache_dir: Path | None = None, retries: int = 4, backoff: float = 0.5,
-                 max_backoff: float = 30.0, timeout: float | None = None):
+                 max_backoff: float = 30.0, timeout: float | None = None,
+                 max_rate_wait: float = DEFAULT_MAX_RATE_WAIT):
         from huggingface_hub import HfApi, constants
         from huggingface_hub.utils import get_token
 
@@ -210,10 +262,13 @@ class HubStore(Store):
         self.retries = max(1, int(retries))
         self.backoff = max(0.0, float(backoff))
         self.max_backoff = max(0.0, float(max_backoff))
+        self.max_rate_wait = max(0.0, float(max_rate_wait))
         self.api = HfApi(endpoint=endpoint, token=token)
         self.endpoint = self.api.endpoint.rstrip("/")
         self._token = token
         self._secrets = [s for s in (token, get_token()) if s]
+        self._api_prefix = (urlsplit(self.endpoint).path.rstrip("/") or "") + "/api/"
+        self._trees: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         _install_timeout_hook()
 
     def describe(self) -> str:
@@ -229,9 +284,11 @@ class HubStore(Store):
         """One attempt of ``fn`` with every HTTP request bounded by ``self.timeout``."""
         _install_timeout_hook()
         token = _REQUEST_TIMEOUT.set(self.timeout)
+        counting = _REQUEST_TRAFFIC.set((self.traffic, self._api_prefix))
         try:
             return fn()
         finally:
+            _REQUEST_TRAFFIC.reset(counting)
             _REQUEST_TIMEOUT.reset(token)
 
     def _sleep(self, attempt: int, exc: BaseException | None = None) -> None:
@@ -240,14 +297,42 @@ class HubStore(Store):
             delay = self.backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
         time.sleep(min(delay, self.max_backoff))
 
+    def _wait_out_rate_limit(self, exc: BaseException, waited: float, repo_id: str,
+                             action: str) -> float | None:
+        """Sleep out a 429's rate limit when the deadline allows and return the seconds
+        waited; None when ``exc`` is no 429 that says how long. Raises StoreError when
+        the quota resets too late for this job."""
+        wait = _rate_limit_wait(exc)
+        if wait is None:
+            return None
+        left = (self.deadline - time.monotonic()) if self.deadline is not None else None
+        if waited + wait > self.max_rate_wait or (left is not None and wait > left):
+            budget = f"{left:.0f} s left before this job's deadline" if left is not None \
+                else f"waits are capped at {self.max_rate_wait:g} s"
+            raise StoreError(
+                f"{action} on {repo_id}: the Hub's rate limit is spent and resets in "
+                f"{wait:.0f} s ({budget}).",
+                hint="Run rounds less often (a webhook instead of a tight schedule), give "
+                "the job a longer --timeout, or use an account with a higher quota (PRO, "
+                "Team).") from None
+        time.sleep(wait)
+        return wait
+
     def _call(self, repo_id: str, action: str, fn: Callable[[], T]) -> T:
-        """``fn`` with retries on transient failures; any failure becomes a StoreError."""
+        """``fn`` with retries on transient failures and rate limits waited out (see the
+        module docstring); any failure becomes a StoreError."""
         attempt = 0
+        waited = 0.0
         while True:
             attempt += 1
             try:
                 return self._once(fn)
             except Exception as exc:
+                slept = self._wait_out_rate_limit(exc, waited, repo_id, action)
+                if slept is not None:  # a rate limit waited out is no failed attempt
+                    waited += slept
+                    attempt -= 1
+                    continue
                 if _is_transient(exc) and attempt < self.retries:
                     self._sleep(attempt, exc)
                     continue
@@ -289,7 +374,7 @@ class HubStore(Store):
             return NotFoundError(f"{action}: revision not found in {repo_id}.",
                                  hint="Use a commit id from the repo's history.")
         if isinstance(root, EntryNotFoundError) and not isinstance(root, LocalEntryNotFoundError):
-            return NotFoundError(f"{action}: file not found in {repo_id}.",
+            return _EntryMissing(f"{action}: file not found in {repo_id}.",
                                  hint="Check that the file was pushed.")
         if status == 401:
             return AuthError(
@@ -330,7 +415,7 @@ class HubStore(Store):
     def _api_url(self, repo_id: str, *parts: str) -> str:
         return "/".join([f"{self.endpoint}/api/models/{repo_id}", *parts])
 
-    def _get_pages(self, url: str, params: dict[str, str] | None = None, *,
+    def _get_pages(self, url: str, params: Any = None, *,
                    max_pages: int | None = None) -> list[Any]:
         """GET a (possibly paginated) JSON list, one attempt per page, no library retries."""
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -388,14 +473,129 @@ class HubStore(Store):
         raise NotFoundError(f"{repo_id} has no main branch.",
                             hint="Create the repo with `fedbip init` or `fedbip join`.")
 
+    # -- trees, cached by commit id ------------------------------------------------------
+    def _tree_file(self, repo_id: str, revision: str) -> Path:
+        # Beside the revision folders (40-hex names), so no repo file can collide with it.
+        return (self.cache_dir / self.kind / repo_id.replace("/", "--") / ".trees"
+                / f"{revision}.json")
+
+    def _cached_tree(self, repo_id: str, revision: str) -> dict[str, dict[str, Any]] | None:
+        """The tree of a commit id listed before, by this store or another sharing the
+        cache (a commit never changes); None when there is none."""
+        if not _COMMIT_ID.fullmatch(revision):
+            return None
+        tree = self._trees.get((repo_id, revision))
+        if tree is None:
+            try:
+                tree = json.loads(self._tree_file(repo_id, revision).read_text())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(tree, dict):
+                return None
+            self._trees[(repo_id, revision)] = tree
+        return tree
+
+    def _remember_tree(self, repo_id: str, revision: str,
+                       tree: dict[str, dict[str, Any]]) -> None:
+        if not _COMMIT_ID.fullmatch(revision):
+            return
+        self._trees[(repo_id, revision)] = tree
+        path = self._tree_file(repo_id, revision)
+        partial = path.with_name(f".{uuid.uuid4().hex}.partial")
+        try:  # atomic, as every cache write: readers sharing the cache see all or nothing
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(tree))
+            partial.replace(path)
+        except OSError:
+            pass  # only a cache: the next reader lists the tree again
+        finally:
+            partial.unlink(missing_ok=True)
+
     def _tree(self, repo_id: str, revision: str) -> dict[str, dict[str, Any]]:
+        if (tree := self._cached_tree(repo_id, revision)) is not None:
+            return tree
         url = self._api_url(repo_id, "tree", quote(revision, safe=""))
         entries = self._call(repo_id, "list files",
                              lambda: self._get_pages(url, {"recursive": "true"}))
-        return {e["path"]: e for e in entries if e.get("type") == "file"}
+        tree = {e["path"]: e for e in entries if e.get("type") == "file"}
+        self._remember_tree(repo_id, revision, tree)
+        return tree
 
     def list_files(self, repo_id: str, revision: str) -> list[str]:
         return sorted(self._tree(repo_id, revision))
+
+    def check_revision(self, repo_id: str, revision: str, probe: str) -> None:
+        """One HEAD of ``probe``'s resolve URL, never answered from a cache: a file
+        request (the Hub counts it with downloads), not an API call. A revision that
+        exists without ``probe`` answers EntryNotFound, which is no error here."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(repo_id, probe, revision=revision, endpoint=self.endpoint)
+
+        def ask() -> None:
+            response = get_session().head(url, headers=build_hf_headers(token=self._token),
+                                          follow_redirects=False)
+            if response.status_code >= 400:
+                hf_raise_for_status(response)
+
+        try:
+            self._call(repo_id, "check a revision", ask)
+        except _EntryMissing:
+            return
+
+    def fetch_folder(self, repo_id: str, revision: str, subfolder: str = "",
+                     *, only: Sequence[str] | None = None) -> Path:
+        """As ``Store.fetch_folder``; with ``only`` and no cached tree, each named file is
+        downloaded straight away (a file the revision lacks answers 404 and is left out),
+        so reading a pinned adapter costs downloads, not API calls."""
+        if only is None or self._cached_tree(repo_id, revision) is not None:
+            return super().fetch_folder(repo_id, revision, subfolder, only=only)
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        root = self._cache_path(repo_id, revision)
+        for name in only:
+            target = root / f"{prefix}{name}"
+            if "/" in name or target.is_file():
+                continue
+            try:
+                self._download_atomic(repo_id, f"{prefix}{name}", revision, target)
+            except _EntryMissing:
+                continue
+        folder = root / prefix if prefix else root
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def heads(self, repo_ids: Sequence[str]) -> dict[str, RepoHead]:
+        """One listing per owner (``list_models(author=owner, search=<the names' common
+        prefix>, expand=[sha, private])``, paged by the Hub): K members of one org cost
+        one call, not K. An owner whose listing fails, and a repo it does not show, are
+        left out: the caller asks those one by one."""
+        by_owner: dict[str, list[str]] = {}
+        for repo_id in dict.fromkeys(repo_ids):
+            owner, _, name = repo_id.partition("/")
+            if name:
+                by_owner.setdefault(owner, []).append(name)
+        found: dict[str, RepoHead] = {}
+        for owner, names in by_owner.items():
+            params: list[tuple[str, str]] = [("author", owner), ("expand", "sha"),
+                                             ("expand", "private")]
+            if prefix := _common_prefix(names):
+                params.append(("search", prefix))
+            url = f"{self.endpoint}/api/models"
+            try:
+                items = self._call(owner, "list repos",
+                                   functools.partial(self._get_pages, url, params))
+            except StoreError:
+                continue
+            wanted = {f"{owner}/{name}" for name in names}
+            for item in items:
+                if not isinstance(item, dict) or item.get("id") not in wanted:
+                    continue
+                sha, private = item.get("sha"), item.get("private")
+                if isinstance(sha, str) and _COMMIT_ID.fullmatch(sha):
+                    found[item["id"]] = RepoHead(
+                        sha, private if isinstance(private, bool) else None)
+        return found
 
     def _commits(self, repo_id: str, revision: str = "main", *,
                  max_pages: int | None = None) -> list[dict[str, Any]]:
@@ -409,6 +609,9 @@ class HubStore(Store):
 
     def commit(self, repo_id: str, files: Mapping[str, FileContent], *, message: str,
                parent: str | None = None, deletes: Sequence[str] = ()) -> str:
+        """See ``Store.commit``. With ``parent`` the first attempt commits on it without
+        reading the head (the Hub answers 412 when main moved), so a commit costs a
+        preupload and the commit itself (its base tree is cached by commit id)."""
         payload = {path.strip("/"): content.read_bytes() if isinstance(content, Path)
                    else bytes(content) for path, content in files.items()}
         title, _, body = message.partition("\n")
@@ -419,8 +622,11 @@ class HubStore(Store):
         first_base: str | None = None
         ambiguous = False  # an attempt may have been applied although we got no reply
         failure: BaseException | None = None
-        for attempt in range(1, self.retries + 1):
-            base = self.head(repo_id)
+        known = parent  # a base to commit on without reading the head first
+        attempt, waited = 0, 0.0
+        while attempt < self.retries:
+            attempt += 1
+            base, known = (known, None) if known is not None else (self.head(repo_id), None)
             first_base = first_base or base
             if ambiguous and (applied := self._find_write(repo_id, first_base, write_id)):
                 return applied
@@ -428,14 +634,24 @@ class HubStore(Store):
                 raise ConflictError(
                     f"commit: {repo_id} moved: expected parent {parent[:8]}, main is "
                     f"{base[:8]}.", hint="Another writer committed first; re-read and retry.")
-            operations, upload = self._operations(repo_id, base, payload, deletes)
-            if operations is None:
+            adds, delete_specs = self._changes(repo_id, base, payload, deletes)
+            listed = self._cached_tree(repo_id, base) is not None  # else sent unlisted
+            if not adds and not delete_specs:
+                if base == parent and self.head(repo_id) != base:  # unread: check it
+                    raise ConflictError(f"commit: {repo_id} moved past {base[:8]}.",
+                                        hint="Another writer committed first; re-read "
+                                        "and retry.")
                 return base
+            operations = _build_operations(adds, delete_specs)
             try:
                 info = self._once(functools.partial(
-                    self.api.create_commit, repo_id, operations=operations(),
+                    self.api.create_commit, repo_id, operations=operations,
                     commit_message=title, commit_description=description, parent_commit=base))
             except Exception as exc:
+                slept = self._wait_out_rate_limit(exc, waited, repo_id, "commit")
+                if slept is not None:  # refused before it was applied: again on this base
+                    waited, attempt, known = waited + slept, attempt - 1, base
+                    continue
                 error = self._translate(exc, repo_id, "commit", attempts=attempt)
                 if error is None:
                     raise
@@ -454,9 +670,15 @@ class HubStore(Store):
                 if attempt < self.retries:
                     self._sleep(attempt, exc)
                 continue
-            if self._carries(repo_id, str(info.oid), write_id):
-                self.traffic.uploaded += upload
+            sent = _commit_sent(operations)
+            if sent is None:  # cannot tell from HfApi's operations: ask the Hub
+                sent = self._carries(repo_id, str(info.oid), write_id)
+            if sent:  # sent with parent_commit=base and accepted: the commit is ours
+                self.traffic.uploaded += _uploaded_bytes(operations, adds)
+                self._after_commit(repo_id, base, str(info.oid), adds, delete_specs)
                 return str(info.oid)
+            if not listed and self.head(repo_id) == base:
+                return base  # sent unlisted, and HfApi found every file unchanged: a no-op
             # HfApi sends no commit when, at preupload time, main already holds every
             # change (it then returns main's head, skipping the parent check): someone
             # else moved main. Treat it like a 412.
@@ -476,14 +698,16 @@ class HubStore(Store):
         raise ConflictError(f"commit: {repo_id} kept moving under us ({self.retries} tries).",
                             hint="Other writers are very busy on this repo; retry later.")
 
-    def _operations(self, repo_id: str, base: str, payload: Mapping[str, bytes],
-                    deletes: Sequence[str]) -> tuple[Callable[[], list[Any]] | None, int]:
-        """The operations that change ``base`` (a factory, as HfApi marks them used; None
-        when nothing changes) and the bytes they upload. Deletes of absent paths and
-        unchanged files are dropped."""
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-        tree = self._tree(repo_id, base)
+    def _changes(self, repo_id: str, base: str, payload: Mapping[str, bytes],
+                 deletes: Sequence[str]) -> tuple[dict[str, bytes], list[tuple[str, bool]]]:
+        """The files that change ``base`` and the deletes (path, is_folder) it needs:
+        deletes of absent paths and unchanged files are dropped. With no deletes and no
+        cached tree of ``base`` every file is sent without listing it: HfApi's preupload
+        leaves out the unchanged ones itself (``commit`` tells a no-op from a race)."""
+        tree = self._cached_tree(repo_id, base)
+        if tree is None and not any(raw.strip("/") for raw in deletes):
+            return dict(payload), []
+        tree = tree if tree is not None else self._tree(repo_id, base)
         remaining = set(tree)
         delete_specs: list[tuple[str, bool]] = []
         for raw in deletes:
@@ -499,17 +723,25 @@ class HubStore(Store):
                 remaining -= below
         adds = {path: data for path, data in payload.items()
                 if path not in remaining or not _same_content(tree[path], data)}
+        return adds, delete_specs
 
-        def build() -> list[Any]:
-            ops: list[Any] = [CommitOperationDelete(path_in_repo=p, is_folder=folder)
-                              for p, folder in delete_specs]
-            ops += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=d)
-                    for p, d in adds.items()]
-            return ops
-
-        if not delete_specs and not adds:
-            return None, 0
-        return build, sum(len(d) for d in adds.values())
+    def _after_commit(self, repo_id: str, base: str, commit_id: str,
+                      adds: Mapping[str, bytes], delete_specs: Sequence[tuple[str, bool]]
+                      ) -> None:
+        """Cache the tree of a commit we just made (``base``'s, with our changes: the Hub
+        applied exactly those on ``base``), so listing it costs nothing."""
+        known = self._cached_tree(repo_id, base)
+        if known is None:
+            return
+        tree = dict(known)
+        for path, folder in delete_specs:
+            for existing in [p for p in tree if (p.startswith(path) if folder else p == path)]:
+                del tree[existing]
+        for path, data in adds.items():
+            tree[path] = {"type": "file", "path": path, "size": len(data),
+                          "oid": _git_blob_oid(data),
+                          "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+        self._remember_tree(repo_id, commit_id, tree)
 
     @staticmethod
     def _has_write_id(entry: Mapping[str, Any], write_id: str) -> bool:
@@ -567,15 +799,62 @@ class HubStore(Store):
         self._call(repo_id, f"download {path}", fetch)
 
 
+class _EntryMissing(NotFoundError):
+    """A file the (existing) revision does not hold."""
+
+
+def _build_operations(adds: Mapping[str, bytes], delete_specs: Sequence[tuple[str, bool]]
+                      ) -> list[Any]:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops: list[Any] = [CommitOperationDelete(path_in_repo=p, is_folder=folder)
+                      for p, folder in delete_specs]
+    ops += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=d) for p, d in adds.items()]
+    return ops
+
+
+def _commit_sent(operations: Sequence[Any]) -> bool | None:
+    """Whether ``create_commit`` sent the commit. HfApi skips it (returning main's head)
+    only when every operation is an add whose preupload ``oid`` equals its own; None
+    when this huggingface_hub keeps no such attributes."""
+    from huggingface_hub import CommitOperationAdd
+
+    if not all(isinstance(op, CommitOperationAdd) for op in operations):
+        return True  # a delete is always sent
+    try:
+        return not all(op._remote_oid is not None and op._remote_oid == op._local_oid
+                       for op in operations)
+    except AttributeError:
+        return None
+
+
+def _uploaded_bytes(operations: Sequence[Any], adds: Mapping[str, bytes]) -> int:
+    """The bytes of the adds HfApi did send (it drops those preupload found unchanged)."""
+    unchanged = {op.path_in_repo for op in operations
+                 if getattr(op, "_remote_oid", None) is not None
+                 and op._remote_oid == getattr(op, "_local_oid", None)}
+    return sum(len(data) for path, data in adds.items() if path not in unchanged)
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The longest string every name starts with (the listing's ``search``)."""
+    first, last = min(names), max(names)
+    size = 0
+    while size < min(len(first), len(last)) and first[size] == last[size]:
+        size += 1
+    return first[:size]
+
+
+def _git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def _same_content(entry: Mapping[str, Any], data: bytes) -> bool:
     """Whether a tree entry (regular or LFS) holds exactly ``data``."""
-    import hashlib
-
     lfs = entry.get("lfs")
     if isinstance(lfs, Mapping) and lfs.get("oid"):
         return bool(lfs["oid"] == hashlib.sha256(data).hexdigest())
-    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    return bool(entry.get("oid") == blob)
+    return bool(entry.get("oid") == _git_blob_oid(data))
 
 
 def _iso_date(value: str) -> str:

@@ -4,7 +4,8 @@ It serves what `huggingface_hub.HfApi`, `hf_hub_download`, `snapshot_download` a
 `peft.PeftModel.from_pretrained` use, for model, dataset and space repos: whoami, repo
 creation and deletion, repo info, preupload (every file is "regular": no LFS, no Xet),
 ndjson commits with `parentCommit` checks (HTTP 412), pull-request commits, refs,
-commit history, branches, tags, tree listings, paths-info, `list_models(author=...)`
+commit history, branches, tags, tree listings, paths-info, `list_models(author=, search=,
+expand=)` (paginated by `Link` headers)
 and `resolve` downloads (HEAD and GET, with Range). It also keeps the Jobs and webhooks
 APIs that `HfApi` calls (`run_job`, `create_scheduled_job`, `list_scheduled_jobs`,
 `inspect_scheduled_job`, `suspend|resume|trigger|delete_scheduled_job`,
@@ -19,6 +20,8 @@ so any old commit id stays downloadable. Tests drive it from Python:
     server.add_token("hf_other", "bob", orgs=["bob-org"])
     server.revoke_token("hf_other")
     server.requests  # [(method, path, status), ...]
+    server.request_counts()  # {"api": ..., "downloads": ..., "commits": ...}, as rate-limited
+    server.inject_fault(path_pattern=r"/api/", status=429, ratelimit=(0, 2))  # RateLimit headers
     server.create_repo("fedorg/x", files={"a.txt": "a"})  # set-up without HTTP
     server.head("fedorg/x"), server.files("fedorg/x"), server.commits("fedorg/x")
     server.scheduled_jobs, server.jobs, server.webhooks  # stored state, secrets included
@@ -55,7 +58,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 __all__ = [
     "DEFAULT_ORGS",
@@ -84,6 +87,11 @@ _HEX_PREFIX = re.compile(r"[0-9a-f]{7,40}")
 _PR_REF = re.compile(r"refs/pr/(\d+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _MAX_LOG = 100_000  # request-log entries kept (oldest dropped first)
+# What `expand=` may ask of a repo listing (the fields _info_payload has).
+_LIST_EXPANDABLE = frozenset({
+    "author", "sha", "lastModified", "createdAt", "private", "gated", "disabled",
+    "downloads", "likes", "tags", "siblings", "usedStorage", "library_name",
+})
 _GITATTRIBUTES = (
     b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
     b"*.pt filter=lfs diff=lfs merge=lfs -text\n"
@@ -198,6 +206,7 @@ class Fault:
     times: int | None
     delay: float
     retry_after: int | None
+    ratelimit: tuple[int, int] | None
     message: str | None
     error_code: str | None
     disconnect: bool
@@ -494,6 +503,8 @@ class HubServer:
         self._webhooks: dict[str, dict[str, Any]] = {}
         self._errors: list[str] = []
         self._counter = itertools.count()
+        #: Items per page of an unlimited repo listing (the real Hub's is 1000).
+        self.list_page_size = 1000
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._reset_tokens()
@@ -582,6 +593,7 @@ class HubServer:
         times: int | None = 1,
         delay: float = 0.0,
         retry_after: int | None = None,
+        ratelimit: tuple[int, int] | None = None,
         message: str | None = None,
         error_code: str | None = None,
         disconnect: bool = False,
@@ -597,6 +609,9 @@ class HubServer:
             delay: seconds to wait before answering; more than the client's timeout
                 simulates a timeout.
             retry_after: adds a `Retry-After` header (seconds), e.g. with 429.
+            ratelimit: (remaining, seconds to reset): adds the IETF-draft headers the
+                real Hub sends, `RateLimit: "api";r=<remaining>;t=<seconds>` and
+                `RateLimit-Policy: "fixed window";"api";q=1000;w=300`, e.g. with 429.
             message: error message (body `error` and `X-Error-Message`).
             error_code: `X-Error-Code` header, e.g. "RepoNotFound" or "EntryNotFound".
             disconnect: close the connection without any reply (a network error).
@@ -608,6 +623,7 @@ class HubServer:
             times=times,
             delay=delay,
             retry_after=retry_after,
+            ratelimit=ratelimit,
             message=message,
             error_code=error_code,
             disconnect=disconnect,
@@ -628,6 +644,20 @@ class HubServer:
         """A copy of the request log: `(method, path, status)` tuples, oldest first."""
         with self._lock:
             return list(self._log)
+
+    def request_counts(self, since: int = 0) -> dict[str, int]:
+        """What the Hub's rate limits count, over the request log from entry ``since``
+        (``len(server.requests)`` taken before): ``api`` (every /api/ request, commits
+        included), ``downloads`` (resolve HEADs and GETs) and ``commits`` (commit POSTs)."""
+        counts = {"api": 0, "downloads": 0, "commits": 0}
+        for record in self.requests[since:]:
+            if record.path.startswith("/api/"):
+                counts["api"] += 1
+                if record.method == "POST" and "/commit/" in record.path:
+                    counts["commits"] += 1
+            elif "/resolve/" in record.path:
+                counts["downloads"] += 1
+        return counts
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -780,6 +810,10 @@ class HubServer:
         headers: dict[str, str] = {}
         if fault.retry_after is not None:
             headers["Retry-After"] = str(int(fault.retry_after))
+        if fault.ratelimit is not None:
+            remaining, reset = fault.ratelimit
+            headers["RateLimit"] = f'"api";r={int(remaining)};t={int(reset)}'
+            headers["RateLimit-Policy"] = '"fixed window";"api";q=1000;w=300'
         message = fault.message or f"{phrase} (injected fault)"
         return _error_response(_HubError(status, message, code=fault.error_code, headers=headers))
 
@@ -1065,11 +1099,24 @@ class HubServer:
         return _json_response(self._info_payload(repo, commit, request.flag("blobs")))
 
     def _list_repos(self, request: _Request, kind: str) -> _Response:
-        """`list_models` / `list_datasets`: filters `author` and `search`, caps at `limit`."""
+        """`list_models` / `list_datasets`, as the real Hub answers them: filters `author`
+        and `search` (a case-insensitive substring of the id), `limit`, and `expand`
+        (repeated `expand=` or `expand[]=`): with it, each item carries `_id`, `id` and
+        only the fields asked for. Without `limit`, pages of `list_page_size` items
+        linked by a `Link: <...&cursor=N>; rel="next"` header, which huggingface_hub's
+        paginate follows."""
         repo_type = _REPO_KINDS[kind]
         author = request.query.get("author", [None])[-1]
         search = (request.query.get("search", [""])[-1] or "").lower()
         limit = int(request.query.get("limit", ["0"])[-1] or 0)
+        expand = request.query.get("expand", []) + request.query.get("expand[]", [])
+        unknown = sorted(set(expand) - _LIST_EXPANDABLE)
+        if unknown:
+            raise _HubError(400, f"Invalid expand value(s): {', '.join(unknown)}")
+        try:
+            cursor = int(request.query.get("cursor", ["0"])[-1] or 0)
+        except ValueError as err:
+            raise _HubError(400, "Invalid cursor") from err
         caller = request.caller
         with self._lock:
             repos = [
@@ -1081,8 +1128,19 @@ class HubServer:
                 and search in repo.repo_id.lower()
             ]
             heads = [repo.commits[repo.branches[DEFAULT_BRANCH]] for repo in repos]
-        payload = [self._info_payload(r, c, False) for r, c in zip(repos, heads, strict=True)]
-        return _json_response(payload[:limit] if limit > 0 else payload)
+        size = limit if limit > 0 else self.list_page_size
+        page = list(zip(repos, heads, strict=True))[cursor:cursor + size]
+        payload = [self._info_payload(r, c, False) for r, c in page]
+        if expand:
+            keep = {"_id", "id", *expand}
+            payload = [{k: v for k, v in item.items() if k in keep} for item in payload]
+        headers: dict[str, str] = {}
+        if limit <= 0 and cursor + size < len(repos):
+            query = [(k, v) for k, values in request.query.items() if k != "cursor"
+                     for v in values] + [("cursor", str(cursor + size))]
+            link = f"{self.endpoint}/api/{kind}?{urlencode(query)}"
+            headers["Link"] = f'<{link}>; rel="next"'
+        return _json_response(payload, headers=headers)
 
     @staticmethod
     def _info_payload(repo: _Repo, commit: Commit, with_blobs: bool) -> dict[str, Any]:
