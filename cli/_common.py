@@ -132,8 +132,13 @@ def quiet_dependencies(verbose: bool) -> None:
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("transformers", "datasets", "peft", "accelerate", "huggingface_hub",
-                 "bitsandbytes"):
+    chatty = ("transformers", "datasets", "peft", "accelerate", "huggingface_hub",
+              "bitsandbytes")
+    # Their UserWarnings too (PEFT's "base_model_name_or_path was renamed", say): advice
+    # to library authors, not to someone running a command.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            module=rf"({'|'.join(chatty)})(\.|$)")
+    for name in chatty:
         logging.getLogger(name).setLevel(logging.ERROR)
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()

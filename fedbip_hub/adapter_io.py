@@ -16,11 +16,9 @@ from safetensors.torch import save_file
 from fedbip_hub.adapter_config import LoraAdapterConfig
 from fedbip_hub.errors import AdapterError
 from fedbip_hub.safe_json import JsonLimitError, loads_bounded
+from fedbip_hub.upload_files import PICKLE_SUFFIXES, WEIGHTS_NAME
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Pickle-based checkpoints execute code on load; we refuse to be near one.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 # A LoRA on every linear layer of a large MoE model has tens of thousands of tensors;

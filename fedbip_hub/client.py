@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -14,7 +13,6 @@ from pathlib import Path
 
 from fedbip_hub import __version__
 from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.errors import (
     AdapterError,
     ConfigError,
@@ -38,12 +36,11 @@ from fedbip_hub.federation import (
 )
 from fedbip_hub.identity import client_name_problem, repo_id_problem
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
-from fedbip_hub.task_vectors import TaskVector
+from fedbip_hub.upload_files import PICKLE_SUFFIXES, UPLOAD_FILES, WEIGHTS_NAME
+from fedbip_hub.upload_files import upload_id as upload_id  # re-exported: the public name
 from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
-from fedbip_hub.validation import check_task_vector, validate_upload
 
 PUBLISH_TITLE = "fedbip: personalized adapter"
-UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME)
 START_FILE = "fedbip_start.json"
 # Root files of a member repo that an upload replaces as a whole: weights in any format
 # (pickles included) and JSON configs. The server writes only under personalized/, and a
@@ -227,6 +224,11 @@ def push(fed: Federation, client: str, adapter_dir: str | Path, *, n_examples: i
     The start revision defaults to the one ``fedbip pull`` (or ``fedbip train``) recorded
     in the adapter folder, so the server can compute the task vector from it.
     """
+    # The tensor code loads only here, so cheap commands (status, join, pull) stay fast.
+    from fedbip_hub.adapter_io import LoraAdapter
+    from fedbip_hub.task_vectors import TaskVector
+    from fedbip_hub.validation import check_task_vector, validate_upload
+
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir} is {'a file' if adapter_dir.exists() else 'missing'}"
@@ -393,8 +395,3 @@ def personalized_folder(fed: Federation | str, client: str, *, revision: str | N
                             hint="Push an upload, then wait for (or run) `fedbip-server run`.")
     _check_start(fed, member, revision)
     return fed.store.fetch_folder(member.repo_id, revision, PERSONALIZED_DIR)
-
-
-def upload_id(metadata_bytes: bytes) -> str:
-    """An upload's identity: the hash of its metadata (which carries a nonce per push)."""
-    return hashlib.sha256(metadata_bytes).hexdigest()

@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from fedbip_hub.federation import FederationConfig, FederationState, Member
 from fedbip_hub.merge import MergedAdapter
-from fedbip_hub.robust import describe_guards
 from fedbip_hub.similarity import CosineSource
+from fedbip_hub.skip_reasons import describe_guards
 from fedbip_hub.strategies import WeightTable
 
 TAGS = ["fedbip", "federated-learning", "lora", "peft", "personalization"]

@@ -16,7 +16,6 @@ near 0 with everyone and so little weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,26 +105,6 @@ def sign_guard(cosine: torch.Tensor, *, floor: float = 0.2, min_opposed: int = 2
     opposed = [torch.nonzero(row).flatten().tolist() for row in against]
     flagged = [i for i, row in enumerate(opposed) if len(row) >= min_opposed]
     return SignGuardResult(flagged, support.tolist(), opposed)
-
-
-def describe_guards(record: Mapping[str, Any]) -> dict[str, str]:
-    """Client → what the round's guards did to its update, one line each (a round
-    record's ``norm_guard`` and ``sign_guard`` entries, for dashboards and job logs)."""
-    out: dict[str, str] = {}
-    for client, entry in (record.get("norm_guard") or {}).items():
-        out[client] = (f"norm guard ({entry['action']}): task-vector norm "
-                       f"{entry['norm']:.3g}, robust z {entry['robust_z']:.1f}")
-    for client, entry in (record.get("sign_guard") or {}).items():
-        line = f"sign guard: {entry['reason']}; {entry['action']}"
-        out[client] = f"{out[client]}; {line}" if client in out else line
-    for entry in record.get("duplicates") or []:
-        for client in entry["members"]:
-            if client == entry["kept"]:
-                continue
-            line = (f"duplicate of {entry['kept']} (cosine {entry['cosine']:.4f}): counted "
-                    "once, shared with no one this round")
-            out[client] = f"{out[client]}; {line}" if client in out else line
-    return out
 
 
 # -- collusion and copying ------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 import fedbip_hub
 from fedbip_hub.adapter_config import CONFIG_NAME
 from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
-from fedbip_hub.client import PUBLISH_TITLE, UPLOAD_FILES, commit_with_retry, upload_id
+from fedbip_hub.client import PUBLISH_TITLE, commit_with_retry
 from fedbip_hub.compute import resolve_device, resolve_dtype
 from fedbip_hub.errors import (
     ConfigError,
@@ -91,8 +91,14 @@ from fedbip_hub.streaming import (
     resident_peers,
 )
 from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, describe_error
-from fedbip_hub.validation import check_task_vector, check_upload_listing, validate_upload
+from fedbip_hub.upload_files import UPLOAD_FILES, check_upload_listing, upload_id
+from fedbip_hub.upload_metadata import (
+    UPLOAD_METADATA_NAME,
+    UploadMetadata,
+    describe_error,
+    upload_staleness,
+)
+from fedbip_hub.validation import check_task_vector, validate_upload
 
 # What the server reads of a personalized folder (a member may commit anything beside).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -1230,23 +1236,6 @@ def _dropped_reason(why: str) -> str:
 def _evicted_reason(exc: FedbipError) -> str:
     return one_line(f"its consumed update no longer passes the gate and left the pool: "
                     f"{reason(exc)}")
-
-
-def upload_staleness(name: str, metadata: UploadMetadata, history: list[str]) -> int:
-    """How many personalized versions behind the upload's start is (the init: all).
-
-    Raises:
-        FedbipError: the start is no personalized adapter this federation published for it.
-    """
-    if metadata.start_revision is None:
-        return len(history)
-    if metadata.start_revision in history:
-        return len(history) - 1 - history.index(metadata.start_revision)
-    raise FedbipError(
-        f"start revision {metadata.start_revision[:12]} is not a personalized "
-        "adapter this federation published for it.",
-        hint="Train from `fedbip pull`'s adapter (or from scratch) and push again.",
-        client=name)
 
 
 def _previous_input(name: str, member: Member, client_state: Any) -> PinnedInput | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedbip_hub.errors import (
     AuthError,
@@ -105,3 +106,23 @@ def public_paths(text: str, names: Mapping[Path, str], cache_dir: str | Path) ->
     for local in sorted(pairs, key=len, reverse=True):
         text = text.replace(local, pairs[local])
     return text
+
+
+def describe_guards(record: Mapping[str, Any]) -> dict[str, str]:
+    """Client → what the round's guards did to its update, one line each (a round
+    record's ``norm_guard`` and ``sign_guard`` entries, for dashboards and job logs)."""
+    out: dict[str, str] = {}
+    for client, entry in (record.get("norm_guard") or {}).items():
+        out[client] = (f"norm guard ({entry['action']}): task-vector norm "
+                       f"{entry['norm']:.3g}, robust z {entry['robust_z']:.1f}")
+    for client, entry in (record.get("sign_guard") or {}).items():
+        line = f"sign guard: {entry['reason']}; {entry['action']}"
+        out[client] = f"{out[client]}; {line}" if client in out else line
+    for entry in record.get("duplicates") or []:
+        for client in entry["members"]:
+            if client == entry["kept"]:
+                continue
+            line = (f"duplicate of {entry['kept']} (cosine {entry['cosine']:.4f}): counted "
+                    "once, shared with no one this round")
+            out[client] = f"{out[client]}; {line}" if client in out else line
+    return out

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbip_hub.client import upload_id
 from fedbip_hub.errors import FedbipError, StoreError
 from fedbip_hub.federation import ClientState, Federation
-from fedbip_hub.skip_reasons import refusal_reason
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
-from fedbip_hub.validation import check_upload_listing
+from fedbip_hub.skip_reasons import describe_guards, refusal_reason
+from fedbip_hub.upload_files import check_upload_listing, upload_id
+from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata, upload_staleness
 
 
 def federation_status(fed: Federation) -> dict[str, Any]:
@@ -60,7 +59,6 @@ def _upload(fed: Federation, name: str, repo_id: str, client_state: ClientState 
     """The member's upload metadata at its head, and why the round refuses the upload
     there, by the same checks the round plans with (its listing, metadata and start);
     a refusal after download is the state's (``refused_upload``), read by the caller."""
-    from fedbip_hub.rounds import upload_staleness
 
     try:
         head = fed.store.head(repo_id)
@@ -85,7 +83,6 @@ def _upload(fed: Federation, name: str, repo_id: str, client_state: ClientState 
 
 
 def _round_summary(record: dict | None) -> dict | None:
-    from fedbip_hub.robust import describe_guards
 
     if record is None:
         return None

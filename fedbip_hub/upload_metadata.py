@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedbip_hub.errors import AdapterError
+from fedbip_hub.errors import AdapterError, FedbipError
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 
 UPLOAD_METADATA_NAME = "fedbip_upload.json"
@@ -80,3 +80,20 @@ def describe_error(exc: Exception) -> str:
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         return f"{where}: {first.get('msg', 'invalid')}{more}"
     return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def upload_staleness(name: str, metadata: UploadMetadata, history: list[str]) -> int:
+    """How many personalized versions behind the upload's start is (the init: all).
+
+    Raises:
+        FedbipError: the start is no personalized adapter this federation published for it.
+    """
+    if metadata.start_revision is None:
+        return len(history)
+    if metadata.start_revision in history:
+        return len(history) - 1 - history.index(metadata.start_revision)
+    raise FedbipError(
+        f"start revision {metadata.start_revision[:12]} is not a personalized "
+        "adapter this federation published for it.",
+        hint="Train from `fedbip pull`'s adapter (or from scratch) and push again.",
+        client=name)

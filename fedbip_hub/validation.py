@@ -9,18 +9,17 @@ client alone: an upload past the bounds is refused before its numbers meet anyon
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import PICKLE_SUFFIXES, WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.adapter_io import LoraAdapter
 from fedbip_hub.errors import AdapterError
 from fedbip_hub.federation import FederationConfig, Limits
 from fedbip_hub.lowrank import lowrank_gram
 from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.upload_metadata import UploadMetadata
 
 _DIVERGED = ("Check the training for divergence or a scaling bug (lora_alpha, r), then "
              "push again")
@@ -28,37 +27,6 @@ _DIVERGED = ("Check the training for divergence or a scaling bug (lora_alpha, r)
 
 def _refuse(message: str, hint: str, label: str | None) -> AdapterError:
     return AdapterError(message, hint=hint, client=label)
-
-
-def check_upload_listing(files: Iterable[str], *, label: str | None = None) -> bool:
-    """Whether a client repo's file listing holds an upload, from the listing alone.
-
-    Returns False when nothing has been pushed yet (a new repo). Refuses a partial upload
-    and any pickle-format file at the root, which the server would otherwise never see
-    (it downloads only the upload files) and silently take for "no upload".
-
-    Raises:
-        AdapterError: naming the client, the problem and the fix.
-    """
-    root = {f for f in files if "/" not in f}
-    pickles = sorted(f for f in root if Path(f).suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise _refuse(f"the upload holds pickle-format weights ({', '.join(pickles)}); they "
-                      "can run arbitrary code when loaded, so fedbip-hub refuses them.",
-                      "Push your adapter folder with `fedbip push`, which replaces your "
-                      "repo's upload files and deletes these in the same commit (save it "
-                      "with PeftModel.save_pretrained(..., safe_serialization=True)).",
-                      label)
-    if not root & {CONFIG_NAME, WEIGHTS_NAME, UPLOAD_METADATA_NAME}:
-        return False
-    if UPLOAD_METADATA_NAME not in root:
-        raise _refuse(f"upload has no {UPLOAD_METADATA_NAME} (start revision, examples, "
-                      "base).", "Push with `fedbip push`, which writes it.", label)
-    if WEIGHTS_NAME not in root:
-        raise _refuse(f"upload has no {WEIGHTS_NAME}.",
-                      "Save the adapter with PeftModel.save_pretrained (safetensors) and "
-                      "push it with `fedbip push`.", label)
-    return True
 
 
 def validate_upload(folder: str | Path, config: FederationConfig, init: LoraAdapter, *,

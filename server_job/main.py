@@ -109,7 +109,7 @@ def run(
 
 
 def _print_summary(record: dict) -> None:
-    from fedbip_hub.robust import describe_guards  # torch: only once a round has run
+    from fedbip_hub.skip_reasons import describe_guards
 
     status = record["status"]
     if status == "nothing-new":

@@ -34,3 +34,26 @@ def test_the_benchmark_sees_a_heavy_import():
         sys.path.pop(0)
     assert "torch" in heavy_imports(["-m", "fedbip_hub.robust"])
     assert heavy_imports(["-m", "cli.main", "--help"]) == []
+
+
+def test_status_join_and_pull_on_a_federation_do_not_import_torch(tmp_path, tiny_base):
+    """The cheap member commands read listings and JSON only: on a real local federation
+    (one round run, so pull has an adapter to fetch) none loads the tensor stack."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from bench_cli_startup import heavy_imports
+    finally:
+        sys.path.pop(0)
+    from federation_helpers import new_local_federation
+
+    from fedbip_hub.rounds import run_round
+
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    address = str(tmp_path / "fed")
+    for argv in (["status", address, "--json"],
+                 ["join", address, "--client", "dave", "--json"],
+                 ["pull", address, "--client", "alice", "--out", str(tmp_path / "p"),
+                  "--json"]):
+        assert heavy_imports(["-m", "cli.main", *argv]) == [], argv
+    assert (tmp_path / "p" / "adapter_model.safetensors").is_file()

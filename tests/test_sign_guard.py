@@ -16,8 +16,9 @@ from federation_helpers import (
 )
 
 from fedbip_hub.federation import Federation
-from fedbip_hub.robust import describe_guards, sign_guard
+from fedbip_hub.robust import sign_guard
 from fedbip_hub.rounds import run_round
+from fedbip_hub.skip_reasons import describe_guards
 
 
 def _cosines(vectors: torch.Tensor) -> torch.Tensor:
