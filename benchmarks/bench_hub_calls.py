@@ -68,31 +68,6 @@ def _tiny_base(path: Path) -> Path:
     return path
 
 
-def _upload(start: Path, dest: Path, *, seed: int, group: int, rank: int | None) -> Path:
-    """A synthetic "trained" adapter: ``start`` moved along its task group's direction."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    config = json.loads((start / "adapter_config.json").read_text())
-    tensors = load_file(start / "adapter_model.safetensors")
-    shared = torch.Generator().manual_seed(1000 + group)
-    own = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value in sorted(tensors.items()):
-        if rank is not None and ".lora_" in key:
-            shape = (rank, value.shape[1]) if ".lora_A." in key else (value.shape[0], rank)
-            value = torch.zeros(shape)
-        direction = torch.randn(value.shape, generator=shared)
-        noise = torch.randn(value.shape, generator=own)
-        out[key] = (value + 0.2 * (direction + 0.3 * noise)).contiguous()
-    if rank is not None:
-        config.update(r=rank, lora_alpha=2 * rank, rank_pattern={}, alpha_pattern={})
-    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(out, dest / "adapter_model.safetensors", metadata={"format": "pt"})
-    return dest
-
-
 def _measure(server, fed, label: str, **extra) -> dict:
     from fedbip_hub.rounds import run_round
 
@@ -111,6 +86,7 @@ def bench_k(server, base: Path, root: Path, k: int, fresh: int, method: str) -> 
     from fedbip_hub.client import init_federation, join, pull, push
     from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
     from fedbip_hub.rounds import run_round
+    from fedbip_hub.testing.uploads import write_upload
 
     repo_id = f"{ORG}/bench-{k}"
     config = FederationConfig(name=f"bench-{k}", base_model=str(base), num_labels=3,
@@ -119,7 +95,7 @@ def bench_k(server, base: Path, root: Path, k: int, fresh: int, method: str) -> 
     names = [f"m{i:03d}" for i in range(k)]
     for i, name in enumerate(names):
         join(fed, name)
-        upload = _upload(fed.init_folder(), root / f"up-{k}-{name}", seed=i, group=i % 3,
+        upload = write_upload(fed.init_folder(), root / f"up-{k}-{name}", seed=i, group=i % 3,
                          rank=4)
         push(fed, name, upload, n_examples=10)
     run_round(fed)  # the first round: every member fresh
@@ -129,7 +105,7 @@ def bench_k(server, base: Path, root: Path, k: int, fresh: int, method: str) -> 
     for count in sorted({1, fresh}):
         for i, name in enumerate(names[:count]):
             pulled = pull(fed, name, root / f"pulled-{k}-{name}-{count}").folder
-            upload = _upload(pulled, root / f"up2-{k}-{name}-{count}", seed=100 + i,
+            upload = write_upload(pulled, root / f"up2-{k}-{name}-{count}", seed=100 + i,
                              group=i % 3, rank=None)
             shutil.copy(pulled / "fedbip_start.json", upload)
             push(fed, name, upload, n_examples=10)

@@ -21,17 +21,11 @@ def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = Non
     Raises:
         ConfigError: the model cannot be loaded (names the id and what to check).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     kwargs: dict[str, Any] = {"revision": config.base_revision, "token": token}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        if config.task_type == "SEQ_CLS":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                config.base_model, num_labels=config.num_labels or 2, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+        model = model_for_task(config, **kwargs)
     except (OSError, ValueError) as exc:
         from fedbip_hub.locations import is_local_path
 
@@ -49,6 +43,16 @@ def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = Non
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def model_for_task(config: FederationConfig, **kwargs: Any) -> Any:
+    """``from_pretrained`` of the federation's base with the head its task needs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if config.task_type == "SEQ_CLS":
+        return AutoModelForSequenceClassification.from_pretrained(
+            config.base_model, num_labels=config.num_labels or 2, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
 
 
 def lora_config_for(config: FederationConfig, *, inference_mode: bool = False) -> Any:

@@ -53,7 +53,8 @@ def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: t
         ConfigError: the model cannot be loaded or quantized.
     """
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedbip_hub.models import model_for_task
 
     require_bitsandbytes(mode)
     kwargs: dict[str, Any] = {"revision": config.base_revision, "dtype": compute_dtype,
@@ -64,11 +65,7 @@ def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: t
 
         kwargs["device_map"] = {"": PartialState().local_process_index}
     try:
-        if config.task_type == "SEQ_CLS":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                config.base_model, num_labels=config.num_labels or 2, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+        model = model_for_task(config, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ConfigError(
             f"cannot load base model {config.base_model!r} quantized to {mode}: "
