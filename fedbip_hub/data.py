@@ -133,14 +133,10 @@ def check_examples(ds: Any, *, task_type: str, num_labels: int | None = None,
     """
     columns = list(ds.column_names)
     has_input = "input_ids" in columns or text_field in columns or (
-        task_type == "CAUSAL_LM" and {PROMPT_FIELD, COMPLETION_FIELD} <= set(columns))
+        task_type == "CAUSAL_LM" and ({PROMPT_FIELD, COMPLETION_FIELD} <= set(columns)
+                                      or MESSAGES_FIELD in columns))
     if not has_input:
-        sources = "input_ids or " + repr(text_field)
-        if task_type == "CAUSAL_LM":
-            sources += " or prompt/completion"
-        raise _missing(sources, columns,
-                       f"Name the text column with --text-field (now {text_field!r}), or give "
-                       "pre-tokenized input_ids.")
+        raise _no_input(columns, text_field, task_type)
     if task_type == "SEQ_CLS":
         _class_labels(ds, columns, label_field, num_labels)
 
@@ -268,6 +264,14 @@ def prepare_dataset(ds: Any, *, task_type: str, tokenizer: Any = None, max_lengt
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features)
 
 
+def _no_input(columns: Sequence[str], text_field: str, task_type: str) -> ConfigError:
+    sources = "input_ids or " + repr(text_field)
+    if task_type == "CAUSAL_LM":
+        sources += " or prompt/completion or messages"
+    return _missing(sources, columns, f"Name the text column with --text-field (now "
+                    f"{text_field!r}), or give pre-tokenized input_ids.")
+
+
 def _missing(what: str, columns: Sequence[str], hint: str) -> ConfigError:
     return ConfigError(f"the data has no {what} column (it has {', '.join(columns) or 'none'}).",
                        hint=hint)
@@ -289,12 +293,7 @@ def _input_ids(ds: Any, columns: list[str], tokenizer: Any, max_length: int, tex
                               hint="Fill or drop the empty rows.")
         rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     else:
-        sources = "input_ids or " + repr(text_field)
-        if task_type == "CAUSAL_LM":
-            sources += " or prompt/completion or messages"
-        raise _missing(sources, columns,
-                       f"Name the text column with --text-field (now {text_field!r}), or give "
-                       "pre-tokenized input_ids.")
+        raise _no_input(columns, text_field, task_type)
     rows = [list(row)[:max_length] for row in rows]
     empty = next((i for i, row in enumerate(rows) if not row), None)
     if empty is not None:

@@ -46,3 +46,15 @@ def test_check_examples_finds_what_prepare_would_refuse():
     named = datasets.Dataset.from_list([{"text": "a", "label": "positive"}])
     with pytest.raises(ConfigError, match="not a class id"):
         check_examples(named, task_type="SEQ_CLS", num_labels=2)
+
+
+def test_check_examples_accepts_every_causal_lm_format_prepare_accepts():
+    """The pre-load check and prepare_dataset agree: chat and prompt/completion data pass
+    both for a causal LM, and neither is taken as classification input."""
+    chat = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "yo"}]}])
+    pairs = datasets.Dataset.from_list([{"prompt": "2+2=", "completion": "4"}])
+    for ds in (chat, pairs):
+        check_examples(ds, task_type="CAUSAL_LM")
+        with pytest.raises(ConfigError, match="no input_ids or 'text'"):
+            check_examples(ds, task_type="SEQ_CLS", num_labels=2)
