@@ -185,10 +185,18 @@ def attacked_upload(fed, client: str, folder: Path, attack: str, out: Path,
             dense[name] = s + _noise_like(float((u - s).norm()), tuple(u.shape), gen)
         else:
             dense[name] = s + c * (u - s)
+    return _write_attack(out, modules, dense, upload.config, folder, params_space=params_space)
+
+
+def _write_attack(out: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  dense: dict[str, torch.Tensor], config, folder: Path, *,
+                  params_space: bool) -> Path:
+    """Save an attacker's factors (fp64, cast to fp32) into ``out``, with the honest
+    upload's start file and metadata from ``folder``, so the push looks like any other."""
     if out.exists():
         shutil.rmtree(out)
     save_lora_adapter(out, {k: (u.float(), v.float()) for k, (u, v) in modules.items()},
-                      upload.config, dense={k: v.float() for k, v in dense.items()},
+                      config, dense={k: v.float() for k, v in dense.items()},
                       fold_scale="b" if params_space else "balanced")
     for extra in (START_FILE, UPLOAD_METADATA_NAME):
         if (folder / extra).is_file():
@@ -221,16 +229,8 @@ def transplanted_upload(fed, client: str, folder: Path, source: Path, source_sta
         own = (start.dense_tensor(name).double() if name in start.dense
                else torch.zeros_like(step))
         dense[name] = own - step if flip_heads else own + step
-    if out.exists():
-        shutil.rmtree(out)
-    save_lora_adapter(out, {k: (u.float(), v.float()) for k, (u, v) in modules.items()},
-                      LoraAdapter(folder).config,
-                      dense={k: v.float() for k, v in dense.items()},
-                      fold_scale="b" if params_space else "balanced")
-    for extra in (START_FILE, UPLOAD_METADATA_NAME):
-        if (folder / extra).is_file():
-            shutil.copyfile(folder / extra, out / extra)
-    return out
+    return _write_attack(out, modules, dense, LoraAdapter(folder).config, folder,
+                         params_space=params_space)
 
 
 def check_transplant(fed, client: str, folder: Path, source: Path, source_start: Path,
