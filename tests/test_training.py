@@ -694,14 +694,11 @@ def test_lora_dropout_reaches_the_initial_adapter_and_training(world: World,
                    for k in trained["plain"])
 
 
-def test_cli_training_options_reach_the_training(world: World, tmp_path: Path,
-                                                 monkeypatch) -> None:
-    from typer.testing import CliRunner
-
-    from cli.main import app
+def record_training_args(monkeypatch) -> list:
+    """The TrainingArgs of every train_adapter call, which still runs as usual."""
     from fedbip_hub import training
 
-    seen = []
+    seen: list = []
     real = training.train_adapter
 
     def recording(*args, **kwargs):
@@ -709,6 +706,17 @@ def test_cli_training_options_reach_the_training(world: World, tmp_path: Path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "train_adapter", recording)
+    return seen
+
+
+def test_cli_training_options_reach_the_training(world: World, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from fedbip_hub import training
+
+    seen = record_training_args(monkeypatch)
     data = write_jsonl(tmp_path / "carol.jsonl", cls_rows(32, seed=5))
     runner = CliRunner()
     shown = runner.invoke(app, [

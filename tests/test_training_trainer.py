@@ -17,7 +17,7 @@ import pytest
 import torch
 from federation_helpers import TINY_LLAMA, save_tiny_base
 from safetensors.torch import load_file
-from test_training import cls_rows, tiny_tokenizer
+from test_training import cls_rows, record_training_args, tiny_tokenizer
 
 from fedbip_hub.errors import ConfigError
 
@@ -589,16 +589,8 @@ def test_cli_passes_the_trainer_options(feds: Feds, tmp_path: Path, monkeypatch)
     from typer.testing import CliRunner
 
     from cli.main import app
-    from fedbip_hub import training
 
-    seen = []
-    real = training.train_adapter
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["args"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_adapter", recording)
+    seen = record_training_args(monkeypatch)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in cls_rows(16, seed=21)))
     runner = CliRunner()
