@@ -69,8 +69,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_quality import stub_heatmaps  # noqa: E402
-from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter  # noqa: E402
-from fedbip_hub.client import START_FILE, read_start_revision  # noqa: E402
+from fedbip_hub.adapters.lora import LoraAdapter, save_lora_adapter  # noqa: E402
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME  # noqa: E402
 from fedbip_hub.demo import demo_config  # noqa: E402
 from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
@@ -81,9 +81,9 @@ from fedbip_hub.demo.scenario import (  # noqa: E402
     ScenarioConfig,
     prepare_dir,
 )
-from fedbip_hub.federation import PERSONALIZED_DIR  # noqa: E402
-from fedbip_hub.strategies import Strategy  # noqa: E402
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME  # noqa: E402
+from fedbip_hub.engine.strategies import Strategy  # noqa: E402
+from fedbip_hub.federation.client import START_FILE, read_start_revision  # noqa: E402
+from fedbip_hub.federation.repo import PERSONALIZED_DIR  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
 ATTACKS = ("none", "scale", "flip", "noise", "sybil", "duplicate")
@@ -249,7 +249,7 @@ def check_transplant(fed, client: str, folder: Path, source: Path, source_start:
 def _pushed_upload(fed, client: str, out: Path) -> tuple[Path, Path]:
     """``client``'s upload now at the head of its repo (copied into ``out``), and the
     start it trained from."""
-    from fedbip_hub.client import UPLOAD_FILES
+    from fedbip_hub.federation.client import UPLOAD_FILES
 
     repo = fed.member(client).repo_id
     folder = fed.store.fetch_folder(repo, fed.store.head(repo), only=UPLOAD_FILES)

@@ -44,14 +44,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import fedbip_hub.merge as merge_module
-from fedbip_hub.adapter_io import PEFT_PREFIX, LoraAdapter
-from fedbip_hub.lowrank import refactorize, refactorize_qr
-from fedbip_hub.merge import MergePlan, personalize
-from fedbip_hub.similarity import SimilarityReport, compute_similarity, module_gram
-from fedbip_hub.stacked_merge import Merged
-from fedbip_hub.strategies import Strategy, compute_weights
-from fedbip_hub.task_vectors import LowRankDelta, TaskVector
+import fedbip_hub.engine.merge as merge_module
+from fedbip_hub.adapters.lora import PEFT_PREFIX, LoraAdapter
+from fedbip_hub.engine.lowrank import refactorize, refactorize_qr
+from fedbip_hub.engine.merge import MergePlan, personalize
+from fedbip_hub.engine.similarity import SimilarityReport, compute_similarity, module_gram
+from fedbip_hub.engine.stacked_merge import Merged
+from fedbip_hub.engine.strategies import Strategy, compute_weights
+from fedbip_hub.engine.task_vectors import LowRankDelta, TaskVector
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "engine.json"

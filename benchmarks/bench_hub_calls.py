@@ -69,7 +69,7 @@ def _tiny_base(path: Path) -> Path:
 
 
 def _measure(server, fed, label: str, **extra) -> dict:
-    from fedbip_hub.rounds import run_round
+    from fedbip_hub.server.rounds import run_round
 
     since = len(server.requests)
     started = time.perf_counter()
@@ -83,9 +83,9 @@ def _measure(server, fed, label: str, **extra) -> dict:
 
 
 def bench_k(server, base: Path, root: Path, k: int, fresh: int, method: str) -> list[dict]:
-    from fedbip_hub.client import init_federation, join, pull, push
-    from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
-    from fedbip_hub.rounds import run_round
+    from fedbip_hub.federation.client import init_federation, join, pull, push
+    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.server.rounds import run_round
     from fedbip_hub.testing.uploads import write_upload
 
     repo_id = f"{ORG}/bench-{k}"

@@ -54,8 +54,8 @@ def child(base: str, out: str, low_memory: bool) -> None:
     import torch  # noqa: F401
     from transformers import AutoModelForSequenceClassification  # noqa: F401
 
-    from fedbip_hub.federation import FederationConfig
-    from fedbip_hub.models import build_initial_adapter
+    from fedbip_hub.federation.repo import FederationConfig
+    from fedbip_hub.training.models import build_initial_adapter
 
     config = FederationConfig(name="bench", base_model=base, num_labels=2)
     before = _vm("VmRSS")

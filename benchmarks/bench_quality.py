@@ -62,7 +62,7 @@ from fedbip_hub.demo.scenario import (  # noqa: E402
     default_methods,
     prepare_dir,
 )
-from fedbip_hub.strategies import Strategy  # noqa: E402
+from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality.json"
 
@@ -139,7 +139,7 @@ def stub_heatmaps() -> None:
 
     from PIL import Image
 
-    import fedbip_hub.modelcard as modelcard
+    import fedbip_hub.federation.modelcard as modelcard
 
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1), "white").save(buffer, format="PNG")

@@ -54,7 +54,7 @@ from bench_quality import stub_heatmaps  # noqa: E402
 
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
 from fedbip_hub.demo.scenario import Method, Scenario, ScenarioConfig  # noqa: E402
-from fedbip_hub.strategies import Strategy  # noqa: E402
+from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "realmodel.json"
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -224,8 +224,8 @@ def dump_rounds(fed_folder: Path, dest: Path) -> int:
     """Copy a finished federation's round records and, per round, the similarity memory
     it committed (``round-NNNNNN.json``, ``memory-NNNNNN.safetensors``) to ``dest``: what
     the server saw, for replaying weighting rules offline. Returns the rounds copied."""
-    from fedbip_hub.federation import Federation, round_record_path
-    from fedbip_hub.memory import MEMORY_FILE
+    from fedbip_hub.engine.memory import MEMORY_FILE
+    from fedbip_hub.federation.repo import Federation, round_record_path
 
     fed = Federation.at(str(fed_folder))
     dest.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def run_setting(name: str, setting: Setting, seed: int, method_rows: Sequence[Me
         (dump / f"{name}-s{seed}" / "run.json").write_text(json.dumps(out, default=str))
     if plain_loop:
         init = Path(work / f"{name}-s{seed}" / "runs" / "local")
-        from fedbip_hub.federation import Federation
+        from fedbip_hub.federation.repo import Federation
 
         plain = plain_peft_local(scenario, Federation.at(str(init)).init_folder())
         out["plain_peft_local"] = {"accuracy": sum(plain.values()) / len(plain),

@@ -4,7 +4,7 @@ Everything is measured side by side in one run, on Llama-7B attention shapes (q/
 projections 4096×4096, LoRA rank 16, float32 on disk):
 
 (a) similarity of K=32 task vectors on one block: exact low-rank Gram vs materialised-ΔW
-    cosines (both from ``bench_engine``) vs the sketch (``fedbip_hub.sketch``).
+    cosines (both from ``bench_engine``) vs the sketch (``fedbip_hub.engine.sketch``).
 (b) one personalized merge of K=8 adapters: ``personalize`` vs PEFT's
     ``add_weighted_adapter`` (svd and cat), exactly ``bench_engine``'s (b), one block.
 (c) whole local-folder rounds (``RoundRunner`` on a ``LocalStore`` federation) of
@@ -55,10 +55,10 @@ import bench_engine as engine
 from bench_engine import PROJECTIONS, _proc_status, fmt_bytes, fmt_s, print_table
 from bench_engine import _reset_peak_rss as _reset_peak
 
-from fedbip_hub.lowrank import cosine_from_gram, lowrank_gram
-from fedbip_hub.similarity import SimilarityReport
-from fedbip_hub.sketch import SketchSpec, exact_sq_norms, sketch_module_gram
-from fedbip_hub.task_vectors import LowRankDelta
+from fedbip_hub.engine.lowrank import cosine_from_gram, lowrank_gram
+from fedbip_hub.engine.similarity import SimilarityReport
+from fedbip_hub.engine.sketch import SketchSpec, exact_sq_norms, sketch_module_gram
+from fedbip_hub.engine.task_vectors import LowRankDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scale.json"
@@ -215,8 +215,8 @@ def bench_target_merge(cfg: ScaleConfig) -> dict:
     """(b2) One module's merges for K top-k targets, R = (top_k+1)·r stacked columns each:
     the former QR path, the float64-Gram path alone per target, with the module's shared
     peer-pair Gram blocks (the CPU default), and batched (the GPU default, here on CPU)."""
-    from fedbip_hub.stacked_merge import PairGrams, Part, merge_batched, merge_cached
-    from fedbip_hub.strategies import Strategy, compute_weights
+    from fedbip_hub.engine.stacked_merge import PairGrams, Part, merge_batched, merge_cached
+    from fedbip_hub.engine.strategies import Strategy, compute_weights
 
     k, module = cfg.target_merge_k, "model.layers.0.self_attn.q_proj"
     deltas = grouped_deltas(k, cfg.d, cfg.r, cfg.scale, 8, cfg.seed + 7)
@@ -294,7 +294,7 @@ def _adapter_config(cfg: ScaleConfig) -> dict:
 def _write_adapter(folder: Path, cfg: ScaleConfig, factors: dict[str, tuple]) -> None:
     from safetensors.torch import save_file
 
-    from fedbip_hub.adapter_io import PEFT_PREFIX
+    from fedbip_hub.adapters.lora import PEFT_PREFIX
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(_adapter_config(cfg), indent=2))
@@ -308,7 +308,8 @@ def _write_adapter(folder: Path, cfg: ScaleConfig, factors: dict[str, tuple]) ->
 def build_federation(root: Path, cfg: ScaleConfig, k: int) -> Path:
     """A local federation of K members, each with a first-round upload, written straight
     through the store (the uploads are valid: the round validates them)."""
-    from fedbip_hub.federation import (
+    from fedbip_hub.adapters.metadata import UploadMetadata
+    from fedbip_hub.federation.repo import (
         FEDERATION_FILE,
         INIT_DIR,
         LOCAL_FEDERATION_REPO,
@@ -321,7 +322,6 @@ def build_federation(root: Path, cfg: ScaleConfig, k: int) -> Path:
         dump_json,
     )
     from fedbip_hub.stores.local import LocalStore
-    from fedbip_hub.upload_metadata import UploadMetadata
 
     store = LocalStore(root)
     modules = cfg.module_names()
@@ -381,11 +381,11 @@ def round_child(spec: dict) -> dict:
     import matplotlib  # noqa: F401  (imported by the round's heatmaps: not round memory)
     import peft  # noqa: F401  (imported by the adapter writer: not round memory)
 
-    import fedbip_hub.adapter_io as adapter_io
-    import fedbip_hub.merge as merge_module
-    import fedbip_hub.modelcard as modelcard
-    from fedbip_hub.federation import FEDERATION_FILE, Federation, dump_json
-    from fedbip_hub.rounds import RoundRunner
+    import fedbip_hub.adapters.lora as adapter_io
+    import fedbip_hub.engine.merge as merge_module
+    import fedbip_hub.federation.modelcard as modelcard
+    from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, dump_json
+    from fedbip_hub.server.rounds import RoundRunner
     from fedbip_hub.stores.local import LocalStore
 
     timers: dict[str, float] = defaultdict(float)

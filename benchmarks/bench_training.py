@@ -11,14 +11,14 @@ subprocess (one thread) through ``train_adapter``:
   ``torch.cuda.max_memory_allocated``;
 * time per optimizer step: (a run of S steps − a run of 0 steps) / S, so loading is
   not counted, and the trainer's own setup is spread over the steps;
-* the memory estimate ``train_adapter`` prints (``fedbip_hub.memory_estimate``) against
+* the memory estimate ``train_adapter`` prints (``fedbip_hub.training.memory_estimate``) against
   that peak;
 
 across dtype (fp32, bf16), gradient checkpointing on/off, gradient accumulation (the
 same effective batch as 2 × 4 micro-batches), and a bitsandbytes 4-bit and 8-bit base
 (bitsandbytes runs them on CPU). The trainer's time per step is compared side by side
 with the hand-written loop it replaces (``old_train_adapter`` below, copied from the
-previous ``fedbip_hub/training.py``), interleaved over repeats, medians compared.
+previous ``fedbip_hub/training/trainer.py``), interleaved over repeats, medians compared.
 
 Finally, without a GPU, the estimate for a Llama-3-8B-shaped model (built on the meta
 device from its config) says whether a 4-bit LoRA SFT step with checkpointing fits a
@@ -104,7 +104,7 @@ CONFIGS = (
 QUICK_CONFIGS = ("fp32", "fp32 + checkpointing", "fp32, batch 2 × accum 4", "4bit")
 
 
-# -- the old loop (fedbip_hub/training.py before the Trainer), kept as the reference -------
+# -- the old loop (fedbip_hub/training/trainer.py before the Trainer), kept as the reference -------
 def old_train_adapter(fed: Any, client: str, dataset: Any, output_dir: Path, *,
                       args: Any, start: str = "auto") -> Any:
     """The hand-written loop `fedbip train` ran before issue 14, unchanged but for its
@@ -112,8 +112,9 @@ def old_train_adapter(fed: Any, client: str, dataset: Any, output_dir: Path, *,
     import torch
     from transformers import get_scheduler
 
-    from fedbip_hub.data import prepare_dataset
-    from fedbip_hub.evaluation import (
+    from fedbip_hub.training.args import SCHEDULER_NAMES
+    from fedbip_hub.training.data import prepare_dataset
+    from fedbip_hub.training.evaluation import (
         check_vocab,
         evaluate_prepared,
         fresh_base,
@@ -121,14 +122,13 @@ def old_train_adapter(fed: Any, client: str, dataset: Any, output_dir: Path, *,
         pad_id_of,
         resolve_device,
     )
-    from fedbip_hub.training import (
+    from fedbip_hub.training.trainer import (
         TrainResult,
         _load_start,
         _save,
         _start_folder,
         resolve_precision,
     )
-    from fedbip_hub.training_args import SCHEDULER_NAMES
 
     began = time.perf_counter()
     head = fed.head()
@@ -240,8 +240,8 @@ def _world(work: Path, size: ModelSize, task: str) -> tuple[Any, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
 
     base = work / f"base-{task}"
     address = work / f"fed-{task}"
@@ -274,7 +274,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     process, which should be fresh and single-threaded)."""
     import torch
 
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     torch.set_num_threads(1)
     fed, data = _world(work, size, config.task)
@@ -300,7 +300,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     baseline = _status("VmRSS")
     load_peak: list[int] = []
     if config.impl == "new":  # the steps' peak, apart from loading's (a quantized load
-        from fedbip_hub.hf_trainer import FedbipTrainer  # holds full-precision shards)
+        from fedbip_hub.training.hf_trainer import FedbipTrainer  # holds full-precision shards)
 
         real_train = FedbipTrainer.train
 
@@ -319,7 +319,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     fixed = time.perf_counter() - began
     estimate = getattr(result, "memory_estimate", None)
     if estimate is None:  # the old loop prints none: ask the new code for the same run
-        from fedbip_hub.training import _memory_estimate, _numerics
+        from fedbip_hub.training.trainer import _memory_estimate, _numerics
 
         est = _memory_estimate(fed.config(), None, fed.init_folder(), args,
                                _numerics(args, torch.device("cpu")), size.seq_len)
@@ -352,7 +352,7 @@ def llama3_8b_estimates() -> list[dict]:
     from peft import LoraConfig
     from transformers import LlamaConfig
 
-    from fedbip_hub.memory_estimate import ModelShape, estimate
+    from fedbip_hub.training.memory_estimate import ModelShape, estimate
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,

@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedbip_hub.memory import SimilarityMemory, SimilarityView  # noqa: E402
-from fedbip_hub.similarity import MODEL_KEY, cosine_from_gram  # noqa: E402
-from fedbip_hub.strategies import Strategy, compute_weights  # noqa: E402
+from fedbip_hub.engine.memory import SimilarityMemory, SimilarityView  # noqa: E402
+from fedbip_hub.engine.similarity import MODEL_KEY, cosine_from_gram  # noqa: E402
+from fedbip_hub.engine.strategies import Strategy, compute_weights  # noqa: E402
 
 
 @dataclass

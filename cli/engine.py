@@ -17,7 +17,7 @@ from cli._common import (
 )
 
 # Kept literal so that `fedbip --help` does not import torch; a test checks them against
-# the registries in fedbip_hub.similarity and fedbip_hub.strategies.
+# the registries in fedbip_hub.engine.similarity and fedbip_hub.engine.strategies.
 GRANULARITIES = ("model", "layer", "module")
 METHOD_NAMES = ("fedbip", "fedbip-l", "fedbip-m", "fedavg", "fedit", "uniform", "local",
                 "oracle")
@@ -46,9 +46,9 @@ def similarity(
 
       fedbip similarity alice/ bob/ carol/ --granularity layer --plot sim.png
     """
+    from fedbip_hub.engine.similarity import MODEL_KEY
     from fedbip_hub.errors import ConfigError, did_you_mean
-    from fedbip_hub.offline import folder_similarity
-    from fedbip_hub.similarity import MODEL_KEY
+    from fedbip_hub.federation.offline import folder_similarity
 
     if granularity not in GRANULARITIES:
         raise ConfigError(f"unknown granularity {granularity!r}."
@@ -60,7 +60,7 @@ def similarity(
     report = folder_similarity([str(d) for d in dirs], space=space)  # type: ignore[arg-type]
     chosen = granularity
     if plot is not None:
-        from fedbip_hub.plotting import save_heatmap
+        from fedbip_hub.federation.plotting import save_heatmap
 
         panels = {"model": report.model_cosine()}
         if chosen != "model":
@@ -115,8 +115,8 @@ def merge(
 
       fedbip merge alice/ bob/ carol/ --for 0 --out out --strategy fedavg --rank 8
     """
-    from fedbip_hub.offline import merge_folders
-    from fedbip_hub.strategies import Strategy
+    from fedbip_hub.engine.strategies import Strategy
+    from fedbip_hub.federation.offline import merge_folders
 
     chosen = Strategy.parse(strategy, rank=rank, refactor=refactor, rule=rule,
                             clip_negative=not keep_negative, temperature=temperature,
@@ -141,7 +141,7 @@ def _target_index(target: str, folders: list[str]) -> int:
     """``--for``: a client's name (as the tables label it: its folder's name), else an
     index in the input order."""
     from fedbip_hub.errors import ConfigError, did_you_mean
-    from fedbip_hub.offline import _unique_labels
+    from fedbip_hub.federation.offline import _unique_labels
 
     names = _unique_labels(folders)
     if target in names:

@@ -21,7 +21,7 @@ TokenOption = Annotated[str | None, typer.Option(
 
 
 def _fed(address: str, token: str | None):
-    from fedbip_hub.federation import Federation
+    from fedbip_hub.federation.repo import Federation
 
     return Federation.at(address, token=token)
 
@@ -64,10 +64,10 @@ def init(
     from rich.markup import escape
 
     from cli._common import err_console
-    from fedbip_hub.client import init_federation, local_base_warning
+    from fedbip_hub.engine.strategies import Strategy
     from fedbip_hub.errors import ConfigError, did_you_mean
-    from fedbip_hub.federation import FederationConfig, LoraSpec
-    from fedbip_hub.strategies import Strategy
+    from fedbip_hub.federation.client import init_federation, local_base_warning
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     r = old_r if old_r is not None else r
     task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -123,7 +123,7 @@ def join(fed: FedArg, client: ClientOption,
 
       FEDBIP_CLIENT=alice fedbip join ./myfed
     """
-    from fedbip_hub.client import join as join_federation
+    from fedbip_hub.federation.client import join as join_federation
 
     member = join_federation(_fed(fed, token), client, repo_id=repo)
     if json_output:
@@ -151,7 +151,7 @@ def push(fed: FedArg, client: ClientOption,
 
       fedbip push ./myfed --client alice --adapter ./my-trainer-output --n-examples 800
     """
-    from fedbip_hub.client import push as push_upload
+    from fedbip_hub.federation.client import push as push_upload
 
     result = push_upload(_fed(fed, token), client, adapter, n_examples=n_examples,
                          start_revision=start_revision)
@@ -182,7 +182,7 @@ def pull(fed: FedArg, client: ClientOption,
 
       fedbip pull ./myfed --client alice --json
     """
-    from fedbip_hub.client import pull as pull_adapter
+    from fedbip_hub.federation.client import pull as pull_adapter
 
     result = pull_adapter(_fed(fed, token), client, out, or_init=or_init)
     if json_output:
@@ -207,7 +207,7 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
       fedbip status ./myfed --json
     """
 
-    from fedbip_hub.status import federation_status
+    from fedbip_hub.federation.status import federation_status
 
     report = federation_status(_fed(fed, token))
     if json_output:

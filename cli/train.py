@@ -9,9 +9,9 @@ import typer
 
 from cli._common import JsonOption, err_console, handle_errors, out_console, print_json
 from cli.federation import ClientOption, FedArg, TokenOption, _fed
-from fedbip_hub.training_args import DEFAULT_LR_SCHEDULER
+from fedbip_hub.training.args import DEFAULT_LR_SCHEDULER
 
-# Checked by fedbip_hub.data (a ConfigError naming the path), after the training options
+# Checked by fedbip_hub.training.data (a ConfigError naming the path), after the training options
 # and before any model loads.
 DataOption = Annotated[str, typer.Option(
     "--data", show_default=False,
@@ -90,8 +90,8 @@ def train(
 
       fedbip train ./myfed --client alice --data data/ --split train --epochs 1
     """
-    from fedbip_hub.data import load_examples
-    from fedbip_hub.training_args import TrainingArgs
+    from fedbip_hub.training.args import TrainingArgs
+    from fedbip_hub.training.data import load_examples
 
     args = TrainingArgs(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                         max_length=max_length, seed=seed, device=device, precision=precision,
@@ -108,7 +108,9 @@ def train(
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
     check_data(federation, dataset, text_field=text_field, label_field=label_field)
-    from fedbip_hub.training import train_adapter  # torch and transformers: after the checks
+    from fedbip_hub.training.trainer import (
+        train_adapter,  # torch and transformers: after the checks
+    )
 
     out = out or Path(f"fedbip-adapter-{client}")
     if not json_output:
@@ -117,7 +119,7 @@ def train(
                            text_field=text_field, label_field=label_field, progress=True)
     pushed = None
     if push:
-        from fedbip_hub.client import push as push_upload
+        from fedbip_hub.federation.client import push as push_upload
 
         pushed = push_upload(federation, client, result.output_dir,
                              n_examples=result.n_examples)
@@ -172,12 +174,12 @@ def eval_(
     """
     from rich.table import Table
 
-    from fedbip_hub.data import load_examples
+    from fedbip_hub.training.data import load_examples
 
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)
     check_data(federation, dataset, text_field=text_field, label_field=label_field)
-    from fedbip_hub.evaluation import evaluate_client  # torch: after the checks
+    from fedbip_hub.training.evaluation import evaluate_client  # torch: after the checks
 
     report = evaluate_client(federation, client, dataset, own_adapter=adapter,
                              device=device, batch_size=batch_size, max_length=max_length,
@@ -213,7 +215,7 @@ def eval_(
 
 def check_data(federation, dataset, *, text_field: str, label_field: str) -> None:
     """Columns and labels against the federation's task, before any model loads."""
-    from fedbip_hub.data import check_examples
+    from fedbip_hub.training.data import check_examples
 
     config = federation.config()
     check_examples(dataset, task_type=config.task_type, num_labels=config.num_labels,

@@ -33,8 +33,8 @@ from tiny_setup import make_tiny_causal_base, write_completion_data
 
 def setup(work: Path) -> tuple[str, Path]:
     """A local causal-LM federation with member alice, and her data (all offline)."""
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
 
     work = work.resolve()
     address = str(work / "llmfed")
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from fedbip_hub.data import load_examples
-    from fedbip_hub.federation import Federation
-    from fedbip_hub.trainer_integration import (
+    from fedbip_hub.federation.repo import Federation
+    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.integration import (
         FedbipPushCallback,
         load_trainable,
         prepare_start,

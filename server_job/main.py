@@ -20,7 +20,7 @@ from cli._common import (
     print_json,
     quiet_dependencies,
 )
-from fedbip_hub.scheduling import (
+from fedbip_hub.scheduling.jobs import (
     DEFAULT_FLAVOR,
     DEFAULT_PYTHON,
     DEFAULT_SCHEDULE,
@@ -76,10 +76,10 @@ def run(
       fedbip-server run ./myfed --dry-run --json
     """
     from cli._common import progress
-    from fedbip_hub.compute import resolve_device
+    from fedbip_hub.engine.compute import resolve_device
     from fedbip_hub.errors import RoundInProgressError
-    from fedbip_hub.federation import Federation
-    from fedbip_hub.webhooks import JobOutcome, run_job, webhook_from_env
+    from fedbip_hub.federation.repo import Federation
+    from fedbip_hub.scheduling.webhooks import JobOutcome, run_job, webhook_from_env
 
     def step_progress(items, description):
         wrap = progress(description, enabled=not json_output)
@@ -109,7 +109,7 @@ def run(
 
 
 def _print_summary(record: dict) -> None:
-    from fedbip_hub.skip_reasons import describe_guards
+    from fedbip_hub.federation.skip_reasons import describe_guards
 
     status = record["status"]
     if status == "nothing-new":
@@ -163,7 +163,7 @@ NamespaceOption = Annotated[str | None, typer.Option(
 
 def _job_options(flavor: str, timeout: str, image: str | None, python: str,
                  package: str | None, install: bool, namespace: str | None):
-    from fedbip_hub.scheduling import JobOptions
+    from fedbip_hub.scheduling.jobs import JobOptions
 
     return JobOptions(flavor=flavor, timeout=timeout, image=image, python=python,
                       package=package, install=install, namespace=namespace)
@@ -205,7 +205,7 @@ def schedule_create(
 
       fedbip-server schedule create acme/fed --every "*/30 * * * *" --flavor t4-small
     """
-    from fedbip_hub import scheduling
+    from fedbip_hub.scheduling import jobs as scheduling
 
     options = _job_options(flavor, timeout, image, python, package, install, namespace)
     job = scheduling.create_schedule(fed, every, options, token=token, job_token=job_token)
@@ -233,7 +233,7 @@ def schedule_list(
 
       fedbip-server schedule list acme/fed --json
     """
-    from fedbip_hub import scheduling
+    from fedbip_hub.scheduling import jobs as scheduling
 
     jobs = scheduling.list_schedules(fed, namespace=namespace, token=token)
     if json_output:
@@ -252,7 +252,7 @@ def schedule_inspect(job_id: JobIdArgument, namespace: NamespaceOption = None,
 
       fedbip-server schedule inspect 6548b2a4f1c1b3e0a2d0c001
     """
-    from fedbip_hub import scheduling
+    from fedbip_hub.scheduling import jobs as scheduling
 
     job = scheduling.inspect_schedule(job_id, namespace=namespace, token=token)
     _print_schedule_result(job, "", json_output)
@@ -264,7 +264,7 @@ def _manage(action: str, verb: str, summary: str):
     @handle_errors
     def command(job_id: JobIdArgument, namespace: NamespaceOption = None,
                 token: TokenOption = None, json_output: JsonOption = False) -> None:
-        from fedbip_hub import scheduling
+        from fedbip_hub.scheduling import jobs as scheduling
 
         job = scheduling.manage_schedule(action, job_id, namespace=namespace, token=token)
         _print_schedule_result(job, verb, json_output)
@@ -319,8 +319,8 @@ def _print_template(fed: str, kind: str, every: str, options, out: Path | None,
                     json_output: bool) -> None:
     from importlib.resources import files
 
-    from fedbip_hub import scheduling
     from fedbip_hub.errors import ConfigError, did_you_mean
+    from fedbip_hub.scheduling import jobs as scheduling
 
     if kind not in scheduling.TEMPLATES:
         raise ConfigError(f"unknown template {kind!r}.{did_you_mean(kind, scheduling.TEMPLATES)}",
@@ -417,7 +417,7 @@ def webhook_create(
 
       fedbip-server webhook create acme/fed --flavor cpu-upgrade --json
     """
-    from fedbip_hub import webhooks
+    from fedbip_hub.scheduling import webhooks
 
     options = _job_options(flavor, timeout, image, python, package, install, namespace)
     hook = webhooks.create_webhook(fed, job_id=job_id, secret=secret, options=options,
@@ -440,7 +440,7 @@ def webhook_list(token: TokenOption = None, json_output: JsonOption = False) -> 
 
       fedbip-server webhook list --json
     """
-    from fedbip_hub import webhooks
+    from fedbip_hub.scheduling import webhooks
 
     hooks = webhooks.list_webhooks(token=token)
     if json_output:
@@ -467,7 +467,7 @@ def webhook_delete(
 
       fedbip-server webhook delete 6548b2a4f1c1b3e0a2d0c003
     """
-    from fedbip_hub import webhooks
+    from fedbip_hub.scheduling import webhooks
 
     result = webhooks.delete_webhook(hook_id, token=token)
     if json_output:

@@ -143,8 +143,8 @@ CLIENTS = {"alice": 0, "bob": 0, "carol": 1}  # name → task group
 def new_local_federation(root: Path, base_dir: Path, *, push_all: bool = True,
                          method: str = "fedbip-l"):
     """A local federation of CLIENTS, each with a first-round upload pushed."""
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8), strategy={"method": method})
@@ -160,8 +160,8 @@ def new_local_federation(root: Path, base_dir: Path, *, push_all: bool = True,
 def new_hub_federation(repo_id: str, base_dir: Path, root: Path,
                        members: Mapping[str, int] = CLIENTS) -> None:
     """new_local_federation's federation (same config, same uploads), on the Hub."""
-    from fedbip_hub.client import init_federation, join, push
-    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join, push
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
@@ -176,7 +176,7 @@ def new_hub_federation(repo_id: str, base_dir: Path, root: Path,
 def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
                start: Path | None = None) -> str:
     """Push an upload trained (synthetically) from ``start``, or from the init."""
-    from fedbip_hub.client import push
+    from fedbip_hub.federation.client import push
 
     source = start or fed.init_folder()
     upload = write_upload(source, root / f"up-{client}-{seed}", seed=seed, group=group,
@@ -188,7 +188,7 @@ def push_fresh(fed, root: Path, client: str, *, seed: int, group: int,
 
 def pull_and_push(fed, root: Path, client: str, *, seed: int, group: int) -> str:
     """Pull ``client``'s personalized adapter and push an upload trained from it."""
-    from fedbip_hub.client import pull
+    from fedbip_hub.federation.client import pull
 
     pulled = pull(fed, client, root / f"pulled-{client}-{seed}").folder
     return push_fresh(fed, root, client, seed=seed, group=group, start=pulled)
@@ -196,7 +196,7 @@ def pull_and_push(fed, root: Path, client: str, *, seed: int, group: int) -> str
 
 def set_strategy(fed, **options: object) -> None:
     """Commit the federation's strategy with ``options`` set (the others kept)."""
-    from fedbip_hub.federation import FEDERATION_FILE, dump_json
+    from fedbip_hub.federation.repo import FEDERATION_FILE, dump_json
 
     config = fed.config()
     config.strategy = {**config.strategy, **options}
@@ -207,7 +207,7 @@ def set_strategy(fed, **options: object) -> None:
 def push_scaled(fed, root: Path, client: str, factor: float) -> str:
     """``client`` joins and pushes a first-round update (group 0) scaled by ``factor``:
     ΔW → factor·ΔW (B scaled; B starts at 0), head → start + factor·(head − start)."""
-    from fedbip_hub.client import join, push
+    from fedbip_hub.federation.client import join, push
 
     join(fed, client)
     init = fed.init_folder()
@@ -227,9 +227,9 @@ def push_scaled(fed, root: Path, client: str, factor: float) -> str:
 def published_tensors(fed, client: str) -> dict[str, torch.Tensor]:
     """The tensors of ``client``'s latest personalized adapter, checked to be a loadable
     adapter whose merge record names that client."""
-    from fedbip_hub.adapter_io import LoraAdapter
-    from fedbip_hub.client import latest_personalized_revision
-    from fedbip_hub.federation import MERGE_RECORD, PERSONALIZED_DIR
+    from fedbip_hub.adapters.lora import LoraAdapter
+    from fedbip_hub.federation.client import latest_personalized_revision
+    from fedbip_hub.federation.repo import MERGE_RECORD, PERSONALIZED_DIR
 
     repo = fed.member(client).repo_id
     revision = latest_personalized_revision(fed, repo)
@@ -249,7 +249,7 @@ def published_outputs(fed, clients: Sequence[str] = tuple(CLIENTS)
 
 def publish_commits(fed, client: str) -> int:
     """How many personalized adapters were committed to ``client``'s repo."""
-    from fedbip_hub.client import PUBLISH_TITLE
+    from fedbip_hub.federation.client import PUBLISH_TITLE
 
     return sum(c.title.startswith(PUBLISH_TITLE)
                for c in fed.store.history(fed.member(client).repo_id))

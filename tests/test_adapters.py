@@ -19,12 +19,12 @@ from factories import (
 )
 from safetensors.torch import load_file
 
-from fedbip_hub import adapter_io
-from fedbip_hub.adapter_config import LoraAdapterConfig
-from fedbip_hub.adapter_io import LoraAdapter, save_lora_adapter
+from fedbip_hub.adapters import lora as adapter_io
+from fedbip_hub.adapters.config import LoraAdapterConfig
+from fedbip_hub.adapters.lora import LoraAdapter, save_lora_adapter
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.task_vectors import TaskVector, check_compatible
 from fedbip_hub.errors import AdapterError, IncompatibleAdaptersError
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.task_vectors import TaskVector, check_compatible
 
 Q0 = "model.layers.0.self_attn.q_proj"
 V0 = "model.layers.0.self_attn.v_proj"

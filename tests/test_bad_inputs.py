@@ -26,13 +26,13 @@ from federation_helpers import (
 )
 from safetensors.torch import load_file, save
 
-from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import WEIGHTS_NAME
-from fedbip_hub.client import join, push, upload_id
+from fedbip_hub.adapters.config import CONFIG_NAME
+from fedbip_hub.adapters.lora import WEIGHTS_NAME
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.errors import AdapterError
-from fedbip_hub.federation import FEDERATION_FILE, Federation, Limits, dump_json
-from fedbip_hub.rounds import run_round
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.federation.client import join, push, upload_id
+from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, Limits, dump_json
+from fedbip_hub.server.rounds import run_round
 
 P = "base_model.model."
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -80,7 +80,7 @@ def _replay_reproduces_the_rounds(dump: Path) -> None:
     import replay_weights
     import torch
 
-    from fedbip_hub.strategies import Strategy, compute_weights
+    from fedbip_hub.engine.strategies import Strategy, compute_weights
 
     (folder,) = [p for p in dump.iterdir() if p.is_dir()]
     assert sorted(p.name for p in (folder / "fedbip-l").iterdir()) == [

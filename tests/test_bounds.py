@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils.other import get_pattern_key
 
-from fedbip_hub.adapter_config import LoraAdapterConfig
+from fedbip_hub.adapters.config import LoraAdapterConfig
+from fedbip_hub.adapters.patterns import MAX_WILDCARD_KEYS, PatternKeyError, PatternTable, parse_key
+from fedbip_hub.engine.weighting import size_weights
 from fedbip_hub.errors import AdapterError
 from fedbip_hub.identity import MAX_CLIENT_NAME, client_name_problem, repo_id_problem
-from fedbip_hub.patterns import MAX_WILDCARD_KEYS, PatternKeyError, PatternTable, parse_key
 from fedbip_hub.safe_json import JsonLimitError, loads_bounded
-from fedbip_hub.weighting import size_weights
 
 
 # -- JSON ---------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ def test_brute_force_reference_is_itself_right():
 
 
 def test_a_hostile_start_file_is_refused_with_a_reason(tmp_path):
-    from fedbip_hub.client import START_FILE, read_start_revision
     from fedbip_hub.errors import ConfigError
+    from fedbip_hub.federation.client import START_FILE, read_start_revision
 
     (tmp_path / START_FILE).write_bytes(b'{"start_revision": ' + b"[" * 5000 + b"]" * 5000
                                         + b"}")

@@ -32,7 +32,7 @@ def test_the_benchmark_sees_a_heavy_import():
         from bench_cli_startup import heavy_imports
     finally:
         sys.path.pop(0)
-    assert "torch" in heavy_imports(["-m", "fedbip_hub.robust"])
+    assert "torch" in heavy_imports(["-m", "fedbip_hub.engine.robust"])
     assert heavy_imports(["-m", "cli.main", "--help"]) == []
 
 
@@ -46,7 +46,7 @@ def test_status_join_and_pull_on_a_federation_do_not_import_torch(tmp_path, tiny
         sys.path.pop(0)
     from federation_helpers import new_local_federation
 
-    from fedbip_hub.rounds import run_round
+    from fedbip_hub.server.rounds import run_round
 
     fed = new_local_federation(tmp_path, tiny_base)
     run_round(fed)

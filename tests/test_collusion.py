@@ -31,13 +31,13 @@ from federation_helpers import (
     write_upload,
 )
 
-from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.client import init_federation, join, latest_personalized_revision, push
-from fedbip_hub.federation import FederationConfig, LoraSpec
-from fedbip_hub.robust import bound_weights, find_duplicates
-from fedbip_hub.rounds import run_round
-from fedbip_hub.skip_reasons import describe_guards
-from fedbip_hub.weighting import WeightOptions, similarity_weights
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.engine.robust import bound_weights, find_duplicates
+from fedbip_hub.engine.weighting import WeightOptions, similarity_weights
+from fedbip_hub.federation.client import init_federation, join, latest_personalized_revision, push
+from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+from fedbip_hub.federation.skip_reasons import describe_guards
+from fedbip_hub.server.rounds import run_round
 
 SYBILS = ["sybil-1", "sybil-2", "sybil-3"]
 

@@ -23,11 +23,11 @@ from federation_helpers import (
 )
 from federation_helpers import published_outputs as _outputs
 
-from fedbip_hub.client import latest_personalized_revision
+from fedbip_hub.engine.memory import MEMORY_FILE
 from fedbip_hub.errors import RoundInProgressError
-from fedbip_hub.federation import Federation
-from fedbip_hub.memory import MEMORY_FILE
-from fedbip_hub.rounds import RoundRunner, run_round
+from fedbip_hub.federation.client import latest_personalized_revision
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 STEPS = ["planned", "downloaded", "computed", "published:alice", "published:bob",
          "before-record"]
@@ -73,10 +73,10 @@ def test_a_crash_at_any_step_resumes_to_the_uninterrupted_result(step, tmp_path,
 # -- kill -9, for real, at many points, with concurrent takeovers ---------------------------
 _DRIVER = """
 import json, os, signal, sys
-from fedbip_hub.client import latest_personalized_revision
+from fedbip_hub.federation.client import latest_personalized_revision
 from fedbip_hub.errors import RoundInProgressError
-from fedbip_hub.federation import Federation
-from fedbip_hub.rounds import RoundRunner
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import RoundRunner
 
 fed, step = Federation.at(sys.argv[1]), sys.argv[2]
 

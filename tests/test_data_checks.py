@@ -1,4 +1,4 @@
-"""What fedbip_hub.data refuses before any tokenizer or model: empty files, malformed
+"""What fedbip_hub.training.data refuses before any tokenizer or model: empty files, malformed
 JSON Lines (by physical line number), missing columns and bad labels."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from fedbip_hub.data import check_examples, load_examples
 from fedbip_hub.errors import ConfigError
+from fedbip_hub.training.data import check_examples, load_examples
 
 
 @pytest.mark.parametrize(("name", "text", "needle"), [

@@ -18,10 +18,10 @@ from federation_helpers import CLIENTS, new_local_federation, publish_commits
 from federation_helpers import published_outputs as _outputs
 from typer.testing import CliRunner
 
+import fedbip_hub.server.streaming as streaming
 import fedbip_hub.stores.local as local_store
-import fedbip_hub.streaming as streaming
-from fedbip_hub.federation import Federation
-from fedbip_hub.rounds import run_round
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import run_round
 from server_job.main import app
 
 

@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from fedbip_hub.strategies import Strategy, compute_weights
-from fedbip_hub.weighting import WeightOptions, background_of, similarity_weights
+from fedbip_hub.engine.strategies import Strategy, compute_weights
+from fedbip_hub.engine.weighting import WeightOptions, background_of, similarity_weights
 
 OPTS = WeightOptions(rule="evidence", evidence_low=1.0, evidence_high=3.0,
                      evidence_min_pairs=3, evidence_prior_background=0.0,

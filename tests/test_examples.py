@@ -11,8 +11,8 @@ import sys
 import yaml
 from federation_helpers import REPO_ROOT, run_cli
 
-from fedbip_hub.client import latest_personalized_revision
-from fedbip_hub.federation import Federation
+from fedbip_hub.federation.client import latest_personalized_revision
+from fedbip_hub.federation.repo import Federation
 
 EXAMPLES = REPO_ROOT / "examples"
 

@@ -45,7 +45,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 def _federation(backend: Backend, tmp_path: Path):
-    from fedbip_hub.federation import Federation
+    from fedbip_hub.federation.repo import Federation
 
     return Federation.at(backend.address, cache_dir=tmp_path / "test-cache")
 
@@ -54,7 +54,7 @@ def _personalized_delta(backend: Backend, fed, base: Path, client: str, tmp_path
                         tag: str) -> tuple[dict[str, torch.Tensor], Path, str]:
     """Pull (with the CLI for alice, the library for the others, to save subprocesses),
     and load with PEFT (straight from the Hub for the Hub backend)."""
-    from fedbip_hub.client import pull
+    from fedbip_hub.federation.client import pull
 
     folder = tmp_path / f"pulled-{client}-{tag}"
     if client == "alice":

@@ -25,11 +25,11 @@ from federation_helpers import (
     set_strategy,
 )
 
-from fedbip_hub.client import latest_personalized_revision, upload_id
-from fedbip_hub.federation import PERSONALIZED_DIR, Federation
-from fedbip_hub.rounds import RoundRunner, run_round
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.federation.client import latest_personalized_revision, upload_id
+from fedbip_hub.federation.repo import PERSONALIZED_DIR, Federation
+from fedbip_hub.server.rounds import RoundRunner, run_round
 from fedbip_hub.stores import HubStore
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
 
 
 def _members(k: int) -> dict[str, int]:

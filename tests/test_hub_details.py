@@ -12,9 +12,9 @@ import torch
 from federation_helpers import TINY_LLAMA, run_cli
 from huggingface_hub import ModelCard
 
-from fedbip_hub.client import init_federation
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.federation import FederationConfig
+from fedbip_hub.federation.client import init_federation
+from fedbip_hub.federation.repo import FederationConfig
 
 OTHER_TOKEN = "hf_fedbip_other_user_token"
 

@@ -30,10 +30,10 @@ from federation_helpers import (
 )
 from federation_helpers import published_outputs as _outputs
 
-from fedbip_hub.client import latest_personalized_revision
 from fedbip_hub.errors import RoundInProgressError
-from fedbip_hub.federation import Federation
-from fedbip_hub.rounds import RoundRunner, run_round
+from fedbip_hub.federation.client import latest_personalized_revision
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import RoundRunner, run_round
 from fedbip_hub.stores import HubStore, LocalStore
 
 JOBS = 3

@@ -1,6 +1,6 @@
 """A local federation a user can load and run from anywhere: the README's loading snippet
 works on a local member's personalized adapter, and local paths (the federation, the base
-model) are stored absolute by the Hub-id-vs-path rule of ``fedbip_hub.locations``."""
+model) are stored absolute by the Hub-id-vs-path rule of ``fedbip_hub.stores.locations``."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from federation_helpers import REPO_ROOT, new_local_federation, published_tensors
 
-from fedbip_hub.client import init_federation, personalized_folder, pull
 from fedbip_hub.errors import ConfigError, NotFoundError
-from fedbip_hub.federation import FEDERATION_FILE, Federation, FederationConfig, LoraSpec
-from fedbip_hub.locations import resolve_base_model
-from fedbip_hub.rounds import run_round
+from fedbip_hub.federation.client import init_federation, personalized_folder, pull
+from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, FederationConfig, LoraSpec
+from fedbip_hub.server.rounds import run_round
+from fedbip_hub.stores.locations import resolve_base_model
 
 
 def _readme_snippet() -> str:
@@ -102,7 +102,7 @@ def test_relative_local_paths_are_stored_absolute(tmp_path, tiny_base, monkeypat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # what cron's $HOME is to the federation
-    from fedbip_hub.models import load_base_model
+    from fedbip_hub.training.models import load_base_model
 
     again = Federation.at(str(work / "myfed"))
     assert load_base_model(again.config()).config.num_labels == 3

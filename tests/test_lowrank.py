@@ -10,7 +10,7 @@ from factories import brute_cosine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbip_hub.lowrank import cosine_from_gram, dense_gram, lowrank_gram, refactorize
+from fedbip_hub.engine.lowrank import cosine_from_gram, dense_gram, lowrank_gram, refactorize
 
 F64 = torch.float64
 

@@ -27,11 +27,13 @@ from federation_helpers import (
 )
 from safetensors.torch import load_file, save
 
-from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import WEIGHTS_NAME
-from fedbip_hub.client import join, push, upload_id
+from fedbip_hub.adapters.config import CONFIG_NAME
+from fedbip_hub.adapters.lora import WEIGHTS_NAME
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.engine.memory import MEMORY_FILE, SimilarityMemory
 from fedbip_hub.errors import AdapterError, ConfigError
-from fedbip_hub.federation import (
+from fedbip_hub.federation.client import join, push, upload_id
+from fedbip_hub.federation.repo import (
     FEDERATION_FILE,
     MEMBERS_DIR,
     STATE_FILE,
@@ -39,10 +41,8 @@ from fedbip_hub.federation import (
     Member,
     dump_json,
 )
-from fedbip_hub.memory import MEMORY_FILE, SimilarityMemory
-from fedbip_hub.rounds import RoundRunner, run_round
-from fedbip_hub.status import federation_status
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.federation.status import federation_status
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 P = "base_model.model."
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -321,7 +321,7 @@ def test_a_consumed_poisoned_update_leaves_the_pool(tmp_path, tiny_base):
     def second_round(fed: Federation, root: Path) -> dict:
         for i, (client, group) in enumerate(CLIENTS.items()):
             start = root / f"start-{client}"
-            from fedbip_hub.client import pull
+            from fedbip_hub.federation.client import pull
 
             pull(fed, client, start)
             push_fresh(fed, root, client, seed=10 + i, group=group, start=start)
@@ -368,8 +368,8 @@ def test_a_consumed_poisoned_update_leaves_the_pool(tmp_path, tiny_base):
 
 # -- the same on the Hub: one long member name never breaks everyone's members() -----------
 def test_a_long_member_file_name_on_the_hub_breaks_no_one(hub, tmp_path, tiny_base):
-    from fedbip_hub.client import init_federation
-    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(tiny_base), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8))

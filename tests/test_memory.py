@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedbip_hub.engine.memory import SimilarityMemory, storage_granularity
+from fedbip_hub.engine.similarity import SimilarityReport
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.memory import SimilarityMemory, storage_granularity
-from fedbip_hub.similarity import SimilarityReport
 
 MODULES = ("model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj")
 NAMES = ["alice", "bob", "carol"]

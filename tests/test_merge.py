@@ -9,14 +9,14 @@ import torch
 from factories import PREFIX, peft_reference, write_raw_adapter
 from safetensors.torch import load_file
 
-from fedbip_hub.adapter_config import LoraAdapterConfig
-from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.merge import MergePlan, personalize
-from fedbip_hub.offline import merge_folders
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
-from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UploadMetadata
+from fedbip_hub.adapters.config import LoraAdapterConfig
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.adapters.metadata import UploadMetadata
+from fedbip_hub.engine.merge import MergePlan, personalize
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.engine.task_vectors import TaskVector
+from fedbip_hub.federation.offline import merge_folders
 
 F64 = torch.float64
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -335,8 +335,8 @@ def test_merge_folders_rejects_bad_target(fed, tmp_path):
 
 
 def test_a_head_left_out_of_the_similarity_merges_with_model_level_weights(fed):
-    from fedbip_hub.lowrank import cosine_from_gram
-    from fedbip_hub.weighting import similarity_weights
+    from fedbip_hub.engine.lowrank import cosine_from_gram
+    from fedbip_hub.engine.weighting import similarity_weights
 
     strategy = Strategy(method="fedbip-l", include_dense_in_similarity=False, rank=BIG)
     vectors = _vectors(fed["folders"])

@@ -18,9 +18,9 @@ from transformers import (
     LlamaModel,
 )
 
-from fedbip_hub.federation import FederationConfig, LoraSpec
-from fedbip_hub.meta_init import build_on_meta
-from fedbip_hub.models import build_initial_adapter, lora_config_for
+from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+from fedbip_hub.training.meta_init import build_on_meta
+from fedbip_hub.training.models import build_initial_adapter, lora_config_for
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

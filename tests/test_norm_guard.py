@@ -16,9 +16,9 @@ from federation_helpers import (
     set_strategy,
 )
 
-from fedbip_hub.federation import Federation
-from fedbip_hub.robust import norm_guard
-from fedbip_hub.rounds import run_round
+from fedbip_hub.engine.robust import norm_guard
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import run_round
 
 
 def test_a_scaled_norm_is_an_outlier_with_the_cap_from_median_and_mad():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from factories import load_peft, make_peft_adapter, peft_reference, tiny_base
 
-from fedbip_hub.offline import merge_folders
-from fedbip_hub.strategies import Strategy
+from fedbip_hub.engine.strategies import Strategy
+from fedbip_hub.federation.offline import merge_folders
 
 SPECS = [dict(r=2, lora_alpha=4), dict(r=4, lora_alpha=8, use_rslora=True),
          dict(r=6, lora_alpha=3)]

@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 import torch
 
-from fedbip_hub.plotting import (
+from fedbip_hub.federation.plotting import (
     MEMORY_COSINE,
     draw_heatmap,
     fillable,

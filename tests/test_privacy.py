@@ -25,10 +25,10 @@ from federation_helpers import (
 )
 from huggingface_hub import HfApi
 
-from fedbip_hub.client import init_federation, join
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.federation import FEDERATION_FILE, Federation, FederationConfig, dump_json
-from fedbip_hub.rounds import run_round
+from fedbip_hub.federation.client import init_federation, join
+from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, FederationConfig, dump_json
+from fedbip_hub.server.rounds import run_round
 from fedbip_hub.stores import HubStore, LocalStore
 from fedbip_hub.testing.hub_server import HubServer
 

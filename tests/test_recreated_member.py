@@ -28,15 +28,15 @@ from federation_helpers import (
     reached,
 )
 
-from fedbip_hub.client import join, latest_personalized_revision, pull
-from fedbip_hub.federation import (
+from fedbip_hub.federation.client import join, latest_personalized_revision, pull
+from fedbip_hub.federation.repo import (
     MERGE_RECORD,
     PERSONALIZED_DIR,
     STATE_FILE,
     Federation,
     dump_json,
 )
-from fedbip_hub.rounds import RoundRunner, run_round
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 GONE = "is gone (repo recreated?)"
 FROM_INIT = "starting again from the federation's initial adapter"

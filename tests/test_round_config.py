@@ -17,11 +17,11 @@ from federation_helpers import (
     set_strategy,
 )
 
+from fedbip_hub.engine.memory import MEMORY_FILE
+from fedbip_hub.engine.strategies import Strategy, compute_weights
 from fedbip_hub.errors import AdapterError, ConfigError, FedbipError
-from fedbip_hub.federation import INIT_DIR, Federation, FederationConfig
-from fedbip_hub.memory import MEMORY_FILE
-from fedbip_hub.rounds import RoundRunner, run_round
-from fedbip_hub.strategies import Strategy, compute_weights
+from fedbip_hub.federation.repo import INIT_DIR, Federation, FederationConfig
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 GROUPS = {"alice": "g0", "bob": "g0", "carol": "g1"}  # CLIENTS' true groups, named
 
@@ -32,7 +32,7 @@ def history(fed: Federation) -> list[str]:
 
 # -- fedbip init ----------------------------------------------------------------------------
 def test_init_refuses_the_oracle_without_groups(tmp_path: Path, tiny_base: Path) -> None:
-    from fedbip_hub.client import init_federation
+    from fedbip_hub.federation.client import init_federation
 
     # The base model path does not exist: the refusal comes before anything is loaded.
     missing_base = str(tmp_path / "no-such-model")
@@ -169,8 +169,8 @@ def _stored_record(fed: Federation, number: int) -> dict:
 
 
 def test_the_committed_record_keeps_its_timings(tmp_path: Path, tiny_base: Path) -> None:
-    from fedbip_hub.modelcard import dashboard_card
-    from fedbip_hub.status import federation_status
+    from fedbip_hub.federation.modelcard import dashboard_card
+    from fedbip_hub.federation.status import federation_status
 
     fed = new_local_federation(tmp_path, tiny_base)
     returned = run_round(fed)

@@ -34,11 +34,11 @@ from federation_helpers import (
 from safetensors.torch import load_file, save_file
 
 import fedbip_hub
-import fedbip_hub.rounds as rounds
-from fedbip_hub.client import pull, upload_id
-from fedbip_hub.federation import Federation
-from fedbip_hub.rounds import RoundRunner, run_round
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME
+import fedbip_hub.server.rounds as rounds
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
+from fedbip_hub.federation.client import pull, upload_id
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 FAKE_TOKEN = "hf_RoundRobustnessLeak0123456789"
 

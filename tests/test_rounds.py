@@ -11,22 +11,22 @@ import pytest
 from federation_helpers import CLIENTS, new_local_federation, push_fresh, write_upload
 from safetensors.torch import load_file, save_file
 
-from fedbip_hub.client import (
+from fedbip_hub.errors import NotFoundError, RoundInProgressError
+from fedbip_hub.federation.client import (
     init_federation,
     join,
     pull,
     push,
     upload_id,
 )
-from fedbip_hub.errors import NotFoundError, RoundInProgressError
-from fedbip_hub.federation import (
+from fedbip_hub.federation.repo import (
     Federation,
     FederationConfig,
     LoraSpec,
     Member,
     dump_json,
 )
-from fedbip_hub.rounds import RoundRunner, run_round
+from fedbip_hub.server.rounds import RoundRunner, run_round
 
 
 def _heads(fed: Federation) -> dict[str, str]:
@@ -163,7 +163,7 @@ def _federation_on_hub(tiny_base: Path) -> Federation:
 
 
 def test_a_large_federations_card_lists_only_contributors(tmp_path, tiny_base, monkeypatch):
-    import fedbip_hub.modelcard as modelcard
+    import fedbip_hub.federation.modelcard as modelcard
 
     monkeypatch.setattr(modelcard, "MAX_CARD_ROWS", 2)  # 3 members count as "large" here
     fed = new_local_federation(tmp_path, tiny_base)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from fedbip_hub import __version__
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.scheduling import (
+from fedbip_hub.scheduling.jobs import (
     JOB_ENV,
     TEMPLATES,
     check_schedule,

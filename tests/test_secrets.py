@@ -17,8 +17,8 @@ from conftest import HF_HOME, HUB_TOKEN
 from federation_helpers import CLIENTS, REPO_ROOT, write_upload
 from huggingface_hub import HfApi
 
-from fedbip_hub.client import join, push
-from fedbip_hub.federation import Federation
+from fedbip_hub.federation.client import join, push
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.testing.hub_server import HubServer
 
 FED = "fedorg/sec"
@@ -120,9 +120,9 @@ def world(hub_server: HubServer, hub_env: dict[str, str],
     """A federation after one round (set up in-process with the token), then every command
     at once: each with the token (from HF_TOKEN, or from --token alone), each with a
     revoked token (HF_TOKEN), some with a wrong one (--token)."""
-    from fedbip_hub.client import init_federation
-    from fedbip_hub.federation import FederationConfig, LoraSpec
-    from fedbip_hub.rounds import run_round
+    from fedbip_hub.federation.client import init_federation
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.server.rounds import run_round
 
     hub_server.reset()
     hub_server.add_token(SECRET, "sec-user", orgs=("fedorg",))

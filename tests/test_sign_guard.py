@@ -15,10 +15,10 @@ from federation_helpers import (
     set_strategy,
 )
 
-from fedbip_hub.federation import Federation
-from fedbip_hub.robust import sign_guard
-from fedbip_hub.rounds import run_round
-from fedbip_hub.skip_reasons import describe_guards
+from fedbip_hub.engine.robust import sign_guard
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.federation.skip_reasons import describe_guards
+from fedbip_hub.server.rounds import run_round
 
 
 def _cosines(vectors: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from fedbip_hub.adapter_io import LoraAdapter
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.engine.layers import layer_of, layer_sort_key
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import IncompatibleAdaptersError
-from fedbip_hub.layers import layer_of, layer_sort_key
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.task_vectors import TaskVector
 
 F64 = torch.float64
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -1,4 +1,4 @@
-"""Sketched similarity (fedbip_hub.sketch): determinism, accuracy against the exact
+"""Sketched similarity (fedbip_hub.engine.sketch): determinism, accuracy against the exact
 low-rank Gram, unbiasedness, exact norms, the strategy's mode choice, the round record,
 and O(k) top-k merges."""
 
@@ -11,13 +11,12 @@ import torch
 from factories import write_raw_adapter
 from federation_helpers import new_local_federation, set_strategy
 
-from fedbip_hub import merge as merge_module
-from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.lowrank import cosine_from_gram, lowrank_gram
-from fedbip_hub.merge import MergePlan, _merge_lowrank, personalize
-from fedbip_hub.rounds import RoundRunner
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.sketch import (
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.engine import merge as merge_module
+from fedbip_hub.engine.lowrank import cosine_from_gram, lowrank_gram
+from fedbip_hub.engine.merge import MergePlan, _merge_lowrank, personalize
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.sketch import (
     SketchSpec,
     derive_seed,
     projection,
@@ -25,8 +24,9 @@ from fedbip_hub.sketch import (
     sketch_module_gram,
     sketched_similarity,
 )
-from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
-from fedbip_hub.task_vectors import LowRankDelta, TaskVector
+from fedbip_hub.engine.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.engine.task_vectors import LowRankDelta, TaskVector
+from fedbip_hub.server.rounds import RoundRunner
 
 F64 = torch.float64
 

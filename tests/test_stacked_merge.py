@@ -10,15 +10,15 @@ import pytest
 import torch
 from factories import write_raw_adapter
 
-import fedbip_hub.stacked_merge as stacked
-from fedbip_hub.adapter_io import LoraAdapter
+import fedbip_hub.engine.stacked_merge as stacked
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.engine.lowrank import gram_core, refactorize, refactorize_qr
+from fedbip_hub.engine.merge import MergePlan, personalize
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.stacked_merge import PairGrams, Part, merge_batched, merge_cached
+from fedbip_hub.engine.strategies import Strategy, WeightTable, compute_weights
+from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import AdapterError
-from fedbip_hub.lowrank import gram_core, refactorize, refactorize_qr
-from fedbip_hub.merge import MergePlan, personalize
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.stacked_merge import PairGrams, Part, merge_batched, merge_cached
-from fedbip_hub.strategies import Strategy, WeightTable, compute_weights
-from fedbip_hub.task_vectors import TaskVector
 
 F64 = torch.float64
 D_OUT, D_IN, R = 96, 80, 4
@@ -249,7 +249,7 @@ def test_weight_table_zero_rows_merge_to_the_latest(federation):
 
 
 def test_finiteness_is_checked_once_per_tensor(tmp_path, monkeypatch):
-    import fedbip_hub.adapter_io as adapter_io
+    import fedbip_hub.adapters.lora as adapter_io
 
     folder = write_raw_adapter(tmp_path / "a", r=2, seed=1)
     adapter = LoraAdapter(folder)

@@ -25,15 +25,15 @@ from typer.testing import CliRunner
 
 from cli.main import app as fedbip_app
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.federation import (
+from fedbip_hub.federation.repo import (
     FEDERATION_FILE,
     MEMBERS_DIR,
     STATE_FILE,
     Federation,
     dump_json,
 )
-from fedbip_hub.rounds import RoundRunner, run_round
-from fedbip_hub.status import federation_status
+from fedbip_hub.federation.status import federation_status
+from fedbip_hub.server.rounds import RoundRunner, run_round
 from server_job.main import app as server_app
 
 

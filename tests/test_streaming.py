@@ -1,4 +1,4 @@
-"""Streaming rounds (fedbip_hub.streaming) and the compute device/dtype options.
+"""Streaming rounds (fedbip_hub.server.streaming) and the compute device/dtype options.
 
 Streaming and in-memory rounds must publish *bitwise identical* adapters: the staged
 tensors are the merge's own results (same dtype, written and read back losslessly by
@@ -24,17 +24,17 @@ from federation_helpers import (
     set_strategy,
 )
 
-from fedbip_hub.adapter_io import LoraAdapter
-from fedbip_hub.client import pull
-from fedbip_hub.compute import delta_to, resolve_device, resolve_dtype
+from fedbip_hub.adapters.lora import LoraAdapter
+from fedbip_hub.engine.compute import delta_to, resolve_device, resolve_dtype
+from fedbip_hub.engine.merge import MergePlan, personalize
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.strategies import Strategy, compute_weights
+from fedbip_hub.engine.task_vectors import LowRankDelta, TaskVector
 from fedbip_hub.errors import ConfigError, FedbipError
-from fedbip_hub.federation import Federation
-from fedbip_hub.merge import MergePlan, personalize
-from fedbip_hub.rounds import RoundRunner
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.strategies import Strategy, compute_weights
-from fedbip_hub.streaming import OrderedMap, StagingArea
-from fedbip_hub.task_vectors import LowRankDelta, TaskVector
+from fedbip_hub.federation.client import pull
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.rounds import RoundRunner
+from fedbip_hub.server.streaming import OrderedMap, StagingArea
 
 F64 = torch.float64
 HEAD = "lm_head.weight"
@@ -100,7 +100,7 @@ def test_staged_merge_is_bitwise_the_in_memory_merge(adapters, tmp_path, refacto
 def test_bounded_resident_peers_give_the_same_merge(adapters, monkeypatch):
     """Top-k weights + max_resident: factors read on demand through a small LRU cache,
     bitwise the same results as reading all K."""
-    import fedbip_hub.merge as merge_module
+    import fedbip_hub.engine.merge as merge_module
 
     folders, latest = adapters
     vectors, _, plan = _setup(folders, latest)

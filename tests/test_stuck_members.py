@@ -19,11 +19,16 @@ from federation_helpers import (
 from typer.testing import CliRunner
 
 from cli.main import app
-from fedbip_hub.adapter_io import WEIGHTS_NAME
-from fedbip_hub.client import latest_personalized_revision, pull, push, stale_upload_files
-from fedbip_hub.federation import Federation
-from fedbip_hub.rounds import run_round
-from fedbip_hub.status import federation_status
+from fedbip_hub.adapters.lora import WEIGHTS_NAME
+from fedbip_hub.federation.client import (
+    latest_personalized_revision,
+    pull,
+    push,
+    stale_upload_files,
+)
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.federation.status import federation_status
+from fedbip_hub.server.rounds import run_round
 
 STRAY = "adapter_model.bin"  # what push_to_hub(safe_serialization=False) leaves behind
 REUSED = "meanwhile its last valid upload is used"

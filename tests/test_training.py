@@ -95,8 +95,8 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     import datasets
 
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     root = tmp_path_factory.mktemp("training")
     base = save_tiny_base(root / "base", num_labels=2)
@@ -123,7 +123,7 @@ def peft_model(world: World, folder: Path):
 
 
 def accuracy(world: World, folder: Path) -> float:
-    from fedbip_hub.evaluation import evaluate
+    from fedbip_hub.training.evaluation import evaluate
 
     return evaluate(peft_model(world, folder), world.holdout, task_type="SEQ_CLS")["accuracy"]
 
@@ -139,9 +139,9 @@ class FirstRound:
 @pytest.fixture(scope="module")
 def first_round(world: World) -> FirstRound:
     """Alice and Bob train from the initial adapter and push; one server round runs."""
-    from fedbip_hub.client import pull, push
-    from fedbip_hub.rounds import run_round
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.federation.client import pull, push
+    from fedbip_hub.server.rounds import run_round
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     args = TrainingArgs(epochs=5, learning_rate=1e-2, batch_size=16)
     alice = train_adapter(world.fed, "alice", world.train, world.root / "alice-r1",
@@ -160,7 +160,7 @@ def first_round(world: World) -> FirstRound:
 def test_loaders_read_every_format_alike(tmp_path: Path) -> None:
     import datasets
 
-    from fedbip_hub.data import load_examples, prepare_dataset
+    from fedbip_hub.training.data import load_examples, prepare_dataset
 
     rows = cls_rows(12, seed=0)
     ds = datasets.Dataset.from_list(rows)
@@ -206,7 +206,7 @@ def test_loaders_read_every_format_alike(tmp_path: Path) -> None:
 def test_prepare_reports_missing_columns_and_bad_labels() -> None:
     import datasets
 
-    from fedbip_hub.data import prepare_dataset
+    from fedbip_hub.training.data import prepare_dataset
 
     no_label = datasets.Dataset.from_list([{"input_ids": [4, 5], "target": 1}])
     with pytest.raises(ConfigError, match="no 'label' column") as err:
@@ -229,7 +229,7 @@ def test_prepare_reports_missing_columns_and_bad_labels() -> None:
 def test_sft_labels_only_the_completion() -> None:
     import datasets
 
-    from fedbip_hub.data import IGNORE_INDEX, prepare_dataset, split_holdout
+    from fedbip_hub.training.data import IGNORE_INDEX, prepare_dataset, split_holdout
 
     tokenizer = tiny_tokenizer()
     ds = datasets.Dataset.from_list([{"prompt": "w10 w11 w12 w4", "completion": "w10 w13"}])
@@ -257,7 +257,7 @@ def test_sft_labels_only_the_completion() -> None:
 # -- training -------------------------------------------------------------------------------
 def test_training_from_the_initial_adapter_learns_the_task(world: World,
                                                             first_round: FirstRound) -> None:
-    from fedbip_hub.evaluation import evaluate
+    from fedbip_hub.training.evaluation import evaluate
 
     result = first_round.alice
     assert result.start == "init" and result.start_revision is None
@@ -289,8 +289,8 @@ def test_training_from_the_initial_adapter_learns_the_task(world: World,
 
 
 def test_training_is_deterministic_and_leaves_the_base_alone(world: World) -> None:
-    from fedbip_hub.models import load_base_model
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.models import load_base_model
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     base = load_base_model(world.fed.config())
     reference = {k: v.clone() for k, v in base.state_dict().items()}
@@ -321,9 +321,9 @@ def test_training_is_deterministic_and_leaves_the_base_alone(world: World) -> No
 
 def test_training_starts_from_the_personalized_adapter(world: World,
                                                        first_round: FirstRound) -> None:
-    from fedbip_hub.client import push
-    from fedbip_hub.evaluation import evaluate
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.federation.client import push
+    from fedbip_hub.training.evaluation import evaluate
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     # A zero learning rate saves exactly the start: the personalized adapter, not the init.
     frozen = train_adapter(world.fed, "alice", world.train, world.root / "alice-frozen",
@@ -365,7 +365,7 @@ def test_training_starts_from_the_personalized_adapter(world: World,
 def test_evaluate_matches_scoring_each_example_alone(world: World,
                                                     first_round: FirstRound) -> None:
     """Batched, right-padded scoring equals the model's own loss on one example at a time."""
-    from fedbip_hub.evaluation import evaluate
+    from fedbip_hub.training.evaluation import evaluate
 
     model = peft_model(world, first_round.alice.output_dir)
     data = world.holdout.select(range(40))  # lengths 6..12: every batch is padded
@@ -384,7 +384,7 @@ def test_evaluate_matches_scoring_each_example_alone(world: World,
 
 def test_evaluate_client_scores_base_own_and_personalized(world: World,
                                                           first_round: FirstRound) -> None:
-    from fedbip_hub.evaluation import evaluate, evaluate_client
+    from fedbip_hub.training.evaluation import evaluate, evaluate_client
 
     report = evaluate_client(world.fed, "alice", world.holdout,
                              own_adapter=first_round.alice.output_dir, device="cpu")
@@ -414,11 +414,11 @@ def test_causal_lm_sft_lowers_the_completion_loss(tmp_path: Path) -> None:
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.data import IGNORE_INDEX, prepare_dataset
-    from fedbip_hub.evaluation import evaluate, evaluate_client
-    from fedbip_hub.federation import FederationConfig, LoraSpec
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.training.data import IGNORE_INDEX, prepare_dataset
+    from fedbip_hub.training.evaluation import evaluate, evaluate_client
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     torch.manual_seed(0)
     base = tmp_path / "causal"
@@ -550,7 +550,7 @@ def transformers_rates(name: str, lr: float, warmup: int, total: int) -> list[fl
 
 
 def quick_train(world: World, tag: str, **options):
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     args = TrainingArgs(**{"max_steps": 8, "learning_rate": 1e-2, "batch_size": 8,
                            "measure_examples": 0, **options})
@@ -563,7 +563,7 @@ def adapter_weights(result) -> dict[str, torch.Tensor]:
 
 
 def test_each_schedule_gives_the_learning_rates_it_names(world: World) -> None:
-    from fedbip_hub.training import DEFAULT_LR_SCHEDULER, TrainingArgs
+    from fedbip_hub.training.trainer import DEFAULT_LR_SCHEDULER, TrainingArgs
 
     assert TrainingArgs().lr_scheduler == DEFAULT_LR_SCHEDULER == "constant"
     default = quick_train(world, "sched-default")
@@ -622,8 +622,8 @@ def test_max_grad_norm_clips_the_gradients(world: World) -> None:
 
 def test_bad_training_options_are_refused_before_the_model_loads(world: World,
                                                                  monkeypatch) -> None:
-    from fedbip_hub import training
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training import trainer as training
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("the base model was loaded")
@@ -650,9 +650,9 @@ def test_lora_dropout_reaches_the_initial_adapter_and_training(world: World,
     from typer.testing import CliRunner
 
     from cli.main import app
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     runner = CliRunner()
     address = str(tmp_path / "dropout")
@@ -696,7 +696,7 @@ def test_lora_dropout_reaches_the_initial_adapter_and_training(world: World,
 
 def record_training_args(monkeypatch) -> list:
     """The TrainingArgs of every train_adapter call, which still runs as usual."""
-    from fedbip_hub import training
+    from fedbip_hub.training import trainer as training
 
     seen: list = []
     real = training.train_adapter
@@ -714,7 +714,7 @@ def test_cli_training_options_reach_the_training(world: World, tmp_path: Path,
     from typer.testing import CliRunner
 
     from cli.main import app
-    from fedbip_hub import training
+    from fedbip_hub.training import trainer as training
 
     seen = record_training_args(monkeypatch)
     data = write_jsonl(tmp_path / "carol.jsonl", cls_rows(32, seed=5))

@@ -76,8 +76,8 @@ class Feds:
 def feds(tmp_path_factory: pytest.TempPathFactory) -> Feds:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from fedbip_hub.client import init_federation, join
-    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.federation.client import init_federation, join
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
     root = tmp_path_factory.mktemp("trainer")
     cls_base = save_tiny_base(root / "cls-base", num_labels=2)
@@ -111,7 +111,7 @@ def weights(result) -> dict[str, torch.Tensor]:
 def train(fed, data, out: Path, **options):
     import datasets
 
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     args = TrainingArgs(**{"learning_rate": 1e-2, "measure_examples": 0, "seed": 3,
                            **options})
@@ -131,7 +131,7 @@ def assert_close(a: dict, b: dict, atol: float) -> None:
 def test_messages_are_labelled_on_the_assistant_turns_only() -> None:
     import datasets
 
-    from fedbip_hub.data import IGNORE_INDEX, prepare_dataset
+    from fedbip_hub.training.data import IGNORE_INDEX, prepare_dataset
 
     tokenizer = chat_tokenizer()
     ds = datasets.Dataset.from_list([{"messages": [
@@ -163,8 +163,8 @@ def test_messages_are_labelled_on_the_assistant_turns_only() -> None:
 def test_chat_training_lowers_the_assistant_loss(feds: Feds) -> None:
     import datasets
 
-    from fedbip_hub.data import prepare_dataset
-    from fedbip_hub.evaluation import evaluate_prepared
+    from fedbip_hub.training.data import prepare_dataset
+    from fedbip_hub.training.evaluation import evaluate_prepared
 
     tokenizer = chat_tokenizer()
     result = train(feds.causal, chat_rows(128, seed=0), feds.root / "chat", epochs=4,
@@ -213,7 +213,7 @@ def test_the_first_step_loss_is_the_token_weighted_mean_of_its_batch(feds: Feds)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedbip_hub.data import IGNORE_INDEX, prepare_dataset
+    from fedbip_hub.training.data import IGNORE_INDEX, prepare_dataset
 
     rows = varied_sft_rows(8, seed=13)
     result = train(feds.causal, rows, feds.root / "one-step", batch_size=2, grad_accum=4,
@@ -276,7 +276,7 @@ def test_a_quantized_base_trains_a_plain_lora_like_the_unquantized_one(feds: Fed
     """bitsandbytes ≥ 0.45 runs 4-bit and 8-bit layers on CPU, so this runs everywhere the
     quantize extra is installed."""
     pytest.importorskip("bitsandbytes")
-    from fedbip_hub.client import push
+    from fedbip_hub.federation.client import push
 
     data = cls_rows(64, seed=16)
     plain = train(feds.wide, data, feds.root / f"plain-{mode}", batch_size=8, max_steps=6,
@@ -308,7 +308,7 @@ def test_4bit_gradients_match_the_dequantized_base_after_an_eval_pass(feds: Feds
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedbip_hub.quantization import load_quantized_base
+    from fedbip_hub.training.quantization import load_quantized_base
 
     config = feds.wide.config()
     quantized = load_quantized_base(config, "4bit", compute_dtype=torch.float32,
@@ -352,7 +352,7 @@ def test_quantize_errors_are_clear(feds: Feds, monkeypatch) -> None:
 
     import datasets
 
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     real_import = builtins.__import__
 
@@ -436,9 +436,9 @@ def test_the_parameter_counts_match_the_real_models() -> None:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from fedbip_hub.federation import FederationConfig, LoraSpec
-    from fedbip_hub.memory_estimate import ModelShape
-    from fedbip_hub.models import lora_config_for
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.training.memory_estimate import ModelShape
+    from fedbip_hub.training.models import lora_config_for
 
     for task, cls in (("SEQ_CLS", LlamaForSequenceClassification),
                       ("CAUSAL_LM", LlamaForCausalLM)):
@@ -482,7 +482,7 @@ def test_the_activation_estimate_matches_what_autograd_keeps(dropout: float) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fedbip_hub.memory_estimate import (
+    from fedbip_hub.training.memory_estimate import (
         WORKSPACE_HIDDEN_TERMS,
         WORKSPACE_INTERMEDIATE_TERMS,
         ModelShape,
@@ -513,7 +513,7 @@ def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None
     from peft import LoraConfig
     from transformers import LlamaConfig
 
-    from fedbip_hub.memory_estimate import (
+    from fedbip_hub.training.memory_estimate import (
         BYTES_4BIT,
         GIB,
         TRAINABLE_BYTES,
@@ -547,8 +547,8 @@ def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None
 
 
 def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None:
-    from fedbip_hub import training
-    from fedbip_hub.memory_estimate import GIB, MemoryEstimate
+    from fedbip_hub.training import trainer as training
+    from fedbip_hub.training.memory_estimate import GIB, MemoryEstimate
 
     est = MemoryEstimate(base=20 * GIB, trainable=GIB, activations=8 * GIB,
                          activations_without_checkpointing=8 * GIB,
@@ -570,7 +570,7 @@ def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None
 def test_the_estimate_is_printed_and_returned(feds: Feds, capsys) -> None:
     import datasets
 
-    from fedbip_hub.training import TrainingArgs, train_adapter
+    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     rows = cls_rows(16, seed=20)
     result = train_adapter(feds.cls, "erin", datasets.Dataset.from_list(rows),

@@ -26,18 +26,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save
 
-from fedbip_hub.adapter_config import CONFIG_NAME
-from fedbip_hub.adapter_io import WEIGHTS_NAME, LoraAdapter
-from fedbip_hub.client import join
+from fedbip_hub.adapters.config import CONFIG_NAME
+from fedbip_hub.adapters.lora import WEIGHTS_NAME, LoraAdapter
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME, UploadMetadata
+from fedbip_hub.engine.merge import MergePlan, personalize
+from fedbip_hub.engine.similarity import compute_similarity
+from fedbip_hub.engine.strategies import Strategy, compute_weights
+from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import FedbipError
-from fedbip_hub.federation import MEMBERS_DIR, Federation
-from fedbip_hub.merge import MergePlan, personalize
-from fedbip_hub.rounds import run_round
-from fedbip_hub.similarity import compute_similarity
-from fedbip_hub.strategies import Strategy, compute_weights
-from fedbip_hub.task_vectors import TaskVector
-from fedbip_hub.upload_metadata import UPLOAD_METADATA_NAME, UploadMetadata
-from fedbip_hub.validation import check_task_vector, validate_upload
+from fedbip_hub.federation.client import join
+from fedbip_hub.federation.repo import MEMBERS_DIR, Federation
+from fedbip_hub.server.rounds import run_round
+from fedbip_hub.server.validation import check_task_vector, validate_upload
 
 P = "base_model.model."
 GATE_CASES = 2000

@@ -13,12 +13,10 @@ from federation_helpers import run_cli, save_tiny_base, write_upload
 from huggingface_hub import HfApi
 from typer.testing import CliRunner
 
-from fedbip_hub.client import PUBLISH_TITLE, init_federation, join, push, upload_id
 from fedbip_hub.errors import FedbipError, RoundInProgressError
-from fedbip_hub.federation import Federation, FederationConfig, LoraSpec
-from fedbip_hub.rounds import run_round
-from fedbip_hub.testing.hub_server import HubServer
-from fedbip_hub.webhooks import (
+from fedbip_hub.federation.client import PUBLISH_TITLE, init_federation, join, push, upload_id
+from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+from fedbip_hub.scheduling.webhooks import (
     PENDING_FILE,
     classify,
     read_pending,
@@ -26,6 +24,8 @@ from fedbip_hub.webhooks import (
     run_job,
     run_with_followups,
 )
+from fedbip_hub.server.rounds import run_round
+from fedbip_hub.testing.hub_server import HubServer
 from server_job.main import app
 
 CLIENTS = {"alice": 0, "bob": 0, "carol": 1}
@@ -187,7 +187,7 @@ def test_a_webhook_start_without_the_right_secret_starts_no_round(given, expecte
 def test_the_secret_is_compared_in_constant_time(monkeypatch):
     import hmac
 
-    import fedbip_hub.webhooks as webhooks
+    import fedbip_hub.scheduling.webhooks as webhooks
 
     calls = []
     real = hmac.compare_digest

@@ -10,11 +10,10 @@ from factories import brute_cosine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbip_hub.errors import ConfigError
-from fedbip_hub.lowrank import cosine_from_gram, dense_gram
-from fedbip_hub.similarity import SimilarityReport
-from fedbip_hub.strategies import METHODS, Strategy, compute_weights
-from fedbip_hub.weighting import (
+from fedbip_hub.engine.lowrank import cosine_from_gram, dense_gram
+from fedbip_hub.engine.similarity import SimilarityReport
+from fedbip_hub.engine.strategies import METHODS, Strategy, compute_weights
+from fedbip_hub.engine.weighting import (
     WeightOptions,
     group_weights,
     local_weights,
@@ -23,6 +22,7 @@ from fedbip_hub.weighting import (
     size_weights,
     uniform_weights,
 )
+from fedbip_hub.errors import ConfigError
 
 F64 = torch.float64
 # A symmetric cosine matrix with a conflicting pair (0, 2) and an orthogonal pair (1, 3).

@@ -51,7 +51,7 @@ def write_heatmap(results: dict[str, Any], path: Path, method: str = "fedbip-l")
     """Round-1 task-vector cosines (model and per layer) beside the raw-parameter cosines."""
     import torch
 
-    from fedbip_hub.plotting import save_heatmap
+    from fedbip_hub.federation.plotting import save_heatmap
 
     everyone = [c["name"] for c in results["clients"]]
     rounds = [r for r in results["methods"][method]["rounds"] if r.get("cosine") is not None]

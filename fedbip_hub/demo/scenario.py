@@ -30,7 +30,7 @@ import torch
 from fedbip_hub.demo.base_model import BaseModelSpec, ensure_base_model
 from fedbip_hub.demo.metrics import cosine_matrix, group_auc, group_means, separation
 from fedbip_hub.demo.tasks import TASKS, ClientData, make_clients
-from fedbip_hub.strategies import Strategy
+from fedbip_hub.engine.strategies import Strategy
 
 MARKER = ".fedbip-demo"
 LogFn = Callable[[str], None]
@@ -48,7 +48,7 @@ class Method:
 
 
 # The FedBip weighting the demo and the benchmark use: the project's default (the evidence
-# rule, see fedbip_hub/weighting.py). The paper's row normalisation is run beside it.
+# rule, see fedbip_hub/engine/weighting.py). The paper's row normalisation is run beside it.
 FEDBIP_OPTIONS: dict[str, Any] = {"rule": "evidence"}
 
 
@@ -224,8 +224,8 @@ class Scenario:
         self.base_model.eval()
 
     def _federation(self, runs: Path, method: Method):
-        from fedbip_hub.client import init_federation, join
-        from fedbip_hub.federation import FederationConfig, LoraSpec
+        from fedbip_hub.federation.client import init_federation, join
+        from fedbip_hub.federation.repo import FederationConfig, LoraSpec
 
         cfg = self.config
         strategy = method.strategy
@@ -244,7 +244,7 @@ class Scenario:
         return fed
 
     def _training_args(self, client_index: int, round_index: int):
-        from fedbip_hub.training import TrainingArgs
+        from fedbip_hub.training.trainer import TrainingArgs
 
         cfg = self.config
         return TrainingArgs(epochs=cfg.epochs, learning_rate=cfg.learning_rate,
@@ -254,7 +254,7 @@ class Scenario:
 
     def _train(self, fed, work: Path, index: int, client: ClientData, round_index: int
                ) -> Path:
-        from fedbip_hub.training import train_adapter
+        from fedbip_hub.training.trainer import train_adapter
 
         if round_index == 1 and client.name in self._first_round:
             return self._first_round[client.name]
@@ -268,8 +268,8 @@ class Scenario:
 
     # -- one method ----------------------------------------------------------------------
     def run_method(self, runs: Path, method: Method) -> MethodResult:
-        from fedbip_hub.client import push
-        from fedbip_hub.rounds import run_round
+        from fedbip_hub.federation.client import push
+        from fedbip_hub.server.rounds import run_round
 
         began = time.perf_counter()
         fed = self._federation(runs, method)
@@ -312,9 +312,9 @@ class Scenario:
         adapter: everything the client's model has moved, not just this round's step).
 
         A diagnostic for the benchmark: the engine weighs by the round's own step."""
-        from fedbip_hub.adapter_io import LoraAdapter
-        from fedbip_hub.similarity import compute_similarity
-        from fedbip_hub.task_vectors import TaskVector
+        from fedbip_hub.adapters.lora import LoraAdapter
+        from fedbip_hub.engine.similarity import compute_similarity
+        from fedbip_hub.engine.task_vectors import TaskVector
 
         init = LoraAdapter(result.federation.init_folder(), label="init")
         out = []
@@ -334,9 +334,9 @@ class Scenario:
     def _evaluate(self, fed, dest: Path, limit: int | None = None) -> dict[str, float]:
         """Each client's accuracy on its own test set; a client of ``unscored_if_missing``
         without a personalized adapter (a guard excluded it in every round) is left out."""
-        from fedbip_hub.client import pull
         from fedbip_hub.errors import NotFoundError
-        from fedbip_hub.evaluation import evaluate
+        from fedbip_hub.federation.client import pull
+        from fedbip_hub.training.evaluation import evaluate
 
         out = {}
         for client in self.clients:

@@ -14,8 +14,8 @@ __all__ = ["CommitInfo", "HubStore", "LocalStore", "RepoHead", "Store", "Traffic
 
 def is_hub_address(address: str) -> bool:
     """``org/name`` (and not an existing path, nor one that looks like a path) is the Hub
-    (the rule of ``fedbip_hub.locations``)."""
-    from fedbip_hub.locations import looks_like_path
+    (the rule of ``fedbip_hub.stores.locations``)."""
+    from fedbip_hub.stores.locations import looks_like_path
 
     if looks_like_path(address) or Path(address).expanduser().exists():
         return False

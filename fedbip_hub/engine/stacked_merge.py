@@ -1,0 +1,318 @@
+"""Re-factorising one module's weighted sums of low-rank parts, many targets at a time.
+
+A target's merged module is ΔW = Σ_p c_p·U_p·V_p over its parts (its latest adapter
+and the peers it weighs), re-factorised by ``lowrank.gram_core`` from the float64 Grams
+of the stacked factors. Two ways to run a module's targets, with equal results to fp32
+rounding (each is checked against the other in tests/test_stacked_merge.py):
+
+* ``merge_cached``, one target at a time: the peer-pair Gram blocks U_kᵀU_j and
+  V_kV_jᵀ are computed once per module and shared by every target that stacks both
+  peers (top-k targets of one task group stack mostly the same peers), so a target pays
+  O(d·R·r) for the cross terms with its own adapter and its outputs, not O(d·R²). The
+  CPU default (measured faster there: benchmarks/bench_scale.py (b)).
+* ``merge_batched``: the targets of equal shapes go through one batched Gram, eigh and
+  output product per chunk, and come back through pinned memory with non-blocking
+  copies, synchronised once per chunk. The GPU default (``--device cuda``), where one
+  target at a time would be bound by kernel-launch latency.
+
+Factors are upcast to float64 inside, so fp32 inputs stay exact to their precision even
+when a sum nearly cancels (near-duplicate clients); float64 inputs go through QR instead
+(``lowrank.refactorize``), which is backward stable at that precision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedbip_hub.engine.lowrank import gram_core, refactorize
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+# Output products run in fp32 while they amplify rounding by at most this much (see
+# _fp32_products_suffice); 0 makes them always float64.
+FP32_AMPLIFICATION = 4.0
+# Bytes of stacked float64 factors (U and V) one batched chunk may hold: large on a GPU,
+# small on the CPU, where a chunk's stacks count towards the round's peak RSS.
+BATCH_BYTES = {"cuda": 1024 * 2**20, "cpu": 64 * 2**20}
+
+
+def batch_bytes(device: torch.device) -> int:
+    return BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
+
+
+@dataclass(frozen=True)
+class Part:
+    """One term c·U·V of a target's sum; ``key`` names a peer whose Gram blocks can be
+    shared across targets (None: this target's own, e.g. its latest adapter)."""
+
+    key: Hashable | None
+    coeff: float
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A re-factorised sum: ΔW = u·v, on the CPU, and the truncation's discarded energy."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    discarded_energy: float
+
+
+def _zero(parts: Sequence[Part], width: int) -> Merged:
+    first = parts[0]
+    return Merged(first.u.new_zeros(first.u.shape[0], width).cpu(),
+                  first.v.new_zeros(width, first.v.shape[1]).cpu(), 0.0)
+
+
+def _width(rank: int | None, keep: int) -> int:
+    return rank if rank is not None else max(keep, 1)
+
+
+def merge_exact_dtype(parts: Sequence[Part], rank: int | None) -> Merged:
+    """The float64 path: QR of the stacked factors (``lowrank.refactorize_qr``)."""
+    u = torch.cat([p.u * p.coeff for p in parts], dim=1)
+    v = torch.cat([p.v for p in parts], dim=0)
+    out = refactorize(u, v, rank)
+    return Merged(out.u.cpu(), out.v.cpu(), out.discarded_energy)
+
+
+class PairGrams:
+    """One module's float64 Gram blocks between peers, U_aᵀU_b and V_aV_bᵀ (a ≤ b).
+
+    Unscaled (a target's coefficients enter when its Gram is assembled), so every
+    target that stacks peers a and b reuses the block. ``computed`` counts the blocks
+    formed (tests check the sharing). Use one per module and drop it after: it holds
+    r² float64 pairs per pair of peers that some target stacks together.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[Hashable, Hashable], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.computed = 0
+
+    def get(self, a: Hashable, b: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if (a, b) in self._blocks:
+            return self._blocks[(a, b)]
+        pair = self._blocks.get((b, a))
+        return None if pair is None else (pair[0].T, pair[1].T)
+
+    def put(self, a: Hashable, b: Hashable, gu: torch.Tensor, gv: torch.Tensor) -> None:
+        self._blocks[(a, b)] = (gu, gv)
+        self.computed += 1
+
+
+class _Stack:
+    """A target's stacked factors, as given (for fp32 output products), and in float64
+    on first use (Gram rows, float64 output products), upcast once."""
+
+    def __init__(self, parts: Sequence[Part]):
+        self.u = torch.cat([p.u for p in parts], dim=1)
+        self.v = torch.cat([p.v for p in parts], dim=0)
+        self.bounds = [0]
+        for p in parts:
+            self.bounds.append(self.bounds[-1] + p.rank)
+        self._u64: torch.Tensor | None = None
+        self._v64: torch.Tensor | None = None
+
+    @property
+    def u64(self) -> torch.Tensor:
+        if self._u64 is None:
+            self._u64 = self.u.to(F64)
+        return self._u64
+
+    @property
+    def v64(self) -> torch.Tensor:
+        if self._v64 is None:
+            self._v64 = self.v.to(F64)
+        return self._v64
+
+
+def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled Gram matrices of the stacked parts: blocks between two peers come from
+    the cache; the part with the most blocks missing gets the run of them in one product
+    against the stack (one read of it, not one per block; a fresh stack costs one
+    triangle), until none is missing. In locality order a target then forms rows only
+    for the peers new to its group."""
+    n, bounds = len(parts), stack.bounds
+    blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in range(n):
+        for j in range(i, n):
+            if parts[i].key is not None and parts[j].key is not None:
+                hit = cache.get(parts[i].key, parts[j].key)
+                if hit is not None:
+                    blocks[(i, j)] = hit
+    while len(blocks) < n * (n + 1) // 2:
+        missing = [[j for j in range(n) if (min(i, j), max(i, j)) not in blocks]
+                   for i in range(n)]
+        i = max(range(n), key=lambda m: len(missing[m]))
+        first, last = missing[i][0], missing[i][-1]
+        rows = slice(bounds[i], bounds[i + 1])
+        span = slice(bounds[first], bounds[last + 1])  # only the missing run: a triangle
+        u, v = stack.u64, stack.v64
+        row_u, row_v = u[:, rows].T @ u[:, span], v[rows] @ v[span].T
+        for j in missing[i]:
+            cols = slice(bounds[j] - bounds[first], bounds[j + 1] - bounds[first])
+            key = (min(i, j), max(i, j))
+            pair = (row_u[:, cols], row_v[:, cols]) if i <= j else \
+                (row_u[:, cols].T, row_v[:, cols].T)
+            blocks[key] = pair
+            a, b = parts[key[0]].key, parts[key[1]].key
+            if a is not None and b is not None:
+                cache.put(a, b, pair[0].contiguous(), pair[1].contiguous())
+
+    def assemble(side: int) -> torch.Tensor:
+        return torch.cat([torch.cat([blocks[(i, j)][side] if i <= j else blocks[(j, i)][side].T
+                                     for j in range(n)], dim=1) for i in range(n)], dim=0)
+
+    return assemble(0), assemble(1)
+
+
+def _column_scale(parts: Sequence[Part], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.full((p.rank,), float(p.coeff), dtype=F64, device=device)
+                      for p in parts])
+
+
+def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> Merged:
+    """One target's re-factorised sum, its peer-pair Gram blocks shared through ``cache``.
+
+    With D the diagonal of the parts' coefficients, ΔW = U·D·V: the Gram of U·D is
+    D·(UᵀU)·D, and the output U' = U·(D·wu), so the d-sized stacks stay unscaled.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    stack = _Stack(parts)
+    gram_u, gram_v = _cached_grams(parts, stack, cache)
+    scale = _column_scale(parts, gram_u.device)
+    core = gram_core((gram_u * scale[:, None] * scale[None, :])[None], gram_v[None], rank)
+    width = _width(rank, int(core.keep[0]))
+    if (rank is None and width == stack.bounds[-1]  # "cat" of a full-rank stack
+            and _stack_is_exact(gram_u.diagonal(), gram_v.diagonal(), scale, core.sigma[0],
+                                parts[0].u.dtype)):
+        return _balanced_stack(stack.u, stack.v, gram_u.diagonal(), gram_v.diagonal(), scale)
+    wu, wv = scale[:, None] * core.wu[0, :, :width], core.wv[0, :width]
+    dtype = parts[0].u.dtype
+    if _fp32_products_suffice(gram_u * scale[:, None] * scale[None, :], gram_v, wu, wv,
+                              core.sigma[0, :width], dtype):
+        u_out = stack.u @ wu.to(dtype)
+        v_out = wv.to(dtype) @ stack.v
+    else:
+        u_out = (stack.u64 @ wu).to(dtype)
+        v_out = (wv @ stack.v64).to(dtype)
+    return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
+
+
+def _balanced_stack(u: torch.Tensor, v: torch.Tensor, norms_u: torch.Tensor,
+                    norms_v: torch.Tensor, scale: torch.Tensor) -> Merged:
+    """The exact "cat" of a stack with nothing to compress: the stacked factors
+    themselves (as PEFT's cat does), each direction rescaled towards equal norms on both
+    sides, at O(d·R) instead of two d×R×R products."""
+    nu = norms_u.clamp_min(0).sqrt() * scale.abs()
+    nv = norms_v.clamp_min(0).sqrt()
+    ratio = torch.where((nu > 0) & (nv > 0), (nv / torch.where(nu > 0, nu, 1.0)).sqrt(), 1.0)
+    ratio = torch.exp2(torch.round(torch.log2(ratio)))  # powers of two rescale exactly
+    col = (scale * ratio).to(u.dtype)
+    row = (1.0 / ratio).to(v.dtype)
+    return Merged((u * col).cpu(), (v * row[:, None]).cpu(), 0.0)
+
+
+def _stack_is_exact(norms_u: torch.Tensor, norms_v: torch.Tensor, scale: torch.Tensor,
+                    sigma: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the scaled stack itself is as exact as the SVD form: storing c·u in the
+    inputs' precision errs by ε·Σ|c|·‖u‖·‖v‖, against ‖ΔW‖ = √Σσ² for the SVD form, so
+    the stack is used only while the terms do not cancel much. (Independent roundings
+    add in quadrature: ‖Σ_j ε_j·c_j·u_j·v_jᵀ‖ ≈ ε·√Σ_j c_j²‖u_j‖²‖v_j‖².)"""
+    total = float((sigma**2).sum())
+    if dtype != torch.float32 or total <= 0:
+        return False
+    terms = float((scale**2 * norms_u.clamp_min(0) * norms_v.clamp_min(0)).sum())
+    return math.sqrt(terms / total) <= FP32_AMPLIFICATION
+
+
+def _fp32_products_suffice(gram_u: torch.Tensor, gram_v: torch.Tensor, wu: torch.Tensor,
+                           wv: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the two d-sized output products may run in the inputs' fp32.
+
+    Their rounding error is about ε₃₂·√(Σ_j ‖U_j‖²·‖wu_j‖²) against an output of norm
+    ‖U'‖ = √Σσ (and likewise for V), so fp32 is as exact as the inputs while that ratio
+    stays small. A sum that nearly cancels (near-duplicate clients) amplifies by about
+    1/(1 − cos) and takes float64, which is exact to the inputs' precision.
+    """
+    if dtype != torch.float32:
+        return False
+    out = float(sigma.sum())
+    if out <= 0:
+        return False
+    amp_u = float((gram_u.diagonal().clamp_min(0) * (wu * wu).sum(dim=1)).sum()) / out
+    amp_v = float((gram_v.diagonal().clamp_min(0) * (wv * wv).sum(dim=0)).sum()) / out
+    return math.sqrt(max(amp_u, amp_v)) <= FP32_AMPLIFICATION
+
+
+def _pinned(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def merge_batched(jobs: Sequence[Sequence[Part]], rank: int | None) -> list[Merged]:
+    """Every job's re-factorised sum, jobs of equal shapes batched per kernel call.
+
+    Jobs are grouped by (d_out, stacked R, d_in) and chunked to ``batch_bytes``; each
+    chunk is one batched Gram (bmm), one ``gram_core`` (batched Cholesky/eigh) and one
+    batched output product. On CUDA the results land in pinned CPU buffers through
+    non-blocking copies, and the host waits once per chunk.
+    """
+    results: list[Merged | None] = [None] * len(jobs)
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index, parts in enumerate(jobs):
+        if not parts:
+            raise ValueError("nothing to merge")
+        shape = (parts[0].u.shape[0], sum(p.rank for p in parts), parts[0].v.shape[1])
+        groups.setdefault(shape, []).append(index)
+    for (d_out, width_in, d_in), members in groups.items():
+        per_job = 8 * width_in * (d_out + d_in)
+        chunk = max(1, batch_bytes(jobs[members[0]][0].u.device) // max(per_job, 1))
+        for start in range(0, len(members), chunk):
+            batch = members[start:start + chunk]
+            for index, merged in zip(batch, _merge_chunk([jobs[i] for i in batch], rank),
+                                     strict=True):
+                results[index] = merged
+    return results  # type: ignore[return-value]
+
+
+def _merge_chunk(jobs: Sequence[Sequence[Part]], rank: int | None) -> list[Merged]:
+    device = jobs[0][0].u.device
+    u = torch.stack([torch.cat([p.u.to(F64) * p.coeff for p in parts], dim=1)
+                     for parts in jobs])
+    v = torch.stack([torch.cat([p.v.to(F64) for p in parts], dim=0) for parts in jobs])
+    core = gram_core(u.mT @ u, v @ v.mT, rank)
+    width = _width(rank, int(core.keep.max()))
+    out_dtype = jobs[0][0].u.dtype
+    u_out = (u @ core.wu[..., :width]).to(out_dtype)
+    v_out = (core.wv[:, :width] @ v).to(out_dtype)
+    discarded = core.discarded
+    keep = core.keep
+    if device.type == "cuda":  # async copies into pinned memory, one wait per chunk
+        pin = True
+        host_u = _pinned(tuple(u_out.shape), out_dtype, pin)
+        host_v = _pinned(tuple(v_out.shape), out_dtype, pin)
+        host_d = _pinned(tuple(discarded.shape), F64, pin)
+        host_k = _pinned(tuple(keep.shape), keep.dtype, pin)
+        for host, dev in ((host_u, u_out), (host_v, v_out), (host_d, discarded),
+                          (host_k, keep)):
+            host.copy_(dev, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        u_out, v_out, discarded, keep = host_u, host_v, host_d, host_k
+    out = []
+    for item in range(len(jobs)):
+        cols = _width(rank, int(keep[item]))
+        out.append(Merged(u_out[item, :, :cols].clone(), v_out[item, :cols].clone(),
+                          float(discarded[item])))
+    return out

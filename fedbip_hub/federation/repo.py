@@ -1,0 +1,461 @@
+"""What a federation is: its config, members and state, kept in the federation repo.
+
+Federation repo layout: ``federation.json`` (config), ``members/<name>.json`` (one file
+per member, so joins never collide and the history audits them), ``init/`` (the initial
+adapter every first round starts from), ``state.json``, ``rounds/NNNNNN.json``, and a
+``README.md`` dashboard. Client repos hold uploads at the root; the server writes only
+under ``personalized/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedbip_hub import __version__
+from fedbip_hub.adapters.metadata import describe_error
+from fedbip_hub.errors import ConfigError, FedbipError, NotFoundError, StoreError
+from fedbip_hub.identity import client_name_problem, repo_id_problem
+from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
+from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
+
+if TYPE_CHECKING:
+    from fedbip_hub.engine.strategies import Strategy
+
+FEDERATION_FILE = "federation.json"
+STATE_FILE = "state.json"
+INIT_DIR = "init"
+MEMBERS_DIR = "members"
+ROUNDS_DIR = "rounds"
+PERSONALIZED_DIR = "personalized"
+MERGE_RECORD = "fedbip_merge.json"
+LOCAL_FEDERATION_REPO = "federation"
+MAX_MEMBER_FILE_BYTES = 64 * KIB
+
+TaskType = Literal["SEQ_CLS", "CAUSAL_LM"]
+M = TypeVar("M", bound=BaseModel)
+_ROUND_FILE = re.compile(rf"{ROUNDS_DIR}/(\d{{6,}})\.json")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class LoraSpec(BaseModel):
+    """The LoRA every member trains with (clients may differ in rank, never in modules)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class Limits(BaseModel):
+    """What the server (and ``fedbip push``) accepts from a client upload.
+
+    The numeric bounds are checked for each client alone, in float64, before its numbers
+    meet any other client's (fedbip_hub.server.validation): past them a single upload could
+    overflow the round's float32 maths for everyone.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_rank: int = Field(256, gt=0)
+    max_adapter_mb: float = Field(4096, gt=0)
+    max_scaling: float = Field(
+        1e4, gt=0, description="Largest LoRA scaling s (alpha/r, or alpha/sqrt(r) with "
+        "rsLoRA) of any module.")
+    max_task_vector_norm: float = Field(
+        1e6, gt=0, description="Largest Frobenius norm of a client's whole task vector.")
+    max_factor_norm: float = Field(
+        1e8, gt=0, description="Largest Frobenius norm of one module's task-vector factors "
+        "(s·B and A, stacked with its start's), which bounds every Gram entry.")
+    max_n_examples: int = Field(10**9, gt=0, le=10**15,
+                                description="Largest n_examples an upload may declare.")
+
+
+class FederationConfig(BaseModel):
+    """``federation.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base_model: str
+    base_revision: str | None = None
+    task_type: TaskType = "SEQ_CLS"
+    num_labels: int | None = None
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    strategy: dict = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    lease_minutes: float = Field(120, gt=0)
+    # Publish personalized adapters (which mix peers' updates) into public member repos
+    # too; by default a public member repo gets nothing until it is private again.
+    allow_public_members: bool = False
+    seed: int = 0
+    created_at: str = Field(default_factory=utc_now)
+    created_by: str | None = None
+    fedbip_version: str = __version__
+
+    def strategy_obj(self) -> Strategy:
+        """The strategy; ConfigError when the stored one does not validate. Reading a
+        config never validates it, so members can still train under a broken strategy."""
+        from fedbip_hub.adapters.metadata import describe_error
+        from fedbip_hub.engine.strategies import Strategy
+
+        try:
+            return Strategy.model_validate(self.strategy)
+        except ValueError as exc:
+            raise ConfigError(f"the strategy in {FEDERATION_FILE} is invalid "
+                              f"({describe_error(exc)}).",
+                              hint=f"Fix \"strategy\" in {FEDERATION_FILE} of the federation "
+                              "repo.") from exc
+
+    def runnable_strategy(self) -> Strategy:
+        """The strategy, refused when a round could not run it from this config alone
+        (the oracle without its groups): what ``fedbip init`` accepts."""
+        from fedbip_hub.engine.strategies import oracle_groups
+
+        strategy = self.strategy_obj()
+        if strategy.spec.weighting == "oracle":
+            oracle_groups(strategy, ())
+        return strategy
+
+
+class Member(BaseModel):
+    """``members/<name>.json``: one member and the repo it pushes to."""
+
+    name: str
+    repo_id: str
+    joined_at: str = Field(default_factory=utc_now, max_length=64)
+    joined_by: str | None = Field(None, max_length=256)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if (problem := client_name_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str) -> str:
+        if (problem := repo_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+
+@dataclass
+class Membership:
+    """The members read from ``members/``, and why any member file was left out."""
+
+    members: dict[str, Member]
+    problems: dict[str, str]  # member file path → why it was left out
+
+
+class ClientState(BaseModel):
+    """What the server remembers about one member between rounds."""
+
+    consumed_upload: str | None = None
+    consumed_commit: str | None = None
+    consumed_start: str | None = None
+    consumed_n_examples: int = 1
+    refused_upload: str | None = None
+    refused_reason: str | None = None  # the round record's words, for `fedbip status`
+    personalized_history: list[str] = Field(default_factory=list)
+    last_round: int | None = None
+    # An upload skipped for an internal error (a bug on the server's side): the version
+    # and round that hit it. It is retried with other news or by another version only.
+    internal_error_upload: str | None = None
+    internal_error_version: str | None = None
+    internal_error_round: int | None = None
+    # The member repo's head as the last round left it (its publish, or the head it
+    # looked at): while a listing shows it there, the member has nothing new.
+    seen_head: str | None = None
+
+
+class RoundRecordHeader(BaseModel):
+    """What is checked of a ``rounds/NNNNNN.json`` record when it is read back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int = Field(ge=1)
+    plan_id: str
+
+
+class FederationState(BaseModel):
+    """``state.json``: the last completed round, the round in progress, per-client state."""
+
+    round: int = Field(0, ge=0)
+    in_progress: dict | None = None
+    clients: dict[str, ClientState] = Field(default_factory=dict)
+
+    def client(self, name: str) -> ClientState:
+        return self.clients.setdefault(name, ClientState())
+
+
+def dump_json(model: BaseModel | dict) -> bytes:
+    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+class Federation:
+    """A federation addressed by ``org/name`` (the Hub) or a folder (local).
+
+    Args:
+        store: where its repos live.
+        repo_id: the federation repo.
+        address: how the user named it (for messages).
+    """
+
+    def __init__(self, store: Store, repo_id: str, address: str):
+        self.store = store
+        self.repo_id = repo_id
+        self.address = address
+        self._listing: tuple[str, list[str]] | None = None
+
+    @classmethod
+    def at(cls, address: str, *, token: str | None = None, cache_dir: Path | None = None
+           ) -> Federation:
+        """Resolve an address to a store and a federation repo (which may not exist yet)."""
+        cache = cache_dir or _env_path("FEDBIP_CACHE")
+        if is_hub_address(address):
+            return cls(HubStore(token=token, cache_dir=cache), address, address)
+        from fedbip_hub.stores.locations import absolute
+
+        # absolute, so messages, cards and schedules work from any directory
+        return cls(LocalStore(address, cache_dir=cache), LOCAL_FEDERATION_REPO,
+                   absolute(address))
+
+    @property
+    def token(self) -> str | None:
+        """The token this federation was opened with (for model and tokenizer loads)."""
+        return self.store.token
+
+    # -- reads -------------------------------------------------------------------------
+    def head(self) -> str:
+        try:
+            return self.store.head(self.repo_id)
+        except StoreError as exc:
+            from fedbip_hub.stores.locations import other_reading
+
+            hub = isinstance(self.store, HubStore)
+            if type(exc) is StoreError and hub:  # the Hub unreachable: was a folder meant?
+                raise StoreError(exc.message, hint=f"{exc.hint or ''} "
+                                 f"{other_reading(self.address, hub=True)}".strip()) from exc
+            if not isinstance(exc, NotFoundError):
+                raise
+            raise NotFoundError(
+                f"no federation at {self.address} ({exc.message})",
+                hint="Check the address, or create one with `fedbip init "
+                f"{self.address} --base-model ...`. "
+                f"{other_reading(self.address, hub=hub)}"
+            ) from exc
+
+    def _json(self, path: str, revision: str) -> Any:
+        try:
+            raw = self.store.read_bytes(self.repo_id, path, revision)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"{self.address} is not a fedbip federation (no {path}).",
+                hint=f"Create it with `fedbip init {self.address} --base-model ...`.") from exc
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8, absurd nesting
+            raise ConfigError(
+                f"{path} of {self.address} (at {revision[:12]}) is not valid JSON "
+                f"({describe_json_error(exc)}).", hint=_restore_hint(path)) from exc
+
+    def _record(self, model: type[M], path: str, revision: str) -> M:
+        """``path`` read at ``revision`` and validated as ``model``: ConfigError, naming
+        the file, the field and the fix, for anything else."""
+        data = self._json(path, revision)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path} of {self.address} (at {revision[:12]}) is invalid: "
+                              f"{describe_error(exc)}.", hint=_restore_hint(path)) from exc
+
+    def config(self, revision: str | None = None) -> FederationConfig:
+        return self._record(FederationConfig, FEDERATION_FILE, revision or self.head())
+
+    def state(self, revision: str | None = None) -> FederationState:
+        revision = revision or self.head()
+        if not self.store.file_exists(self.repo_id, STATE_FILE, revision):
+            return FederationState()
+        return self._record(FederationState, STATE_FILE, revision)
+
+    def files(self, revision: str) -> list[str]:
+        """The federation repo's files at ``revision`` (a commit id never changes, so the
+        last listing is kept: planning reads it more than once)."""
+        if self._listing is None or self._listing[0] != revision:
+            self._listing = (revision, self.store.list_files(self.repo_id, revision))
+        return list(self._listing[1])
+
+    def round_record(self, number: int, revision: str | None = None) -> dict:
+        """``rounds/NNNNNN.json``, checked to be a round record of that round."""
+        revision = revision or self.head()
+        path = round_record_path(number)
+        if path not in self.files(revision):
+            raise ConfigError(f"{path} is missing from {self.address}, although its state "
+                              f"says round {number} completed.", hint=_restore_hint(path))
+        record = self._record(RoundRecordHeader, path, revision)
+        if record.round != number:
+            raise ConfigError(f"{path} of {self.address} holds round {record.round}.",
+                              hint=_restore_hint(path))
+        return record.model_dump(mode="json")
+
+    def last_recorded_round(self, revision: str) -> int:
+        """The highest N of the ``rounds/NNNNNN.json`` records at ``revision`` (0: none)."""
+        numbers = [int(m.group(1)) for f in self.files(revision)
+                   if (m := _ROUND_FILE.fullmatch(f))]
+        return max(numbers, default=0)
+
+    def check_not_rolled_back(self, revision: str, state: FederationState) -> None:
+        """Refuse a state.json older than the round records beside it (a rollback, or a
+        state replaced by hand): running on it would re-run a round, overwrite its record
+        and apply uploads twice."""
+        last = self.last_recorded_round(revision)
+        if last <= state.round:
+            return
+        title = f"fedbip: round {last} completed"
+        commit = next((c.id for c in self.store.history(self.repo_id) if c.title == title),
+                      None)
+        where = (f"the version written by commit {commit} ('{title}')" if commit else
+                 f"the version written with {round_record_path(last)}")
+        raise ConfigError(
+            f"state.json of {self.address} says the last completed round is {state.round}, "
+            f"but {round_record_path(last)} exists: the state was rolled back or replaced. "
+            "The server refuses to run on it (it would re-run rounds, overwrite their "
+            "records and refuse honest uploads).",
+            hint=f"Restore state.json from the federation repo's history: {where}.")
+
+    def members(self, revision: str | None = None) -> dict[str, Member]:
+        """The members; a member file that is invalid is left out (see ``membership``)."""
+        return self.membership(revision).members
+
+    def membership(self, revision: str | None = None) -> Membership:
+        """Every valid member, and why each other member file was left out.
+
+        One bad member file (an invalid name, a name too long for a file system, JSON
+        that is not a member, a repo another member or the federation already has) never
+        stops the federation: it is left out, with a reason, and the others are read.
+        When two member files claim one repo, the member that joined first keeps it.
+        """
+        revision = revision or self.head()
+        found: list[Member] = []
+        problems: dict[str, str] = {}
+        for path in self.files(revision):
+            if not (path.startswith(f"{MEMBERS_DIR}/") and path.endswith(".json")):
+                continue
+            try:
+                found.append(self._member_file(path, revision))
+            except FedbipError as exc:
+                problems[_shown_path(path)] = exc.message
+        claimed: dict[str, Member] = {}
+        for member in sorted(found, key=lambda m: (_joined_key(m.joined_at), m.name)):
+            holder = claimed.get(member.repo_id)
+            if member.repo_id == self.repo_id:
+                problems[f"{MEMBERS_DIR}/{member.name}.json"] = (
+                    f"member {member.name} claims the federation's own repo {self.repo_id}; "
+                    "left out (fix: join with a repo of its own)")
+            elif holder is not None:
+                problems[f"{MEMBERS_DIR}/{member.name}.json"] = (
+                    f"member {member.name} claims repo {member.repo_id}, which member "
+                    f"{holder.name} joined with first; left out (fix: join with a repo of "
+                    "its own)")
+            else:
+                claimed[member.repo_id] = member
+        members = {m.name: m for m in claimed.values()}
+        return Membership(dict(sorted(members.items())), dict(sorted(problems.items())))
+
+    def _member_file(self, path: str, revision: str) -> Member:
+        """Read one ``members/<name>.json``; its name must be the file's."""
+        name = path[len(MEMBERS_DIR) + 1:-len(".json")]
+        problem = client_name_problem(name)
+        if problem is not None:  # checked before any read: the name makes cache paths
+            raise ConfigError(f"{_shown_path(path)} is not a member file: {problem}; left "
+                              "out (fix: delete it from the federation repo)")
+        try:
+            data = loads_bounded(self.store.read_bytes(self.repo_id, path, revision),
+                                 max_bytes=MAX_MEMBER_FILE_BYTES)
+            member = Member.model_validate(data)
+        except (JsonLimitError, ValidationError) as exc:
+            raise ConfigError(f"{path} is not a valid member file ({describe_error(exc)}); left "
+                              f"out (fix: `fedbip join {self.address} --client {name}` "
+                              "again, or delete the file)") from exc
+        if member.name != name:
+            raise ConfigError(f"{path} names member {member.name!r}, not {name!r}; left out "
+                              "(fix: a member file must carry its own name)")
+        return member
+
+    def member(self, name: str, revision: str | None = None) -> Member:
+        membership = self.membership(revision)
+        members = membership.members
+        problem = membership.problems.get(f"{MEMBERS_DIR}/{name}.json")
+        if name not in members and problem is not None:
+            raise ConfigError(f"the membership file of {name} is broken: {problem}",
+                              client=name)
+        if name not in members:
+            raise NotFoundError(f"{name} is not a member of {self.address}.",
+                                hint=f"Join first: `fedbip join {self.address} --client {name}`.",
+                                client=name)
+        return members[name]
+
+    def init_folder(self, revision: str | None = None) -> Path:
+        return self.store.fetch_folder(self.repo_id, revision or self.head(), INIT_DIR)
+
+    def default_client_repo(self, client: str) -> str:
+        if self.store.kind == "local":
+            return f"clients/{client}"
+        namespace, name = self.repo_id.split("/")
+        return f"{namespace}/{name}-{client}"
+
+
+def _shown_path(path: str) -> str:
+    return path if len(path) <= 100 else path[:97] + "..."
+
+
+def _joined_key(joined_at: str) -> datetime:
+    """When a member joined, for "first joiner keeps the repo" (unreadable: last)."""
+    try:
+        when = datetime.fromisoformat(joined_at)
+    except ValueError:
+        return datetime.max.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def round_record_path(number: int) -> str:
+    return f"{ROUNDS_DIR}/{number:06d}.json"
+
+
+def describe_json_error(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _restore_hint(path: str) -> str:
+    if path == STATE_FILE:
+        return ("Restore state.json from the federation repo's history: the version "
+                "written by the last 'fedbip: round N completed' commit.")
+    if path.startswith(f"{MEMBERS_DIR}/"):
+        return (f"Restore {path} from the federation repo's history, or delete it and "
+                "have that member run `fedbip join` again.")
+    if path.startswith(f"{ROUNDS_DIR}/"):
+        return f"Restore {path} from the federation repo's history (never edit it by hand)."
+    return f"Fix {path} in the federation repo, or restore it from the repo's history."
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None

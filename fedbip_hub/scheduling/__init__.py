@@ -1,0 +1,3 @@
+"""Running rounds without a server: scheduled jobs (cron, GitHub Actions, HF Jobs) and
+webhooks.
+"""
