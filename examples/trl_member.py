@@ -33,8 +33,7 @@ from tiny_setup import make_tiny_causal_base, write_completion_data
 
 def setup(work: Path) -> tuple[str, Path]:
     """A local causal-LM federation with member alice, and her data (all offline)."""
-    from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub import Federation, FederationConfig, LoraSpec, init_federation, join
 
     work = work.resolve()
     address = str(work / "llmfed")
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from fedbip_hub.federation.repo import Federation
-    from fedbip_hub.training.data import load_examples
-    from fedbip_hub.training.integration import (
+    from fedbip_hub import (
         FedbipPushCallback,
+        Federation,
+        load_examples,
         load_trainable,
         prepare_start,
     )

@@ -36,11 +36,18 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedbip_hub.federation.client import init_federation, join, personalized_folder, push
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
-    from fedbip_hub.server.rounds import run_round
-    from fedbip_hub.training.data import load_examples
-    from fedbip_hub.training.trainer import TrainingArgs, train_adapter
+    from fedbip_hub import (
+        FederationConfig,
+        LoraSpec,
+        TrainingArgs,
+        init_federation,
+        join,
+        load_examples,
+        personalized_folder,
+        push,
+        run_round,
+        train_adapter,
+    )
 
     work = args.work.resolve()
     base = args.base_model or str(make_tiny_base(work / "tiny-base"))

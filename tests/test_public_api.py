@@ -1,0 +1,105 @@
+"""The stable Python API: what ``fedbip_hub`` exports, and the old module paths."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import fedbip_hub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The user-facing calls and their parameters. A change here breaks users' scripts: make
+# it on purpose, with a deprecation, never as a side effect of moving code.
+SIGNATURES = {  # as they were before the move into subpackages (0.1's flat modules)
+    "init_federation": ["address", "config", "token"],
+    "join": ["fed", "client", "repo_id"],
+    "push": ["fed", "client", "adapter_dir", "n_examples", "start_revision", "task"],
+    "pull": ["fed", "client", "dest", "or_init"],
+    "personalized_folder": ["fed", "client", "revision", "token"],
+    "train_adapter": ["fed", "client", "dataset", "output_dir", "args", "start", "tokenizer",
+                      "base_model", "progress", "text_field", "label_field"],
+    "run_round": ["fed", "options"],
+    "evaluate_client": ["fed", "client", "dataset", "own_adapter", "tokenizer", "base_model",
+                        "device", "batch_size", "max_length", "text_field", "label_field"],
+    "evaluate": ["model", "dataset", "task_type", "batch_size", "device", "tokenizer",
+                 "max_length"],
+    "folder_similarity": ["folders", "space", "include_dense"],
+    "merge_folders": ["folders", "target", "strategy", "out"],
+    "compute_similarity": ["vectors", "space", "include_dense", "progress", "device", "dtype"],
+    "compute_weights": ["strategy", "k", "report", "n_examples", "allowed", "groups",
+                        "clients", "population"],
+    "personalize": ["vectors", "weights", "plan", "rank", "refactor", "space",
+                    "personal_heads", "dtype", "progress", "device", "sink", "max_resident",
+                    "batched"],
+    "federation_status": ["fed"],
+    "load_examples": ["source", "split"],
+    "prepare_start": ["fed", "client", "folder"],
+    "load_trainable": ["fed", "start", "base_model", "dtype"],
+}
+
+
+def test_every_export_resolves_to_its_defining_module() -> None:
+    for name in fedbip_hub.__all__:
+        value = getattr(fedbip_hub, name)
+        if name == "__version__":
+            continue
+        module = fedbip_hub._API[name]
+        assert getattr(sys.modules[module], name) is value
+        assert getattr(value, "__module__", module) == module, name
+    assert set(SIGNATURES) <= set(fedbip_hub.__all__)
+    assert set(fedbip_hub.__all__) <= set(dir(fedbip_hub))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fedbip_hub.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_user_facing_signatures_are_stable(name: str) -> None:
+    params = list(inspect.signature(getattr(fedbip_hub, name)).parameters)
+    assert params == SIGNATURES[name], f"{name}{params}"
+
+
+def test_import_is_light() -> None:
+    """``import fedbip_hub`` (and reading its API list) loads no torch or Hub client."""
+    code = ("import json, sys, fedbip_hub\n"
+            "names = fedbip_hub.__all__\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch', 'transformers', 'peft', 'huggingface_hub', 'datasets'})))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == []
+
+
+@pytest.mark.parametrize("old", ["client", "adapter_io", "rounds", "merge", "data"])
+def test_old_module_paths_still_import_with_a_warning(old: str) -> None:
+    import importlib
+
+    new = importlib.import_module(f"fedbip_hub.{fedbip_hub.MOVED_MODULES[old]}")
+    sys.modules.pop(f"fedbip_hub.{old}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aliased = importlib.import_module(f"fedbip_hub.{old}")
+    assert aliased is new
+    assert new.__spec__.name == new.__name__  # the alias does not take over its spec
+    assert any(issubclass(w.category, DeprecationWarning)
+               and fedbip_hub.MOVED_MODULES[old] in str(w.message) for w in caught)
+
+
+def test_every_old_path_maps_to_a_module_that_exists() -> None:
+    for old, new in fedbip_hub.MOVED_MODULES.items():
+        path = ROOT / "fedbip_hub" / (new.replace(".", "/") + ".py")
+        assert path.exists(), (old, new)
+        assert not (ROOT / "fedbip_hub" / f"{old}.py").exists(), old
+
+
+def test_subpackage_names_are_packages_not_aliases() -> None:
+    import fedbip_hub.training
+
+    assert fedbip_hub.training.__path__  # the package, not the old training module
+    assert not hasattr(fedbip_hub.training, "train_adapter")
