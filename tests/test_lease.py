@@ -33,6 +33,7 @@ from federation_helpers import published_outputs as _outputs
 from fedbip_hub.errors import RoundInProgressError
 from fedbip_hub.federation.client import latest_personalized_revision
 from fedbip_hub.federation.repo import Federation
+from fedbip_hub.server.lease import plan_or_resume
 from fedbip_hub.server.rounds import RoundRunner, run_round
 from fedbip_hub.stores import HubStore, LocalStore
 
@@ -162,9 +163,10 @@ def test_takeover_only_takes_over_the_lease_it_found(tmp_path, tiny_base):
     head = fed.head()
     state = fed.state(head)
     config = fed.config(head)
-    assert runner._plan_or_resume(head, config, state, first_holder=dead) is not None
+    assert plan_or_resume(runner.context(), head, config, state,
+                          first_holder=dead).plan is not None
     with pytest.raises(RoundInProgressError, match="in progress"):
-        runner._plan_or_resume(head, config, state, first_holder="another-job")
+        plan_or_resume(runner.context(), head, config, state, first_holder="another-job")
 
 
 @pytest.mark.parametrize("crashed_at", [None, "planned"])

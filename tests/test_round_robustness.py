@@ -34,7 +34,7 @@ from federation_helpers import (
 from safetensors.torch import load_file, save_file
 
 import fedbip_hub
-import fedbip_hub.server.rounds as rounds
+import fedbip_hub.server.vectors as vectors
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.federation.client import pull, upload_id
 from fedbip_hub.federation.repo import Federation
@@ -50,8 +50,8 @@ def _upload_id(fed: Federation, client: str) -> str:
 
 def _fail_validation_for(monkeypatch: pytest.MonkeyPatch, client: str,
                          error: BaseException | None = None) -> None:
-    """rounds.validate_upload raises for ``client`` only (a bug on our side)."""
-    real = rounds.validate_upload
+    """vectors.validate_upload raises for ``client`` only (a bug on our side)."""
+    real = vectors.validate_upload
 
     def validate(folder, config, init, *, label=None, **kwargs):
         if label == client:
@@ -60,7 +60,7 @@ def _fail_validation_for(monkeypatch: pytest.MonkeyPatch, client: str,
                 f"  (token {FAKE_TOKEN})")
         return real(folder, config, init, label=label, **kwargs)
 
-    monkeypatch.setattr(rounds, "validate_upload", validate)
+    monkeypatch.setattr(vectors, "validate_upload", validate)
 
 
 def _assert_public(reason: str, fed: Federation) -> None:
@@ -219,7 +219,7 @@ def test_reasons_name_the_start_adapter_and_the_init_publicly(tmp_path, tiny_bas
     start = pull(fed, "alice", tmp_path / "alice-start")
     commit = push_fresh(fed, tmp_path, "alice", seed=30, group=0, start=start.folder)
     push_fresh(fed, tmp_path, "bob", seed=31, group=0)  # from the init
-    real = rounds.TaskVector
+    real = vectors.TaskVector
 
     def task_vector(upload, start_adapter, *, name):
         if name in ("alice", "bob"):
@@ -227,7 +227,7 @@ def test_reasons_name_the_start_adapter_and_the_init_publicly(tmp_path, tiny_bas
                                f"{start_adapter.weights_path}")
         return real(upload, start_adapter, name=name)
 
-    monkeypatch.setattr(rounds, "TaskVector", task_vector)
+    monkeypatch.setattr(vectors, "TaskVector", task_vector)
     record = run_round(fed)
     alice, bob = record["skipped"]["alice"], record["skipped"]["bob"]
     repo = fed.member("alice").repo_id
