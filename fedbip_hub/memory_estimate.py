@@ -10,8 +10,13 @@ beyond the config); ``estimate`` is pure arithmetic over that shape and the run'
 * the activations autograd keeps for the backward pass, from hidden size, intermediate
   size, layers, sequence length and batch: without checkpointing every layer's, with it
   each layer's input plus one layer recomputed at a time; plus the backward pass's
-  gradients of one layer's activations; the logits of a causal LM (kept in fp32 by the
-  loss) come on top; an 8-bit base also keeps an fp16 copy of each linear layer's input.
+  gradients of one layer's activations; an 8-bit base also keeps an fp16 copy of each
+  linear layer's input;
+* for a causal LM, the logits: the loss's backward through log-softmax holds three
+  fp32 vocabulary-sized tensors per token at once (its saved output, the gradient coming
+  from the loss, the gradient it returns). That is the step's first moment in backward,
+  before any layer is recomputed or has gradients of its own, so the peak is the larger
+  of (stored activations + logits) and (the layers' own peak), not their sum.
 
 It is the peak of the training steps: loading a checkpoint may briefly take more on the
 host (a quantized load reads the full-precision shard before quantizing it).
@@ -42,6 +47,9 @@ HALF_NORM_FP32_TERMS = 1.3
 # intermediate-sized and two hidden-sized tensors per token.
 WORKSPACE_INTERMEDIATE_TERMS = 2.0
 WORKSPACE_HIDDEN_TERMS = 2.0
+# A causal LM's loss backward: log-softmax's saved fp32 output, the fp32 gradient from
+# the loss and the fp32 gradient of the logits it returns, per token and vocabulary entry.
+LOGITS_BACKWARD_BYTES = 4 + 4 + 4
 # bitsandbytes storage per quantized weight: NF4 packs 2 per byte, plus one 8-bit absmax
 # per 64 weights and one fp32 scale per 256 absmax (double quantization); int8 is 1 byte.
 BYTES_4BIT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -110,7 +118,8 @@ class ModelShape:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes of one training run, by part; ``total`` counts the activations of the run's
-    own checkpointing setting."""
+    own checkpointing setting. The ``activations*`` fields are peaks that include a causal
+    LM's logits; ``logits`` is those alone (0 for classification)."""
 
     base: int
     trainable: int
@@ -139,8 +148,8 @@ class MemoryEstimate:
             f"LoRA + head (fp32 weights, gradients, AdamW states): {gib(self.trainable)}",
             f"activations, batch {self.batch_size} × {self.seq_len} tokens, "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}: "
-            f"{gib(self.activations + self.logits)} ({other} checkpointing: "
-            f"{gib(other_bytes + self.logits)})",
+            f"{gib(self.activations)} ({other} checkpointing: {gib(other_bytes)})"
+            + (f", of which logits {gib(self.logits)}" if self.logits else ""),
             f"total: {gib(self.total)}",
         ]
 
@@ -180,18 +189,21 @@ def estimate(shape: ModelShape, *, dtype: str, quantize: str | None, batch_size:
         shape.lora_r * act + (h * (act + DROPOUT_EXTRA_BYTES) if shape.lora_dropout > 0
                               else 0))
     workspace = tokens * act * (WORKSPACE_INTERMEDIATE_TERMS * i + WORKSPACE_HIDDEN_TERMS * h)
-    without = int(shape.num_layers * per_layer + workspace)
-    # Checkpointing keeps each layer's input and recomputes one layer during backward.
-    with_ckpt = int(shape.num_layers * tokens * act * CHECKPOINT_HIDDEN_TERMS * h
-                    + per_layer + workspace)
-    # A causal LM's logits: the output, its fp32 copy for the loss, and its gradient.
-    logits = tokens * shape.vocab_size * (act + 4 + 4) if shape.causal_lm else 0
+    # What the layers hold when backward starts: every layer's saved tensors, or with
+    # checkpointing each layer's input (one layer is recomputed at a time later on).
+    stored_without = shape.num_layers * per_layer
+    stored_with = shape.num_layers * tokens * act * CHECKPOINT_HIDDEN_TERMS * h
+    logits = tokens * shape.vocab_size * LOGITS_BACKWARD_BYTES if shape.causal_lm else 0
+    # The logits' peak comes first in backward, on top of the stored activations only;
+    # the layers' own peak (their gradients, a recomputed layer) comes later.
+    without = int(max(stored_without + workspace, stored_without + logits))
+    with_ckpt = int(max(stored_with + per_layer + workspace, stored_with + logits))
     activations = with_ckpt if gradient_checkpointing else without
     return MemoryEstimate(
         base=int(base), trainable=int(trainable), activations=activations,
         activations_without_checkpointing=without,
         activations_with_checkpointing=with_ckpt, logits=int(logits),
-        total=int(base + trainable + activations + logits), dtype=dtype, quantize=quantize,
+        total=int(base + trainable + activations), dtype=dtype, quantize=quantize,
         gradient_checkpointing=gradient_checkpointing, batch_size=batch_size,
         seq_len=seq_len)
 

@@ -218,9 +218,12 @@ def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: Traini
                      AutoConfig.from_pretrained(config.base_model,
                                                 revision=config.base_revision,
                                                 token=token))
+        lora_config = LoraConfig.from_pretrained(str(start_dir))
+        # A saved adapter's config says inference_mode=True (PEFT sets it on save): it
+        # would freeze the LoRA factors and count no trainable bytes. This run trains them.
+        lora_config.inference_mode = False
         shape = ModelShape.from_config(hf_config, task_type=config.task_type,
-                                       num_labels=config.num_labels,
-                                       lora_config=LoraConfig.from_pretrained(str(start_dir)))
+                                       num_labels=config.num_labels, lora_config=lora_config)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError):
         return None
     activation = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast,
