@@ -86,6 +86,7 @@ class RunConfig:
     quantize: str | None = None
     task: str = "SEQ_CLS"
     impl: str = "new"
+    precision: str = "auto"
 
 
 CONFIGS = (
@@ -97,6 +98,13 @@ CONFIGS = (
     RunConfig("4bit", quantize="4bit"),
     RunConfig("4bit + checkpointing", quantize="4bit", gradient_checkpointing=True),
     RunConfig("8bit", quantize="8bit"),
+    RunConfig("8bit + checkpointing", quantize="8bit", gradient_checkpointing=True),
+    # QLoRA as on a GPU: bf16 compute over the fp32 weights prepare_model_for_kbit_training
+    # leaves (embeddings, norms, head), so the residual stream stays fp32.
+    RunConfig("4bit, bf16 autocast + checkpointing", quantize="4bit", precision="bf16",
+              gradient_checkpointing=True),
+    RunConfig("causal LM 4bit, bf16 autocast + checkpointing", quantize="4bit",
+              precision="bf16", gradient_checkpointing=True, task="CAUSAL_LM"),
     RunConfig("causal LM fp32", task="CAUSAL_LM"),
     RunConfig("causal LM fp32 + checkpointing", task="CAUSAL_LM",
               gradient_checkpointing=True),
@@ -280,6 +288,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     fed, data = _world(work, size, config.task)
     args = TrainingArgs(max_steps=steps, batch_size=config.batch_size,
                         grad_accum=config.grad_accum, dtype=config.dtype,
+                        precision=config.precision,
                         quantize=config.quantize,
                         gradient_checkpointing=config.gradient_checkpointing,
                         learning_rate=1e-3, max_length=size.seq_len, measure_examples=0,
