@@ -561,6 +561,73 @@ def test_the_activation_estimate_matches_what_autograd_keeps(dropout: float) -> 
         assert est.activations - workspace == pytest.approx(measured, rel=0.1), (batch, seq)
 
 
+# One forward and backward of a causal LM whose logits dominate, measured as the rise of
+# the resident set (glibc returns freed tensors at once): what the loss's backward holds.
+LOGITS_PEAK_SCRIPT = """
+import ctypes, gc, json, re, sys
+from pathlib import Path
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from fedbip_hub.memory_estimate import ModelShape, estimate
+
+def status(field):
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
+
+torch.set_num_threads(1)
+act = sys.argv[1]
+hf = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=1024,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                  task_type="CAUSAL_LM")
+shape = ModelShape.from_config(hf, task_type="CAUSAL_LM", num_labels=None, lora_config=lora)
+torch.manual_seed(0)
+model = get_peft_model(LlamaForCausalLM(hf), lora)
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.enable_input_require_grads()
+model.train()
+ids = torch.randint(1, 4096, (4, 128))
+
+def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=act == "bf16"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+step()  # lazy initialisations
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+step()
+est = estimate(shape, dtype="fp32", quantize=None, batch_size=4, seq_len=128,
+               gradient_checkpointing=True, activation_dtype=act)
+print(json.dumps({"peak": status("VmHWM") - before, "estimate": est.activations,
+                  "grads": shape.n_trainable * 4, "logits": est.logits}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("act", ["fp32", "bf16"])
+def test_a_causal_lm_logits_peak_matches_the_measured_one(act: str) -> None:
+    """With checkpointing the loss's backward is the step's peak: stored layer inputs plus
+    three fp32 vocabulary-sized tensors per token (plus, under bf16 autocast over fp32
+    weights, the head's bf16 copy), not the logits on top of a recomputed layer."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", LOGITS_PEAK_SCRIPT, act], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["logits"] > 0.9 * got["estimate"]  # the logits dominate this model
+    assert got["estimate"] + got["grads"] == pytest.approx(got["peak"], rel=0.05)
+
+
 def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None:
     from peft import LoraConfig
     from transformers import LlamaConfig
@@ -591,8 +658,10 @@ def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None
                              + (shape.n_params - shape.n_linear) * 4)
     assert qlora.trainable == shape.n_trainable * TRAINABLE_BYTES
     assert qlora.total == qlora.base + qlora.trainable + qlora.activations
-    # Three fp32 vocabulary-sized tensors per token in the loss's backward.
-    assert qlora.logits == 2048 * 128256 * 12 and qlora.activations > qlora.logits
+    # Three fp32 vocabulary-sized tensors per token in the loss's backward, and the bf16
+    # copy autocast makes of the fp32 head (prepare_model_for_kbit_training upcast it).
+    assert qlora.logits == 2048 * 128256 * 12 + 128256 * 4096 * 2
+    assert qlora.activations > qlora.logits
     assert (qlora.activations_with_checkpointing - qlora.logits
             < (qlora.activations_without_checkpointing - qlora.logits) / 5)
     assert qlora.total < 24 * GIB
