@@ -379,7 +379,8 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
                               warmup=warmup, autocast=numerics.autocast,
                               use_cpu=device.type == "cpu", progress=progress)
     trainer, recorder = build_trainer(model, prepared, targs, pad_id=pad_id_of(model),
-                                      task_type=task_type, progress=progress)
+                                      task_type=task_type, progress=progress,
+                                      logging_dir=args.logging_dir)
     model = trainer.model  # placed on the Trainer's device
     measured = (prepared.select(range(min(args.measure_examples, len(prepared))))
                 if args.measure_examples > 0 else None)

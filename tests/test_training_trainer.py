@@ -464,19 +464,79 @@ def test_resume_from_a_checkpoint_continues_the_same_run(feds: Feds) -> None:
         train(feds.cls, data, out, max_steps=6, resume_from_checkpoint="latest")
 
 
-def test_report_to_needs_its_package(feds: Feds) -> None:
+def tensorboard_losses(folder: Path) -> dict[int, float]:
+    """Step → logged training loss, from the TensorBoard event files right in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(folder.glob("events.out.tfevents.*")), sorted(folder.rglob("*"))
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def test_report_to_tensorboard_logs_the_loss_of_every_step(feds: Feds,
+                                                           tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    rows = cls_rows(32, seed=19)
+    out = tmp_path / "tb"
+    result = train(feds.cls, rows, out, max_steps=3, batch_size=8, report_to="tensorboard")
+    # By default under the checkpoint folder, one runs/<time>_<host> folder per run.
+    (run,) = (out / "checkpoints" / "runs").iterdir()
+    logged = tensorboard_losses(run)
+    assert sorted(logged) == [1, 2, 3]
+    assert [logged[step] for step in (1, 2, 3)] == pytest.approx(result.losses, rel=1e-6)
+
+    chosen = tmp_path / "logs"
+    train(feds.cls, rows, tmp_path / "tb2", max_steps=2, batch_size=8,
+          report_to="tensorboard", logging_dir=str(chosen))
+    assert sorted(tensorboard_losses(chosen)) == [1, 2]
+    assert not (tmp_path / "tb2" / "checkpoints" / "runs").exists()
+
+    # The CLI's --logging-dir reaches the Trainer.
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli_logs = tmp_path / "cli-logs"
+    shown = CliRunner().invoke(app, [
+        "train", str(feds.root / "cls"), "--client", "erin", "--data", str(data), "--out",
+        str(tmp_path / "cli-out"), "--max-steps", "2", "--batch-size", "8", "--device",
+        "cpu", "--report-to", "tensorboard", "--logging-dir", str(cli_logs), "--json"],
+        env={"FEDBIP_CACHE": str(tmp_path / "cache")})
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["steps"] == 2
+    assert sorted(tensorboard_losses(cli_logs)) == [1, 2]
+
+
+def test_report_to_needs_its_package(feds: Feds, monkeypatch) -> None:
+    import builtins
+
     try:
-        import tensorboard  # noqa: F401
+        import wandb  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="needs the tensorboard package") as err:
-            train(feds.cls, cls_rows(16, seed=19), feds.root / "tb", max_steps=1,
-                  report_to="tensorboard")
-        assert "--report-to none" in err.value.hint
-        return
-    out = feds.root / "tb"
-    train(feds.cls, cls_rows(16, seed=19), out, max_steps=2, batch_size=8,
-          report_to="tensorboard")
-    assert list((out / "checkpoints").rglob("events.out.tfevents.*"))
+        with pytest.raises(ConfigError, match="needs the wandb package") as err:
+            train(feds.cls, cls_rows(16, seed=19), feds.root / "wb", max_steps=1,
+                  report_to="wandb")
+        assert "--report-to none" in err.value.hint and "pip install wandb" in err.value.hint
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match="needs the tensorboard package") as err:
+        train(feds.cls, cls_rows(16, seed=19), feds.root / "tb-missing", max_steps=1,
+              report_to="tensorboard")
+    assert "pip install tensorboard" in err.value.hint
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    with pytest.raises(ConfigError, match="--logging-dir"):
+        train(feds.cls, cls_rows(16, seed=19), feds.root / "no-tb", max_steps=1,
+              logging_dir=str(feds.root / "logs"))
+    assert not (feds.root / "logs").exists()
 
 
 # -- the memory estimate ------------------------------------------------------------------------
