@@ -16,7 +16,8 @@ subprocess (one thread) through ``train_adapter``:
 
 across dtype (fp32, bf16), gradient checkpointing on/off, gradient accumulation (the
 same effective batch as 2 × 4 micro-batches), and a bitsandbytes 4-bit and 8-bit base
-(bitsandbytes runs them on CPU). The trainer's time per step is compared side by side
+(bitsandbytes runs them on CPU), also 4-bit under bf16 autocast as QLoRA runs on a GPU
+(for seq-cls and the causal LM). The trainer's time per step is compared side by side
 with the hand-written loop it replaces (``old_train_adapter`` below, copied from the
 previous ``fedbip_hub/training.py``), interleaved over repeats, medians compared.
 
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             run["estimate_ratio"] = run["estimate_bytes"] / max(run["peak_bytes"], 1)
             runs.append(run)
             load = run["load_peak_bytes"]
-            print(f"{config.name:32s} load {(load or 0) / 2**20:6.1f} MiB  "
+            print(f"{config.name:45s} load {(load or 0) / 2**20:6.1f} MiB  "
                   f"peak {run['peak_bytes'] / 2**20:7.1f} MiB  estimate "
                   f"{run['estimate_bytes'] / 2**20:7.1f} MiB  (×{run['estimate_ratio']:.2f})"
                   f"  {run['seconds_per_step'] * 1e3:7.1f} ms/step", flush=True)
