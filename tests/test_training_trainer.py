@@ -621,6 +621,53 @@ def test_the_activation_estimate_matches_what_autograd_keeps(dropout: float) -> 
         assert est.activations - workspace == pytest.approx(measured, rel=0.1), (batch, seq)
 
 
+def test_the_qlora_activation_estimate_matches_what_autograd_keeps(tmp_path: Path) -> None:
+    """QLoRA as on a GPU: a 4-bit base under bf16 autocast. The embeddings were upcast to
+    fp32 and bitsandbytes' layers return their input's dtype, so the hidden states and the
+    MLP's tensors stay fp32 where a bf16 base keeps them in bf16."""
+    pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fedbip_hub.federation import FederationConfig, LoraSpec
+    from fedbip_hub.memory_estimate import (
+        WORKSPACE_HIDDEN_TERMS,
+        WORKSPACE_INTERMEDIATE_TERMS,
+        ModelShape,
+        estimate,
+    )
+    from fedbip_hub.models import lora_config_for
+    from fedbip_hub.quantization import load_quantized_base
+
+    # In-features in whole 64-weight blocks, for bitsandbytes' CPU 4-bit kernels.
+    hf = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     pad_token_id=0, num_labels=2)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(hf).save_pretrained(tmp_path / "base")
+    config = FederationConfig(name="q", base_model=str(tmp_path / "base"), num_labels=2,
+                              lora=LoraSpec(r=8, alpha=16, dropout=0.1))
+    lora = lora_config_for(config)
+    shape = ModelShape.from_config(hf, task_type="SEQ_CLS", num_labels=2, lora_config=lora)
+    base = load_quantized_base(config, "4bit", compute_dtype=torch.bfloat16,
+                               device=torch.device("cpu"), gradient_checkpointing=False)
+    model = get_peft_model(base, lora)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    model.train()
+    for batch, seq in ((4, 64), (8, 32)):
+        ids = torch.randint(1, 512, (batch, seq))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            measured = saved_activation_bytes(model, ids, torch.zeros(batch, dtype=torch.long))
+        est = estimate(shape, dtype="fp32", quantize="4bit", batch_size=batch, seq_len=seq,
+                       gradient_checkpointing=False, activation_dtype="bf16")
+        # The backward's gradients of one layer (fp32 here too), not saved.
+        workspace = batch * seq * 4 * (WORKSPACE_INTERMEDIATE_TERMS * 384
+                                       + WORKSPACE_HIDDEN_TERMS * 128)
+        assert est.activations - workspace == pytest.approx(measured, rel=0.1), (batch, seq)
+
+
 # One forward and backward of a causal LM whose logits dominate, measured as the rise of
 # the resident set (glibc returns freed tensors at once): what the loss's backward holds.
 LOGITS_PEAK_SCRIPT = """
