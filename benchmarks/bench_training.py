@@ -16,7 +16,8 @@ subprocess (one thread) through ``train_adapter``:
 
 across dtype (fp32, bf16), gradient checkpointing on/off, gradient accumulation (the
 same effective batch as 2 × 4 micro-batches), and a bitsandbytes 4-bit and 8-bit base
-(bitsandbytes runs them on CPU). The trainer's time per step is compared side by side
+(bitsandbytes runs them on CPU), also 4-bit under bf16 autocast as QLoRA runs on a GPU
+(for seq-cls and the causal LM). The trainer's time per step is compared side by side
 with the hand-written loop it replaces (``old_train_adapter`` below, copied from the
 previous ``fedbip_hub/training/trainer.py``), interleaved over repeats, medians compared.
 
@@ -86,6 +87,7 @@ class RunConfig:
     quantize: str | None = None
     task: str = "SEQ_CLS"
     impl: str = "new"
+    precision: str = "auto"
 
 
 CONFIGS = (
@@ -97,6 +99,13 @@ CONFIGS = (
     RunConfig("4bit", quantize="4bit"),
     RunConfig("4bit + checkpointing", quantize="4bit", gradient_checkpointing=True),
     RunConfig("8bit", quantize="8bit"),
+    RunConfig("8bit + checkpointing", quantize="8bit", gradient_checkpointing=True),
+    # QLoRA as on a GPU: bf16 compute over the fp32 weights prepare_model_for_kbit_training
+    # leaves (embeddings, norms, head), so the residual stream stays fp32.
+    RunConfig("4bit, bf16 autocast + checkpointing", quantize="4bit", precision="bf16",
+              gradient_checkpointing=True),
+    RunConfig("causal LM 4bit, bf16 autocast + checkpointing", quantize="4bit",
+              precision="bf16", gradient_checkpointing=True, task="CAUSAL_LM"),
     RunConfig("causal LM fp32", task="CAUSAL_LM"),
     RunConfig("causal LM fp32 + checkpointing", task="CAUSAL_LM",
               gradient_checkpointing=True),
@@ -280,6 +289,7 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     fed, data = _world(work, size, config.task)
     args = TrainingArgs(max_steps=steps, batch_size=config.batch_size,
                         grad_accum=config.grad_accum, dtype=config.dtype,
+                        precision=config.precision,
                         quantize=config.quantize,
                         gradient_checkpointing=config.gradient_checkpointing,
                         learning_rate=1e-3, max_length=size.seq_len, measure_examples=0,
@@ -406,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             run["estimate_ratio"] = run["estimate_bytes"] / max(run["peak_bytes"], 1)
             runs.append(run)
             load = run["load_peak_bytes"]
-            print(f"{config.name:32s} load {(load or 0) / 2**20:6.1f} MiB  "
+            print(f"{config.name:45s} load {(load or 0) / 2**20:6.1f} MiB  "
                   f"peak {run['peak_bytes'] / 2**20:7.1f} MiB  estimate "
                   f"{run['estimate_bytes'] / 2**20:7.1f} MiB  (×{run['estimate_ratio']:.2f})"
                   f"  {run['seconds_per_step'] * 1e3:7.1f} ms/step", flush=True)

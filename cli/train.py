@@ -63,6 +63,9 @@ def train(
         help="Micro-batches of --batch-size per optimizer step.")] = 1,
     report_to: Annotated[str, typer.Option(
         help="Log to tensorboard, wandb or none.")] = "none",
+    logging_dir: Annotated[Path | None, typer.Option(
+        help="Where TensorBoard's event files go (default CHECKPOINT_DIR/runs/"
+        "<time>_<host>).")] = None,
     save_steps: Annotated[int | None, typer.Option(
         help="Write a checkpoint every N steps (to --checkpoint-dir).")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(
@@ -101,6 +104,7 @@ def train(
                         dtype=dtype, quantize=quantize,
                         gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum,
                         report_to=report_to, save_steps=save_steps,
+                        logging_dir=str(logging_dir) if logging_dir else None,
                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                         resume_from_checkpoint=resume_from_checkpoint,
                         memory_check=not skip_memory_check)

@@ -42,6 +42,8 @@ class TrainingArgs:
     ``checkpoint_dir`` (default: ``checkpoints`` inside the output folder);
     ``resume_from_checkpoint`` ("latest" or a ``checkpoint-N`` folder) continues one.
     ``memory_check`` stops a GPU run whose memory estimate exceeds the free memory.
+    ``report_to="tensorboard"`` writes event files (the loss and learning rate of every
+    step) to ``logging_dir``, by default ``runs/<time>_<host>`` in the checkpoint folder.
     """
 
     epochs: float = 3
@@ -67,6 +69,7 @@ class TrainingArgs:
     checkpoint_dir: str | None = None
     resume_from_checkpoint: str | None = None
     memory_check: bool = True
+    logging_dir: str | None = None
 
     def validate(self) -> None:
         """Refuse out-of-range options (ConfigError naming the CLI flag), before any load."""
@@ -100,6 +103,9 @@ class TrainingArgs:
             if value not in allowed:
                 problems.append(f"unknown {name} ({flag}) {value!r}; use one of "
                                 f"{', '.join(allowed)}")
+        if self.logging_dir is not None and self.report_to != "tensorboard":
+            problems.append("logging_dir (--logging-dir) is where TensorBoard writes; use "
+                            "it with --report-to tensorboard")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             problems.append(f"unknown quantize (--quantize) {self.quantize!r}; use "
                             f"{' or '.join(QUANTIZE)}")

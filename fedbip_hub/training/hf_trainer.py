@@ -119,7 +119,8 @@ def trainer_arguments(args: TrainingArgs, *, output_dir: Path, total_steps: int,
 
 
 def build_trainer(model: Any, dataset: Any, targs: Any, *, pad_id: int, task_type: str,
-                  progress: bool) -> tuple[FedbipTrainer, StepRecorder]:
+                  progress: bool, logging_dir: str | Path | None = None
+                  ) -> tuple[FedbipTrainer, StepRecorder]:
     recorder = StepRecorder()
     trainer = FedbipTrainer(model=model, args=targs, train_dataset=dataset,
                             data_collator=Collator(pad_id, task_type), callbacks=[recorder],
@@ -128,4 +129,18 @@ def build_trainer(model: Any, dataset: Any, targs: Any, *, pad_id: int, task_typ
     trainer.remove_callback(ProgressCallback)
     if progress:
         trainer.add_callback(QuietLogProgress)
+    if logging_dir is not None:
+        _point_tensorboard(trainer, Path(logging_dir))
     return trainer, recorder
+
+
+def _point_tensorboard(trainer: Trainer, logging_dir: Path) -> None:
+    """Send TensorBoard's event files to ``logging_dir``. transformers ≥ 5 has no
+    ``TrainingArguments.logging_dir``: its callback reads the folder from
+    TENSORBOARD_LOGGING_DIR when built, else uses ``output_dir/runs/<time>_<host>`` at
+    the start of training; setting it on this run's callback touches no environment."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(logging_dir)

@@ -76,9 +76,32 @@ def load_quantized_base(config: FederationConfig, mode: str, *, compute_dtype: t
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     _no_cpu_inference_packing(model)
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    release_checkpoint_mapping(model)
+    return model
+
+
+def release_checkpoint_mapping(model: Any) -> int:
+    """Copy into memory of their own the CPU tensors that still view the memory-mapped
+    checkpoint; returns the bytes copied.
+
+    When the load dtype equals the checkpoint's, transformers leaves the unquantized
+    weights (embeddings, norms, head) as views of the safetensors mapping. Any one view
+    keeps the whole mapping alive, and with it the pages of every full-precision linear
+    weight read once to quantize it: on CPU the process stays that much larger (the
+    checkpoint's linear weights at its dtype; 11 MiB on the training benchmark's tiny
+    Llama) for the whole run. A storage torch did not allocate is not resizable; that
+    marks the views. GPU weights are copies already.
+    """
+    copied = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.device.type == "cpu" and not storage.resizable():
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
 
 
 def _no_cpu_inference_packing(model: Any) -> None:

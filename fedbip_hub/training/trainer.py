@@ -218,9 +218,12 @@ def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: Traini
                      AutoConfig.from_pretrained(config.base_model,
                                                 revision=config.base_revision,
                                                 token=token))
+        lora_config = LoraConfig.from_pretrained(str(start_dir))
+        # A saved adapter's config says inference_mode=True (PEFT sets it on save): it
+        # would freeze the LoRA factors and count no trainable bytes. This run trains them.
+        lora_config.inference_mode = False
         shape = ModelShape.from_config(hf_config, task_type=config.task_type,
-                                       num_labels=config.num_labels,
-                                       lora_config=LoraConfig.from_pretrained(str(start_dir)))
+                                       num_labels=config.num_labels, lora_config=lora_config)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError):
         return None
     activation = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast,
@@ -376,7 +379,8 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
                               warmup=warmup, autocast=numerics.autocast,
                               use_cpu=device.type == "cpu", progress=progress)
     trainer, recorder = build_trainer(model, prepared, targs, pad_id=pad_id_of(model),
-                                      task_type=task_type, progress=progress)
+                                      task_type=task_type, progress=progress,
+                                      logging_dir=args.logging_dir)
     model = trainer.model  # placed on the Trainer's device
     measured = (prepared.select(range(min(args.measure_examples, len(prepared))))
                 if args.measure_examples > 0 else None)
