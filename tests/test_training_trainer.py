@@ -360,9 +360,9 @@ def test_a_quantized_base_owns_its_memory_and_the_estimate_counts_it(
 
     from transformers import AutoConfig
 
-    from fedbip_hub.memory_estimate import ModelShape, estimate
-    from fedbip_hub.models import lora_config_for
-    from fedbip_hub.quantization import load_quantized_base
+    from fedbip_hub.training.memory_estimate import ModelShape, estimate
+    from fedbip_hub.training.models import lora_config_for
+    from fedbip_hub.training.quantization import load_quantized_base
 
     base = Path(shutil.copytree(feds.wide.config().base_model, tmp_path / "base"))
     config = feds.wide.config().model_copy(update={"base_model": str(base)})
@@ -629,15 +629,15 @@ def test_the_qlora_activation_estimate_matches_what_autograd_keeps(tmp_path: Pat
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fedbip_hub.federation import FederationConfig, LoraSpec
-    from fedbip_hub.memory_estimate import (
+    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.training.memory_estimate import (
         WORKSPACE_HIDDEN_TERMS,
         WORKSPACE_INTERMEDIATE_TERMS,
         ModelShape,
         estimate,
     )
-    from fedbip_hub.models import lora_config_for
-    from fedbip_hub.quantization import load_quantized_base
+    from fedbip_hub.training.models import lora_config_for
+    from fedbip_hub.training.quantization import load_quantized_base
 
     # In-features in whole 64-weight blocks, for bitsandbytes' CPU 4-bit kernels.
     hf = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384,
@@ -676,7 +676,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from fedbip_hub.memory_estimate import ModelShape, estimate
+from fedbip_hub.training.memory_estimate import ModelShape, estimate
 
 def status(field):
     text = Path("/proc/self/status").read_text()
