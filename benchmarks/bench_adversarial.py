@@ -83,7 +83,7 @@ from fedbip_hub.demo.scenario import (  # noqa: E402
 )
 from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 from fedbip_hub.federation.client import START_FILE, read_start_revision  # noqa: E402
-from fedbip_hub.federation.repo import PERSONALIZED_DIR  # noqa: E402
+from fedbip_hub.federation.config import PERSONALIZED_DIR  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
 ATTACKS = ("none", "scale", "flip", "noise", "sybil", "duplicate")

@@ -225,7 +225,8 @@ def dump_rounds(fed_folder: Path, dest: Path) -> int:
     it committed (``round-NNNNNN.json``, ``memory-NNNNNN.safetensors``) to ``dest``: what
     the server saw, for replaying weighting rules offline. Returns the rounds copied."""
     from fedbip_hub.engine.memory import MEMORY_FILE
-    from fedbip_hub.federation.repo import Federation, round_record_path
+    from fedbip_hub.federation.config import round_record_path
+    from fedbip_hub.federation.repo import Federation
 
     fed = Federation.at(str(fed_folder))
     dest.mkdir(parents=True, exist_ok=True)

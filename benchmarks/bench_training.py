@@ -241,7 +241,8 @@ def _world(work: Path, size: ModelSize, task: str) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
+    from fedbip_hub.federation.repo import Federation
 
     base = work / f"base-{task}"
     address = work / f"fed-{task}"

@@ -34,7 +34,8 @@ from tiny_setup import make_tiny_causal_base, write_completion_data
 def setup(work: Path) -> tuple[str, Path]:
     """A local causal-LM federation with member alice, and her data (all offline)."""
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
+    from fedbip_hub.federation.repo import Federation
 
     work = work.resolve()
     address = str(work / "llmfed")

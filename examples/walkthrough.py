@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from fedbip_hub.federation.client import init_federation, join, personalized_folder, push
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.server.rounds import run_round
     from fedbip_hub.training.data import load_examples
     from fedbip_hub.training.trainer import TrainingArgs, train_adapter

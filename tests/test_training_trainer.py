@@ -77,7 +77,7 @@ def feds(tmp_path_factory: pytest.TempPathFactory) -> Feds:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     root = tmp_path_factory.mktemp("trainer")
     cls_base = save_tiny_base(root / "cls-base", num_labels=2)
@@ -436,7 +436,7 @@ def test_the_parameter_counts_match_the_real_models() -> None:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.training.memory_estimate import ModelShape
     from fedbip_hub.training.models import lora_config_for
 

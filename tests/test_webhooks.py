@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from fedbip_hub.errors import FedbipError, RoundInProgressError
 from fedbip_hub.federation.client import PUBLISH_TITLE, init_federation, join, push, upload_id
-from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+from fedbip_hub.federation.config import FederationConfig, LoraSpec
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.scheduling.webhooks import (
     PENDING_FILE,
     classify,

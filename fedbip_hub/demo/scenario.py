@@ -225,7 +225,7 @@ class Scenario:
 
     def _federation(self, runs: Path, method: Method):
         from fedbip_hub.federation.client import init_federation, join
-        from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+        from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
         cfg = self.config
         strategy = method.strategy

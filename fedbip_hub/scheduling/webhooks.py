@@ -42,7 +42,8 @@ from typing import Any
 
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.errors import ConfigError, ConflictError, FedbipError, RoundInProgressError
-from fedbip_hub.federation.repo import Federation, dump_json, utc_now
+from fedbip_hub.federation.config import dump_json, utc_now
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.scheduling import jobs as scheduling
 
 PAYLOAD_ENV = "WEBHOOK_PAYLOAD"
