@@ -547,7 +547,7 @@ def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None
 
 
 def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None:
-    from fedbip_hub.training import trainer as training
+    from fedbip_hub.training import memory_check
     from fedbip_hub.training.memory_estimate import GIB, MemoryEstimate
 
     est = MemoryEstimate(base=20 * GIB, trainable=GIB, activations=8 * GIB,
@@ -558,13 +558,13 @@ def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (23 * GIB, 24 * GIB))
     with pytest.raises(ConfigError, match=r"needs about 29\.00 GiB but cuda has 23\.00 GiB"
                        ) as err:
-        training._check_fits(est, torch.device("cuda"), "erin")
+        memory_check.check_fits(est, torch.device("cuda"), "erin")
     assert err.value.client == "erin"
     for fix in ("--quantize 4bit", "--gradient-checkpointing", "--batch-size", "--grad-accum"):
         assert fix in err.value.hint
-    training._check_fits(est, torch.device("cpu"), "erin")  # CPU: printed, never refused
+    memory_check.check_fits(est, torch.device("cpu"), "erin")  # CPU: printed, never refused
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * GIB, 32 * GIB))
-    training._check_fits(est, torch.device("cuda"), "erin")
+    memory_check.check_fits(est, torch.device("cuda"), "erin")
 
 
 def test_the_estimate_is_printed_and_returned(feds: Feds, capsys) -> None:
