@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
 
     from fedbip_hub.federation.repo import Federation
-    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.data_files import load_examples
 
     folder = (args.out or Path(f"own-trainer-{args.client}")).resolve()
     # --or-init: before the member's first round, the federation's initial adapter

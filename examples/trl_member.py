@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from fedbip_hub.federation.repo import Federation
-    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.data_files import load_examples
     from fedbip_hub.training.integration import (
         FedbipPushCallback,
         load_trainable,

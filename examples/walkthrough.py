@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fedbip_hub.federation.client import init_federation, join, personalized_folder, push
     from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.server.rounds import run_round
-    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.data_files import load_examples
     from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     work = args.work.resolve()

@@ -160,7 +160,8 @@ def first_round(world: World) -> FirstRound:
 def test_loaders_read_every_format_alike(tmp_path: Path) -> None:
     import datasets
 
-    from fedbip_hub.training.data import load_examples, prepare_dataset
+    from fedbip_hub.training.data import prepare_dataset
+    from fedbip_hub.training.data_files import load_examples
 
     rows = cls_rows(12, seed=0)
     ds = datasets.Dataset.from_list(rows)

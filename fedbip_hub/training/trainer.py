@@ -32,7 +32,8 @@ from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation.client import START_FILE
 from fedbip_hub.federation.repo import Federation
 from fedbip_hub.training.args import DEFAULT_LR_SCHEDULER, TrainingArgs
-from fedbip_hub.training.data import load_examples, load_tokenizer, needs_tokenizer, prepare_dataset
+from fedbip_hub.training.data import load_tokenizer, needs_tokenizer, prepare_dataset
+from fedbip_hub.training.data_files import load_examples
 from fedbip_hub.training.evaluation import check_vocab, evaluate_prepared, pad_id_of, resolve_device
 from fedbip_hub.training.memory_check import check_fits, estimate_run
 from fedbip_hub.training.numerics import Numerics, cast_trainable, resolve_numerics
