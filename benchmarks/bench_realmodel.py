@@ -52,8 +52,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sentence_tasks  # noqa: E402
 from bench_quality import stub_heatmaps  # noqa: E402
 
+from fedbip_hub.demo.methods import Method  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
-from fedbip_hub.demo.scenario import Method, Scenario, ScenarioConfig  # noqa: E402
+from fedbip_hub.demo.scenario import Scenario, ScenarioConfig  # noqa: E402
 from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "realmodel.json"
