@@ -17,8 +17,8 @@ from fedbip_hub.training.numerics import Numerics
 
 
 def estimate_run(config: Any, base_model: Any, start_dir: Path, args: TrainingArgs,
-                     numerics: Numerics, seq_len: int, *, token: str | None = None
-                     ) -> MemoryEstimate | None:
+                 numerics: Numerics, seq_len: int, *, token: str | None = None
+                 ) -> MemoryEstimate | None:
     """The run's memory estimate from the base's config (no weights); None where the
     architecture cannot be built on the meta device."""
     from peft import LoraConfig

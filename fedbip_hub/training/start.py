@@ -46,7 +46,7 @@ def load_start(base: Any, folder: Path, client: str) -> Any:
 
 
 def resume_target(args: TrainingArgs, checkpoints: Path, start_revision: str | None,
-                   client: str) -> str | bool | None:
+                  client: str) -> str | bool | None:
     """What to pass the Trainer's ``resume_from_checkpoint``, after checking that the
     checkpoints continue a run from the same start adapter."""
     if not args.resume_from_checkpoint:

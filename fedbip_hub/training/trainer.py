@@ -194,7 +194,7 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
         start_dir, start_revision, start_kind = start_folder(fed, client, start, Path(tmp))
         resume = resume_target(args, checkpoints, start_revision, client)
         est = estimate_run(config, base_model, start_dir, args, numerics, seq_len,
-                               token=fed.token)
+                           token=fed.token)
         if progress and est is not None:
             print("Memory estimate: " + "; ".join(est.lines()), file=sys.stderr)
         if args.memory_check:
