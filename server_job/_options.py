@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from fedbip_hub.scheduling.jobs import JobOptions
 
 TokenOption = Annotated[str | None, typer.Option(
     envvar="HF_TOKEN", show_default=False,
@@ -34,7 +37,8 @@ NamespaceOption = Annotated[str | None, typer.Option(
 
 
 def job_options(flavor: str, timeout: str, image: str | None, python: str,
-                 package: str | None, install: bool, namespace: str | None):
+                package: str | None, install: bool, namespace: str | None) -> JobOptions:
+    """The HF Job's spec from the options above (scheduling is imported only when run)."""
     from fedbip_hub.scheduling.jobs import JobOptions
 
     return JobOptions(flavor=flavor, timeout=timeout, image=image, python=python,
