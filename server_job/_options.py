@@ -38,7 +38,7 @@ NamespaceOption = Annotated[str | None, typer.Option(
 
 def job_options(flavor: str, timeout: str, image: str | None, python: str,
                 package: str | None, install: bool, namespace: str | None) -> JobOptions:
-    """The HF Job's spec from the options above (scheduling is imported only when run)."""
+    """The HF Job's spec from the shared options."""
     from fedbip_hub.scheduling.jobs import JobOptions
 
     return JobOptions(flavor=flavor, timeout=timeout, image=image, python=python,
