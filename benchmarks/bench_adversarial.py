@@ -73,17 +73,12 @@ from fedbip_hub.adapters.lora import LoraAdapter, save_lora_adapter  # noqa: E40
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME  # noqa: E402
 from fedbip_hub.demo import demo_config  # noqa: E402
 from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
+from fedbip_hub.demo.methods import FEDBIP_OPTIONS, Method  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
-from fedbip_hub.demo.scenario import (  # noqa: E402
-    FEDBIP_OPTIONS,
-    Method,
-    Scenario,
-    ScenarioConfig,
-    prepare_dir,
-)
+from fedbip_hub.demo.scenario import Scenario, ScenarioConfig, prepare_dir  # noqa: E402
 from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 from fedbip_hub.federation.client import START_FILE, read_start_revision  # noqa: E402
-from fedbip_hub.federation.repo import PERSONALIZED_DIR  # noqa: E402
+from fedbip_hub.federation.config import PERSONALIZED_DIR  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adversarial.json"
 ATTACKS = ("none", "scale", "flip", "noise", "sybil", "duplicate")

@@ -84,7 +84,8 @@ def _measure(server, fed, label: str, **extra) -> dict:
 
 def bench_k(server, base: Path, root: Path, k: int, fresh: int, method: str) -> list[dict]:
     from fedbip_hub.federation.client import init_federation, join, pull, push
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
+    from fedbip_hub.federation.repo import Federation
     from fedbip_hub.server.rounds import run_round
     from fedbip_hub.testing.uploads import write_upload
 

@@ -54,7 +54,7 @@ def child(base: str, out: str, low_memory: bool) -> None:
     import torch  # noqa: F401
     from transformers import AutoModelForSequenceClassification  # noqa: F401
 
-    from fedbip_hub.federation.repo import FederationConfig
+    from fedbip_hub.federation.config import FederationConfig
     from fedbip_hub.training.models import build_initial_adapter
 
     config = FederationConfig(name="bench", base_model=base, num_labels=2)

@@ -52,16 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from fedbip_hub.demo import demo_config  # noqa: E402
 from fedbip_hub.demo.base_model import BaseModelSpec  # noqa: E402
+from fedbip_hub.demo.methods import FEDBIP_OPTIONS, Method, default_methods  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
 from fedbip_hub.demo.report import method_name  # noqa: E402
-from fedbip_hub.demo.scenario import (  # noqa: E402
-    FEDBIP_OPTIONS,
-    Method,
-    Scenario,
-    ScenarioConfig,
-    default_methods,
-    prepare_dir,
-)
+from fedbip_hub.demo.scenario import Scenario, ScenarioConfig, prepare_dir  # noqa: E402
 from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality.json"

@@ -52,8 +52,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import sentence_tasks  # noqa: E402
 from bench_quality import stub_heatmaps  # noqa: E402
 
+from fedbip_hub.demo.methods import Method  # noqa: E402
 from fedbip_hub.demo.metrics import mean_std  # noqa: E402
-from fedbip_hub.demo.scenario import Method, Scenario, ScenarioConfig  # noqa: E402
+from fedbip_hub.demo.scenario import Scenario, ScenarioConfig  # noqa: E402
 from fedbip_hub.engine.strategies import Strategy  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "realmodel.json"
@@ -225,7 +226,8 @@ def dump_rounds(fed_folder: Path, dest: Path) -> int:
     it committed (``round-NNNNNN.json``, ``memory-NNNNNN.safetensors``) to ``dest``: what
     the server saw, for replaying weighting rules offline. Returns the rounds copied."""
     from fedbip_hub.engine.memory import MEMORY_FILE
-    from fedbip_hub.federation.repo import Federation, round_record_path
+    from fedbip_hub.federation.config import round_record_path
+    from fedbip_hub.federation.repo import Federation
 
     fed = Federation.at(str(fed_folder))
     dest.mkdir(parents=True, exist_ok=True)

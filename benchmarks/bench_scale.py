@@ -309,10 +309,9 @@ def build_federation(root: Path, cfg: ScaleConfig, k: int) -> Path:
     """A local federation of K members, each with a first-round upload, written straight
     through the store (the uploads are valid: the round validates them)."""
     from fedbip_hub.adapters.metadata import UploadMetadata
-    from fedbip_hub.federation.repo import (
+    from fedbip_hub.federation.config import (
         FEDERATION_FILE,
         INIT_DIR,
-        LOCAL_FEDERATION_REPO,
         MEMBERS_DIR,
         STATE_FILE,
         FederationConfig,
@@ -321,6 +320,7 @@ def build_federation(root: Path, cfg: ScaleConfig, k: int) -> Path:
         Member,
         dump_json,
     )
+    from fedbip_hub.federation.repo import LOCAL_FEDERATION_REPO
     from fedbip_hub.stores.local import LocalStore
 
     store = LocalStore(root)
@@ -384,7 +384,8 @@ def round_child(spec: dict) -> dict:
     import fedbip_hub.adapters.lora as adapter_io
     import fedbip_hub.engine.merge as merge_module
     import fedbip_hub.federation.modelcard as modelcard
-    from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, dump_json
+    from fedbip_hub.federation.config import FEDERATION_FILE, dump_json
+    from fedbip_hub.federation.repo import Federation
     from fedbip_hub.server.rounds import RoundRunner
     from fedbip_hub.stores.local import LocalStore
 

@@ -131,13 +131,9 @@ def old_train_adapter(fed: Any, client: str, dataset: Any, output_dir: Path, *,
         pad_id_of,
         resolve_device,
     )
-    from fedbip_hub.training.trainer import (
-        TrainResult,
-        _load_start,
-        _save,
-        _start_folder,
-        resolve_precision,
-    )
+    from fedbip_hub.training.numerics import resolve_precision
+    from fedbip_hub.training.start import load_start, start_folder
+    from fedbip_hub.training.trainer import TrainResult, _save
 
     began = time.perf_counter()
     head = fed.head()
@@ -153,8 +149,8 @@ def old_train_adapter(fed: Any, client: str, dataset: Any, output_dir: Path, *,
     base = fresh_base(config, None)
     check_vocab(base, prepared)
     with tempfile.TemporaryDirectory(prefix="fedbip-start-") as tmp:
-        start_dir, start_revision, start_kind = _start_folder(fed, client, start, Path(tmp))
-        model = _load_start(base, start_dir, client)
+        start_dir, start_revision, start_kind = start_folder(fed, client, start, Path(tmp))
+        model = load_start(base, start_dir, client)
     if amp_dtype is None:
         model.float()
     else:
@@ -250,7 +246,8 @@ def _world(work: Path, size: ModelSize, task: str) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
+    from fedbip_hub.federation.repo import Federation
 
     base = work / f"base-{task}"
     address = work / f"fed-{task}"
@@ -329,10 +326,11 @@ def measure_one(config: RunConfig, size: ModelSize, steps: int, work: Path) -> d
     fixed = time.perf_counter() - began
     estimate = getattr(result, "memory_estimate", None)
     if estimate is None:  # the old loop prints none: ask the new code for the same run
-        from fedbip_hub.training.trainer import _memory_estimate, _numerics
+        from fedbip_hub.training.memory_check import estimate_run
+        from fedbip_hub.training.numerics import resolve_numerics
 
-        est = _memory_estimate(fed.config(), None, fed.init_folder(), args,
-                               _numerics(args, torch.device("cpu")), size.seq_len)
+        est = estimate_run(fed.config(), None, fed.init_folder(), args,
+                           resolve_numerics(args, torch.device("cpu")), size.seq_len)
         estimate = est.to_dict()
     return {"config": asdict(config), "peak_bytes": int(peak),
             "load_peak_bytes": load_peak[0] if load_peak else None,

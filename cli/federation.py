@@ -67,7 +67,7 @@ def init(
     from fedbip_hub.engine.strategies import Strategy
     from fedbip_hub.errors import ConfigError, did_you_mean
     from fedbip_hub.federation.client import init_federation, local_base_warning
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     r = old_r if old_r is not None else r
     task_types = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}

@@ -11,8 +11,8 @@ from cli._common import JsonOption, err_console, handle_errors, out_console, pri
 from cli.federation import ClientOption, FedArg, TokenOption, _fed
 from fedbip_hub.training.args import DEFAULT_LR_SCHEDULER
 
-# Checked by fedbip_hub.training.data (a ConfigError naming the path), after the training options
-# and before any model loads.
+# Checked by fedbip_hub.training.data_files (a ConfigError naming the path), after the
+# training options and before any model loads.
 DataOption = Annotated[str, typer.Option(
     "--data", show_default=False,
     help="A .jsonl/.json/.csv/.parquet file, or a folder from save_to_disk.")]
@@ -94,7 +94,7 @@ def train(
       fedbip train ./myfed --client alice --data data/ --split train --epochs 1
     """
     from fedbip_hub.training.args import TrainingArgs
-    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.data_files import load_examples
 
     args = TrainingArgs(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                         max_length=max_length, seed=seed, device=device, precision=precision,
@@ -178,7 +178,7 @@ def eval_(
     """
     from rich.table import Table
 
-    from fedbip_hub.training.data import load_examples
+    from fedbip_hub.training.data_files import load_examples
 
     federation = _fed(fed, token)
     dataset = load_examples(data, split=split)

@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 _API: dict[str, str] = {
     # A federation and its members.
     "Federation": "fedbip_hub.federation.repo",
-    "FederationConfig": "fedbip_hub.federation.repo",
-    "LoraSpec": "fedbip_hub.federation.repo",
-    "Limits": "fedbip_hub.federation.repo",
+    "FederationConfig": "fedbip_hub.federation.config",
+    "LoraSpec": "fedbip_hub.federation.config",
+    "Limits": "fedbip_hub.federation.config",
     "init_federation": "fedbip_hub.federation.client",
     "join": "fedbip_hub.federation.client",
     "push": "fedbip_hub.federation.client",
@@ -38,7 +38,7 @@ _API: dict[str, str] = {
     # Training and evaluation on a member's machine.
     "TrainingArgs": "fedbip_hub.training.args",
     "train_adapter": "fedbip_hub.training.trainer",
-    "load_examples": "fedbip_hub.training.data",
+    "load_examples": "fedbip_hub.training.data_files",
     "evaluate": "fedbip_hub.training.evaluation",
     "evaluate_client": "fedbip_hub.training.evaluation",
     "FedbipPushCallback": "fedbip_hub.training.integration",

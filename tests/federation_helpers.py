@@ -144,7 +144,7 @@ def new_local_federation(root: Path, base_dir: Path, *, push_all: bool = True,
                          method: str = "fedbip-l"):
     """A local federation of CLIENTS, each with a first-round upload pushed."""
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8), strategy={"method": method})
@@ -161,7 +161,7 @@ def new_hub_federation(repo_id: str, base_dir: Path, root: Path,
                        members: Mapping[str, int] = CLIENTS) -> None:
     """new_local_federation's federation (same config, same uploads), on the Hub."""
     from fedbip_hub.federation.client import init_federation, join, push
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(base_dir), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8), strategy={"method": "fedbip-l"})
@@ -196,7 +196,7 @@ def pull_and_push(fed, root: Path, client: str, *, seed: int, group: int) -> str
 
 def set_strategy(fed, **options: object) -> None:
     """Commit the federation's strategy with ``options`` set (the others kept)."""
-    from fedbip_hub.federation.repo import FEDERATION_FILE, dump_json
+    from fedbip_hub.federation.config import FEDERATION_FILE, dump_json
 
     config = fed.config()
     config.strategy = {**config.strategy, **options}
@@ -229,7 +229,7 @@ def published_tensors(fed, client: str) -> dict[str, torch.Tensor]:
     adapter whose merge record names that client."""
     from fedbip_hub.adapters.lora import LoraAdapter
     from fedbip_hub.federation.client import latest_personalized_revision
-    from fedbip_hub.federation.repo import MERGE_RECORD, PERSONALIZED_DIR
+    from fedbip_hub.federation.config import MERGE_RECORD, PERSONALIZED_DIR
 
     repo = fed.member(client).repo_id
     revision = latest_personalized_revision(fed, repo)

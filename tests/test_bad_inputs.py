@@ -31,7 +31,8 @@ from fedbip_hub.adapters.lora import WEIGHTS_NAME
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.errors import AdapterError
 from fedbip_hub.federation.client import join, push, upload_id
-from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, Limits, dump_json
+from fedbip_hub.federation.config import FEDERATION_FILE, Limits, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 
 P = "base_model.model."

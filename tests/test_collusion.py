@@ -35,7 +35,7 @@ from fedbip_hub.adapters.lora import LoraAdapter
 from fedbip_hub.engine.robust import bound_weights, find_duplicates
 from fedbip_hub.engine.weighting import WeightOptions, similarity_weights
 from fedbip_hub.federation.client import init_federation, join, latest_personalized_revision, push
-from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+from fedbip_hub.federation.config import FederationConfig, LoraSpec
 from fedbip_hub.federation.skip_reasons import describe_guards
 from fedbip_hub.server.rounds import run_round
 

@@ -7,7 +7,8 @@ import datasets
 import pytest
 
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.training.data import check_examples, load_examples
+from fedbip_hub.training.data import check_examples
+from fedbip_hub.training.data_files import load_examples
 
 
 @pytest.mark.parametrize(("name", "text", "needle"), [

@@ -27,7 +27,8 @@ from federation_helpers import (
 
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.federation.client import latest_personalized_revision, upload_id
-from fedbip_hub.federation.repo import PERSONALIZED_DIR, Federation
+from fedbip_hub.federation.config import PERSONALIZED_DIR
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import RoundRunner, run_round
 from fedbip_hub.stores import HubStore
 

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 
 from fedbip_hub.errors import FedbipError
 from fedbip_hub.federation.client import init_federation
-from fedbip_hub.federation.repo import FederationConfig
+from fedbip_hub.federation.config import FederationConfig
 
 OTHER_TOKEN = "hf_fedbip_other_user_token"
 

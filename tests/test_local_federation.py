@@ -15,7 +15,8 @@ from federation_helpers import REPO_ROOT, new_local_federation, published_tensor
 
 from fedbip_hub.errors import ConfigError, NotFoundError
 from fedbip_hub.federation.client import init_federation, personalized_folder, pull
-from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, FederationConfig, LoraSpec
+from fedbip_hub.federation.config import FEDERATION_FILE, FederationConfig, LoraSpec
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.stores.locations import resolve_base_model
 

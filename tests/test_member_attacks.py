@@ -33,14 +33,8 @@ from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.engine.memory import MEMORY_FILE, SimilarityMemory
 from fedbip_hub.errors import AdapterError, ConfigError
 from fedbip_hub.federation.client import join, push, upload_id
-from fedbip_hub.federation.repo import (
-    FEDERATION_FILE,
-    MEMBERS_DIR,
-    STATE_FILE,
-    Federation,
-    Member,
-    dump_json,
-)
+from fedbip_hub.federation.config import FEDERATION_FILE, MEMBERS_DIR, STATE_FILE, Member, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.federation.status import federation_status
 from fedbip_hub.server.rounds import RoundRunner, run_round
 
@@ -369,7 +363,7 @@ def test_a_consumed_poisoned_update_leaves_the_pool(tmp_path, tiny_base):
 # -- the same on the Hub: one long member name never breaks everyone's members() -----------
 def test_a_long_member_file_name_on_the_hub_breaks_no_one(hub, tmp_path, tiny_base):
     from fedbip_hub.federation.client import init_federation
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     config = FederationConfig(name="t", base_model=str(tiny_base), num_labels=3,
                               lora=LoraSpec(r=4, alpha=8))

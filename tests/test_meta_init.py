@@ -18,7 +18,7 @@ from transformers import (
     LlamaModel,
 )
 
-from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+from fedbip_hub.federation.config import FederationConfig, LoraSpec
 from fedbip_hub.training.meta_init import build_on_meta
 from fedbip_hub.training.models import build_initial_adapter, lora_config_for
 

@@ -27,7 +27,8 @@ from huggingface_hub import HfApi
 
 from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation.client import init_federation, join
-from fedbip_hub.federation.repo import FEDERATION_FILE, Federation, FederationConfig, dump_json
+from fedbip_hub.federation.config import FEDERATION_FILE, FederationConfig, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.stores import HubStore, LocalStore
 from fedbip_hub.testing.hub_server import HubServer

@@ -29,13 +29,8 @@ from federation_helpers import (
 )
 
 from fedbip_hub.federation.client import join, latest_personalized_revision, pull
-from fedbip_hub.federation.repo import (
-    MERGE_RECORD,
-    PERSONALIZED_DIR,
-    STATE_FILE,
-    Federation,
-    dump_json,
-)
+from fedbip_hub.federation.config import MERGE_RECORD, PERSONALIZED_DIR, STATE_FILE, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import RoundRunner, run_round
 
 GONE = "is gone (repo recreated?)"

@@ -20,7 +20,8 @@ from federation_helpers import (
 from fedbip_hub.engine.memory import MEMORY_FILE
 from fedbip_hub.engine.strategies import Strategy, compute_weights
 from fedbip_hub.errors import AdapterError, ConfigError, FedbipError
-from fedbip_hub.federation.repo import INIT_DIR, Federation, FederationConfig
+from fedbip_hub.federation.config import INIT_DIR, FederationConfig
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import RoundRunner, run_round
 
 GROUPS = {"alice": "g0", "bob": "g0", "carol": "g1"}  # CLIENTS' true groups, named

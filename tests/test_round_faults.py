@@ -24,7 +24,8 @@ from federation_helpers import (
 from federation_helpers import published_outputs as _outputs
 
 from fedbip_hub.federation.client import PUBLISH_TITLE, init_federation
-from fedbip_hub.federation.repo import Federation, FederationConfig
+from fedbip_hub.federation.config import FederationConfig
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.stores import HubStore
 from fedbip_hub.testing.hub_server import INVALID_CREDENTIALS

@@ -19,13 +19,8 @@ from fedbip_hub.federation.client import (
     push,
     upload_id,
 )
-from fedbip_hub.federation.repo import (
-    Federation,
-    FederationConfig,
-    LoraSpec,
-    Member,
-    dump_json,
-)
+from fedbip_hub.federation.config import FederationConfig, LoraSpec, Member, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import RoundRunner, run_round
 
 

@@ -121,7 +121,7 @@ def world(hub_server: HubServer, hub_env: dict[str, str],
     at once: each with the token (from HF_TOKEN, or from --token alone), each with a
     revoked token (HF_TOKEN), some with a wrong one (--token)."""
     from fedbip_hub.federation.client import init_federation
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.server.rounds import run_round
 
     hub_server.reset()

@@ -25,13 +25,8 @@ from typer.testing import CliRunner
 
 from cli.main import app as fedbip_app
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.federation.repo import (
-    FEDERATION_FILE,
-    MEMBERS_DIR,
-    STATE_FILE,
-    Federation,
-    dump_json,
-)
+from fedbip_hub.federation.config import FEDERATION_FILE, MEMBERS_DIR, STATE_FILE, dump_json
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.federation.status import federation_status
 from fedbip_hub.server.rounds import RoundRunner, run_round
 from server_job.main import app as server_app

@@ -13,7 +13,8 @@ from federation_helpers import json_output, run_cli, write_upload
 from safetensors.torch import load_file
 
 from fedbip_hub.federation.client import init_federation, join, latest_personalized_revision, push
-from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+from fedbip_hub.federation.config import FederationConfig, LoraSpec
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.training.integration import FedbipPushCallback, load_trainable, prepare_start
 

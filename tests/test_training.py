@@ -96,7 +96,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     import datasets
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     root = tmp_path_factory.mktemp("training")
     base = save_tiny_base(root / "base", num_labels=2)
@@ -160,7 +160,8 @@ def first_round(world: World) -> FirstRound:
 def test_loaders_read_every_format_alike(tmp_path: Path) -> None:
     import datasets
 
-    from fedbip_hub.training.data import load_examples, prepare_dataset
+    from fedbip_hub.training.data import prepare_dataset
+    from fedbip_hub.training.data_files import load_examples
 
     rows = cls_rows(12, seed=0)
     ds = datasets.Dataset.from_list(rows)
@@ -415,7 +416,7 @@ def test_causal_lm_sft_lowers_the_completion_loss(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.training.data import IGNORE_INDEX, prepare_dataset
     from fedbip_hub.training.evaluation import evaluate, evaluate_client
     from fedbip_hub.training.trainer import TrainingArgs, train_adapter
@@ -651,7 +652,8 @@ def test_lora_dropout_reaches_the_initial_adapter_and_training(world: World,
 
     from cli.main import app
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
+    from fedbip_hub.federation.repo import Federation
     from fedbip_hub.training.trainer import TrainingArgs, train_adapter
 
     runner = CliRunner()

@@ -77,7 +77,7 @@ def feds(tmp_path_factory: pytest.TempPathFactory) -> Feds:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from fedbip_hub.federation.client import init_federation, join
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
     root = tmp_path_factory.mktemp("trainer")
     cls_base = save_tiny_base(root / "cls-base", num_labels=2)
@@ -544,7 +544,7 @@ def test_the_parameter_counts_match_the_real_models() -> None:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.training.memory_estimate import ModelShape
     from fedbip_hub.training.models import lora_config_for
 
@@ -778,7 +778,7 @@ def test_the_estimate_adds_up_and_an_8b_model_fits_24gb_only_quantized() -> None
 
 
 def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None:
-    from fedbip_hub.training import trainer as training
+    from fedbip_hub.training import memory_check
     from fedbip_hub.training.memory_estimate import GIB, MemoryEstimate
 
     est = MemoryEstimate(base=20 * GIB, trainable=GIB, activations=8 * GIB,
@@ -789,13 +789,13 @@ def test_a_run_that_cannot_fit_the_gpu_stops_before_loading(monkeypatch) -> None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (23 * GIB, 24 * GIB))
     with pytest.raises(ConfigError, match=r"needs about 29\.00 GiB but cuda has 23\.00 GiB"
                        ) as err:
-        training._check_fits(est, torch.device("cuda"), "erin")
+        memory_check.check_fits(est, torch.device("cuda"), "erin")
     assert err.value.client == "erin"
     for fix in ("--quantize 4bit", "--gradient-checkpointing", "--batch-size", "--grad-accum"):
         assert fix in err.value.hint
-    training._check_fits(est, torch.device("cpu"), "erin")  # CPU: printed, never refused
+    memory_check.check_fits(est, torch.device("cpu"), "erin")  # CPU: printed, never refused
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * GIB, 32 * GIB))
-    training._check_fits(est, torch.device("cuda"), "erin")
+    memory_check.check_fits(est, torch.device("cuda"), "erin")
 
 
 def test_the_estimate_is_printed_and_returned(feds: Feds, capsys) -> None:

@@ -35,7 +35,8 @@ from fedbip_hub.engine.strategies import Strategy, compute_weights
 from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import FedbipError
 from fedbip_hub.federation.client import join
-from fedbip_hub.federation.repo import MEMBERS_DIR, Federation
+from fedbip_hub.federation.config import MEMBERS_DIR
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.server.validation import check_task_vector, validate_upload
 

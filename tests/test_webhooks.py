@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 
 from fedbip_hub.errors import FedbipError, RoundInProgressError
 from fedbip_hub.federation.client import PUBLISH_TITLE, init_federation, join, push, upload_id
-from fedbip_hub.federation.repo import Federation, FederationConfig, LoraSpec
-from fedbip_hub.scheduling.webhooks import (
+from fedbip_hub.federation.config import FederationConfig, LoraSpec
+from fedbip_hub.federation.repo import Federation
+from fedbip_hub.scheduling.followups import (
     PENDING_FILE,
-    classify,
     read_pending,
     request_followup,
-    run_job,
     run_with_followups,
 )
+from fedbip_hub.scheduling.webhooks import classify, run_job
 from fedbip_hub.server.rounds import run_round
 from fedbip_hub.testing.hub_server import HubServer
 from server_job.main import app

@@ -1,8 +1,9 @@
 """``fedbip demo``: a whole federation, offline, on a local folder, with a tiny model.
 
 Synthetic conflicting tasks (``tasks``), a small pre-trained base model (``base_model``),
-one federation per method through the real client and server code (``scenario``),
-AUC and summaries (``metrics``), and rich tables (``report``).
+the methods compared (``methods``), one federation per method through the real client
+and server code (``scenario``), AUC (``metrics``) and the results' summaries
+(``results``), and rich tables (``report``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def run_demo(root: str | Path, *, quick: bool = False, seed: int = 0,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every method on the demo scenario; write ``results.json`` and ``similarity.png``
     into ``root`` and return the results."""
-    from fedbip_hub.demo.scenario import Scenario, default_methods
+    from fedbip_hub.demo.methods import default_methods
+    from fedbip_hub.demo.scenario import Scenario
 
     root = Path(root)
     scenario = Scenario(demo_config(quick=quick, seed=seed), root, log=log)

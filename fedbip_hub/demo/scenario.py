@@ -28,52 +28,15 @@ from typing import Any
 import torch
 
 from fedbip_hub.demo.base_model import BaseModelSpec, ensure_base_model
-from fedbip_hub.demo.metrics import cosine_matrix, group_auc, group_means, separation
+from fedbip_hub.demo.methods import Method
+from fedbip_hub.demo.metrics import cosine_matrix, group_auc, separation
+from fedbip_hub.demo.results import MethodResult, round_summary, similarity_summary
 from fedbip_hub.demo.tasks import TASKS, ClientData, make_clients
-from fedbip_hub.engine.strategies import Strategy
 
 MARKER = ".fedbip-demo"
 LogFn = Callable[[str], None]
 # (federation, client, round, trained adapter folder) -> the folder to push instead.
 UploadHook = Callable[[Any, str, int, Path], Path]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A row of the comparison: a label and the strategy its federation runs."""
-
-    label: str
-    strategy: Strategy
-    description: str = ""
-
-
-# The FedBip weighting the demo and the benchmark use: the project's default (the evidence
-# rule, see fedbip_hub/engine/weighting.py). The paper's row normalisation is run beside it.
-FEDBIP_OPTIONS: dict[str, Any] = {"rule": "evidence"}
-
-
-def default_methods(fedbip_options: Mapping[str, Any] | None = None, *,
-                    paper_variant: bool = True) -> list[Method]:
-    """Local, FedIT, FedAvg, uniform, FedBip, FedBip-L (and the paper's normalisation),
-    and the oracle."""
-    options = dict(FEDBIP_OPTIONS if fedbip_options is None else fedbip_options)
-    methods = [
-        Method("local", Strategy(method="local"), "each client keeps its own update"),
-        Method("fedit", Strategy(method="fedit"), "FedAvg of A and B (data-size weights)"),
-        Method("fedavg", Strategy(method="fedavg"), "FedAvg in ΔW space, exact"),
-        Method("uniform", Strategy(method="uniform"), "1/K over all clients"),
-        Method("fedbip", Strategy(method="fedbip", **options), "model-level task vectors"),
-        Method("fedbip-l", Strategy(method="fedbip-l", **options), "per-layer task vectors"),
-    ]
-    if paper_variant and options.get("rule", "normalize") != "normalize":
-        methods.append(Method("fedbip-l-paper",
-                              Strategy(method="fedbip-l", rule="normalize",
-                                       similarity_memory=0),
-                              "per-layer, the paper's row normalisation of this round's "
-                              "cosines"))
-    methods.append(Method("oracle", Strategy(method="oracle"),
-                          "uniform within the true task group"))
-    return methods
 
 
 @dataclass
@@ -121,30 +84,6 @@ class ScenarioConfig:
     @property
     def majority_task(self) -> str:
         return max(self.groups, key=self.groups.count)  # ties: the first seen
-
-
-@dataclass
-class MethodResult:
-    label: str
-    strategy: dict
-    accuracy: dict[str, float]
-    rounds: list[dict]
-    seconds: float
-    uploads: dict[int, dict[str, Path]] = field(default_factory=dict, repr=False)
-    federation: Any = field(default=None, repr=False)
-
-    def to_json(self, groups: Mapping[str, str], shifted: Sequence[str]) -> dict:
-        values = list(self.accuracy.values())
-        shift = [self.accuracy[c] for c in shifted]
-        return {
-            "strategy": self.strategy,
-            "accuracy": sum(values) / len(values),
-            "accuracy_task_shift": sum(shift) / len(shift) if shift else None,
-            "accuracy_per_group": group_means(self.accuracy, groups),
-            "accuracy_per_client": self.accuracy,
-            "rounds": self.rounds,
-            "seconds": round(self.seconds, 2),
-        }
 
 
 def _quiet_transformers() -> None:
@@ -225,7 +164,7 @@ class Scenario:
 
     def _federation(self, runs: Path, method: Method):
         from fedbip_hub.federation.client import init_federation, join
-        from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+        from fedbip_hub.federation.config import FederationConfig, LoraSpec
 
         cfg = self.config
         strategy = method.strategy
@@ -294,7 +233,7 @@ class Scenario:
                     push(fed, client.name, folder)
                     pushed[client.name] = folder
             record = run_round(fed, groups=self.groups)
-            records.append(_round_summary(record, self.groups))
+            records.append(round_summary(record, self.groups))
             if self.evaluate_every_round and r < self.config.rounds:
                 records[-1]["accuracy"] = self._evaluate(
                     fed, runs / f"{method.label}-eval-{r}", limit=self.round_eval_examples)
@@ -406,48 +345,4 @@ class Scenario:
 
     def similarity_summary(self, results: Mapping[str, dict]) -> dict:
         """Task-vector AUC per round (of every similarity method) and the raw AUC."""
-        out: dict[str, Any] = {"raw_parameters_round1": self.raw_similarity}
-        per_method = {}
-        for label, result in results.items():
-            rounds = [r for r in result["rounds"] if r.get("task_vector") is not None]
-            if not rounds:
-                continue
-            aucs = [r["task_vector"]["auc"] for r in rounds]
-            memory = [r["memory_auc"] for r in rounds if r.get("memory_auc") is not None]
-            per_method[label] = {"round1": {**rounds[0]["task_vector"],
-                                            "round": rounds[0]["round"]},
-                                 "auc_per_round": aucs,
-                                 "auc_mean": sum(aucs) / len(aucs),
-                                 "memory_auc_per_round": memory or None,
-                                 "memory_auc_mean": sum(memory) / len(memory) if memory
-                                 else None}
-        out["task_vectors"] = per_method
-        return out
-
-
-def _round_summary(record: dict, groups: Mapping[str, str]) -> dict:
-    clients = record.get("clients") or []
-    summary = {
-        "round": record.get("round"), "status": record.get("status"),
-        "fresh": [c for c in clients if record["inputs"][c]["fresh"]] if clients else [],
-        "staleness": {c: record["inputs"][c]["staleness"] for c in clients
-                      if record["inputs"][c]["fresh"] and record["inputs"][c]["staleness"]},
-        "skipped": record.get("skipped", {}),
-        "sign_guard": sorted(record.get("sign_guard") or {}),
-        "duplicates": [d["members"] for d in record.get("duplicates") or []],
-        "task_vector": None,
-    }
-    cosine = (record.get("cosine") or {}).get("model")
-    labels = [groups[c] for c in clients]
-    if cosine is not None and len(set(labels)) > 1:
-        layers = record["cosine"].get("layers") or {}
-        summary["task_vector"] = separation(cosine, labels)
-        summary["clients"] = clients
-        summary["cosine"] = cosine
-        summary["layer_cosine"] = layers
-        summary["layer_auc"] = {layer: group_auc(m, labels) for layer, m in layers.items()}
-        summary["weights"] = record.get("weights")
-        memory = (record.get("memory_cosine") or {}).get("model")
-        if memory is not None:  # what the weights used: the cosines accumulated so far
-            summary["memory_auc"] = group_auc(memory, labels)
-    return summary
+        return similarity_summary(results, self.raw_similarity)

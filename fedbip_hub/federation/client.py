@@ -24,19 +24,19 @@ from fedbip_hub.errors import (
     NotFoundError,
     StoreError,
 )
-from fedbip_hub.federation.repo import (
+from fedbip_hub.federation.config import (
     FEDERATION_FILE,
     INIT_DIR,
     MEMBERS_DIR,
     PERSONALIZED_DIR,
     STATE_FILE,
-    Federation,
     FederationConfig,
     FederationState,
     Member,
     dump_json,
     utc_now,
 )
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.identity import client_name_problem, repo_id_problem
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 

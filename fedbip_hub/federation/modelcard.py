@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from fedbip_hub.engine.merge import MergedAdapter
 from fedbip_hub.engine.similarity import CosineSource
 from fedbip_hub.engine.strategies import WeightTable
-from fedbip_hub.federation.repo import FederationConfig, FederationState, Member
+from fedbip_hub.federation.config import FederationConfig, FederationState, Member
 from fedbip_hub.federation.skip_reasons import describe_guards
 
 TAGS = ["fedbip", "federated-learning", "lora", "peft", "personalization"]

@@ -7,7 +7,8 @@ from typing import Any
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME, UploadMetadata, upload_staleness
 from fedbip_hub.adapters.upload_files import check_upload_listing, upload_id
 from fedbip_hub.errors import FedbipError, StoreError
-from fedbip_hub.federation.repo import ClientState, Federation
+from fedbip_hub.federation.config import ClientState
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.federation.skip_reasons import describe_guards, refusal_reason
 
 

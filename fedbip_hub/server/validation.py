@@ -19,7 +19,7 @@ from fedbip_hub.adapters.metadata import UploadMetadata
 from fedbip_hub.engine.lowrank import lowrank_gram
 from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import AdapterError
-from fedbip_hub.federation.repo import FederationConfig, Limits
+from fedbip_hub.federation.config import FederationConfig, Limits
 
 _DIVERGED = ("Check the training for divergence or a scaling bug (lora_alpha, r), then "
              "push again")

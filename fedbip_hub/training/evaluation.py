@@ -17,7 +17,8 @@ import torch
 
 from fedbip_hub.adapters.config import CONFIG_NAME
 from fedbip_hub.errors import AdapterError, ConfigError, NotFoundError
-from fedbip_hub.federation.repo import Federation, FederationConfig
+from fedbip_hub.federation.config import FederationConfig
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.training.data import IGNORE_INDEX, load_tokenizer, needs_tokenizer, prepare_dataset
 
 PRIMARY_METRIC = {"SEQ_CLS": "accuracy", "CAUSAL_LM": "perplexity"}

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fedbip_hub.federation.repo import FederationConfig
+from fedbip_hub.federation.config import FederationConfig
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

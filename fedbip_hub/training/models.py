@@ -10,7 +10,7 @@ import torch
 
 from fedbip_hub.adapters.config import CONFIG_NAME
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.federation.repo import FederationConfig
+from fedbip_hub.federation.config import FederationConfig
 
 
 def load_base_model(config: FederationConfig, *, dtype: torch.dtype | None = None,

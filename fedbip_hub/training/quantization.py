@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedbip_hub.errors import ConfigError
-from fedbip_hub.federation.repo import FederationConfig
+from fedbip_hub.federation.config import FederationConfig
 from fedbip_hub.training.memory_estimate import HEAD_NAMES
 
 QUANTIZE_MODES = ("4bit", "8bit")

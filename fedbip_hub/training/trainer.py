@@ -27,15 +27,17 @@ from typing import Any
 import torch
 
 from fedbip_hub import __version__
-from fedbip_hub.adapters.config import CONFIG_NAME
 from fedbip_hub.adapters.metadata import UploadMetadata
-from fedbip_hub.errors import AdapterError, ConfigError, NotFoundError
-from fedbip_hub.federation.client import START_FILE, pull, read_start_revision
+from fedbip_hub.errors import ConfigError
+from fedbip_hub.federation.client import START_FILE
 from fedbip_hub.federation.repo import Federation
-from fedbip_hub.training.args import DEFAULT_LR_SCHEDULER, DTYPES, PRECISIONS, TrainingArgs
-from fedbip_hub.training.data import load_examples, load_tokenizer, needs_tokenizer, prepare_dataset
+from fedbip_hub.training.args import DEFAULT_LR_SCHEDULER, TrainingArgs
+from fedbip_hub.training.data import load_tokenizer, needs_tokenizer, prepare_dataset
+from fedbip_hub.training.data_files import load_examples
 from fedbip_hub.training.evaluation import check_vocab, evaluate_prepared, pad_id_of, resolve_device
-from fedbip_hub.training.memory_estimate import MemoryEstimate, ModelShape, estimate, fix_for, gib
+from fedbip_hub.training.memory_check import check_fits, estimate_run
+from fedbip_hub.training.numerics import Numerics, cast_trainable, resolve_numerics
+from fedbip_hub.training.start import load_start, resume_target, start_folder
 
 
 @dataclass
@@ -83,92 +85,6 @@ class TrainResult:
                 "memory_estimate": self.memory_estimate}
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype (None: fp32) and its name, for ``precision`` on ``device``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}.",
-                          hint=f"Use one of {', '.join(PRECISIONS)}.")
-    if precision == "auto":
-        if device.type != "cuda":
-            return None, "fp32"
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp32":
-        return None, "fp32"
-    if device.type == "cpu" and precision == "fp16":
-        raise ConfigError("fp16 autocast needs a GPU.", hint="Use --precision fp32 or bf16.")
-    return (torch.bfloat16 if precision == "bf16" else torch.float16), precision
-
-
-def _start_folder(fed: Federation, client: str, start: str | Path, tmp: Path
-                  ) -> tuple[Path, str | None, str]:
-    """(folder, start revision, description) of the adapter training starts from."""
-    if str(start) == "init":
-        return fed.init_folder(), None, "init"
-    if str(start) == "auto":
-        try:
-            pulled = pull(fed, client, tmp / "start")
-        except NotFoundError:
-            return fed.init_folder(), None, "init"
-        return pulled.folder, pulled.revision, "personalized"
-    folder = Path(start)
-    if not (folder / CONFIG_NAME).is_file():
-        raise AdapterError(f"{folder} is not an adapter folder (no {CONFIG_NAME}).",
-                           hint="Pass --start auto, init, or a folder `fedbip pull` wrote.",
-                           client=client)
-    return folder, read_start_revision(folder), str(folder)
-
-
-def _load_start(base: Any, folder: Path, client: str) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise AdapterError(f"cannot load the start adapter {folder}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                           hint="Check that it belongs to this federation's base model.",
-                           client=client) from exc
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The frozen base's dtype and its name, for ``dtype`` on ``device``."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32, "fp32"
-        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and dtype == "fp16":
-        raise ConfigError("an fp16 base needs a GPU.", hint="Use --dtype fp32 or bf16.")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype], dtype
-
-
-@dataclass(frozen=True)
-class _Numerics:
-    base_dtype: torch.dtype       # the frozen base's weights (what bitsandbytes leaves)
-    dtype: str
-    autocast: torch.dtype | None  # mixed precision; None: none
-    precision: str
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.autocast or torch.float32
-
-
-def _numerics(args: TrainingArgs, device: torch.device) -> _Numerics:
-    """The base dtype and the autocast dtype; a half-precision base needs autocast (the
-    fp32 head and LoRA meet its half activations), so "auto" follows the base."""
-    base_dtype, dtype = resolve_dtype(args.dtype, device)
-    precision = args.precision
-    if precision == "auto" and base_dtype != torch.float32 and not args.quantize:
-        precision = dtype
-    autocast, precision = resolve_precision(precision, device)
-    if autocast is None and base_dtype != torch.float32 and not args.quantize:
-        raise ConfigError(f"a {dtype} base needs {dtype} mixed precision, not fp32.",
-                          hint=f"Use --precision auto or {dtype}, or --dtype fp32.")
-    return _Numerics(base_dtype, dtype, autocast, precision)
-
-
 def _check_device(device: torch.device) -> None:
     if device.type == "cuda" and device.index not in (None, 0):
         raise ConfigError(f"--device {device} is not supported by the trainer.",
@@ -187,7 +103,7 @@ def _check_report_to(report_to: str) -> None:
                           hint=f"pip install {module}, or use --report-to none.") from exc
 
 
-def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics: _Numerics,
+def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics: Numerics,
                      device: torch.device, *, token: str | None = None) -> Any:
     """The base to train LoRA on: a copy of ``base_model`` (left untouched) or the
     federation's, at the run's dtype or quantized."""
@@ -205,47 +121,6 @@ def load_frozen_base(config: Any, base_model: Any, args: TrainingArgs, numerics:
     return load_base_model(config, dtype=numerics.base_dtype, token=token)
 
 
-def _memory_estimate(config: Any, base_model: Any, start_dir: Path, args: TrainingArgs,
-                     numerics: _Numerics, seq_len: int, *, token: str | None = None
-                     ) -> MemoryEstimate | None:
-    """The run's memory estimate from the base's config (no weights); None where the
-    architecture cannot be built on the meta device."""
-    from peft import LoraConfig
-    from transformers import AutoConfig
-
-    try:
-        hf_config = (copy.deepcopy(base_model.config) if base_model is not None else
-                     AutoConfig.from_pretrained(config.base_model,
-                                                revision=config.base_revision,
-                                                token=token))
-        lora_config = LoraConfig.from_pretrained(str(start_dir))
-        # A saved adapter's config says inference_mode=True (PEFT sets it on save): it
-        # would freeze the LoRA factors and count no trainable bytes. This run trains them.
-        lora_config.inference_mode = False
-        shape = ModelShape.from_config(hf_config, task_type=config.task_type,
-                                       num_labels=config.num_labels, lora_config=lora_config)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError):
-        return None
-    activation = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast,
-                                                                      numerics.dtype)
-    return estimate(shape, dtype=numerics.dtype, quantize=args.quantize,
-                    batch_size=args.batch_size, seq_len=seq_len,
-                    gradient_checkpointing=args.gradient_checkpointing,
-                    activation_dtype=activation)
-
-
-def _check_fits(est: MemoryEstimate | None, device: torch.device, client: str) -> None:
-    """Stop before loading when the estimate exceeds the GPU's free memory."""
-    if est is None or device.type != "cuda":
-        return
-    free, _total = torch.cuda.mem_get_info(device)
-    if est.total > free:
-        raise ConfigError(f"training needs about {gib(est.total)} but {device} has "
-                          f"{gib(free)} free ({'; '.join(est.lines()[:-1])}).",
-                          hint=fix_for(est) + " (--skip-memory-check runs anyway.)",
-                          client=client)
-
-
 def _measure(model: Any, data: Any, task_type: str, batch_size: int,
              autocast: torch.dtype | None) -> float | None:
     """Eval-mode loss on ``data`` where the model is (None without data)."""
@@ -258,45 +133,6 @@ def _measure(model: Any, data: Any, task_type: str, batch_size: int,
         scores = evaluate_prepared(model, data, task_type=task_type, batch_size=batch_size,
                                    device=str(device))
     return float(scores["loss"])
-
-
-def _cast_trainable(model: Any, numerics: _Numerics, quantized: bool) -> None:
-    """Trainable weights (LoRA, head) in fp32; the frozen rest stays at the base's dtype."""
-    if not quantized and numerics.base_dtype == torch.float32:
-        model.float()  # whatever the checkpoint's dtype
-        return
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-
-
-def _resume_target(args: TrainingArgs, checkpoints: Path, start_revision: str | None,
-                   client: str) -> str | bool | None:
-    """What to pass the Trainer's ``resume_from_checkpoint``, after checking that the
-    checkpoints continue a run from the same start adapter."""
-    if not args.resume_from_checkpoint:
-        return None
-    target = args.resume_from_checkpoint
-    folder = checkpoints if target == "latest" else Path(target)
-    if target != "latest" and not folder.is_dir():
-        raise ConfigError(f"no checkpoint at {folder}.",
-                          hint="Pass --resume-from-checkpoint latest, or a checkpoint-N "
-                          "folder a run with --save-steps wrote.", client=client)
-    if target == "latest" and not any(checkpoints.glob("checkpoint-*")):
-        raise ConfigError(f"no checkpoint in {checkpoints} to resume from.",
-                          hint="Train with --save-steps N first (and the same --out or "
-                          "--checkpoint-dir).", client=client)
-    noted = (folder if target == "latest" else folder.parent) / START_FILE
-    if noted.is_file():
-        recorded = json.loads(noted.read_text()).get("start_revision")
-        if recorded != start_revision:
-            raise ConfigError(
-                f"the checkpoints continue a run that started from "
-                f"{recorded or 'the initial adapter'}, but this run starts from "
-                f"{start_revision or 'the initial adapter'}.",
-                hint="Pass --start with the run's original start, or train afresh without "
-                "--resume-from-checkpoint.", client=client)
-    return True if target == "latest" else str(folder)
 
 
 def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | Path, *,
@@ -332,7 +168,7 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     task_type = config.task_type
     device = resolve_device(args.device)
     _check_device(device)
-    numerics = _numerics(args, device)
+    numerics = resolve_numerics(args, device)
     _check_report_to(args.report_to)
     if args.quantize:
         from fedbip_hub.training.quantization import require_bitsandbytes
@@ -355,19 +191,19 @@ def train_adapter(fed: Federation, client: str, dataset: Any, output_dir: str | 
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
 
     with tempfile.TemporaryDirectory(prefix="fedbip-start-") as tmp:
-        start_dir, start_revision, start_kind = _start_folder(fed, client, start, Path(tmp))
-        resume = _resume_target(args, checkpoints, start_revision, client)
-        est = _memory_estimate(config, base_model, start_dir, args, numerics, seq_len,
-                               token=fed.token)
+        start_dir, start_revision, start_kind = start_folder(fed, client, start, Path(tmp))
+        resume = resume_target(args, checkpoints, start_revision, client)
+        est = estimate_run(config, base_model, start_dir, args, numerics, seq_len,
+                           token=fed.token)
         if progress and est is not None:
             print("Memory estimate: " + "; ".join(est.lines()), file=sys.stderr)
         if args.memory_check:
-            _check_fits(est, device, client)
+            check_fits(est, device, client)
         torch.manual_seed(args.seed)
         base = load_frozen_base(config, base_model, args, numerics, device, token=fed.token)
         check_vocab(base, prepared)
-        model = _load_start(base, start_dir, client)
-    _cast_trainable(model, numerics, bool(args.quantize))
+        model = load_start(base, start_dir, client)
+    cast_trainable(model, numerics, bool(args.quantize))
 
     steps_per_epoch = math.ceil(math.ceil(len(prepared) / args.batch_size) / args.grad_accum)
     total = (args.max_steps if args.max_steps is not None
