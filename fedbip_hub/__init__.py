@@ -45,8 +45,8 @@ _API: dict[str, str] = {
     "prepare_start": "fedbip_hub.training.integration",
     "load_trainable": "fedbip_hub.training.integration",
     # The server's round.
-    "run_round": "fedbip_hub.server.rounds",
-    "RoundRunner": "fedbip_hub.server.rounds",
+    "run_round": "fedbip_hub.server.runner",
+    "RoundRunner": "fedbip_hub.server.runner",
     # The method on local adapter folders, and its building blocks.
     "folder_similarity": "fedbip_hub.federation.offline",
     "merge_folders": "fedbip_hub.federation.offline",
