@@ -211,24 +211,25 @@ def test_fp32_products_fall_back_to_float64_when_rounding_is_amplified(monkeypat
     assert calls == [True, False]
 
 
-def test_fp32_product_choice_does_not_move_with_the_coefficients_scale(monkeypatch):
-    """The products' rounding is relative, so scaling every coefficient (ΔW by λ) must not
-    change the precision chosen: the amplification is measured on the unscaled stack the
-    products run on (with the coefficients counted once, in the weights)."""
-    calls = []
+def test_fp32_product_choice_is_measured_on_the_unscaled_stack(monkeypatch):
+    """The output products run on the unscaled stack (U·(D·wu)), so their rounding is
+    measured against its Gram, with the coefficients counted once (in the weights), and
+    the choice does not move when every coefficient (ΔW) is scaled by λ."""
+    seen = []
     real = stacked._fp32_products_suffice
 
-    def spy(*args):
-        calls.append(real(*args))
-        return calls[-1]
+    def spy(gram_u, *args):
+        seen.append((gram_u.diagonal().clone(), real(gram_u, *args)))
+        return seen[-1][1]
 
     monkeypatch.setattr(stacked, "_fp32_products_suffice", spy)
-    for scale in (1.0, 1e-3, 1e3):
-        parts = [Part(p.key, p.coeff * scale, p.u, p.v)
-                 for p in CASES["near-duplicate difference"]]
+    for scale in (1.0, 1e-6, 1e6):
+        parts = [Part(p.key, p.coeff * scale, p.u, p.v) for p in CASES["many peers"]]
         out = merge_cached(parts, R, PairGrams())
         assert _rel(out.u, out.v, _brute(parts, R)) <= FP32_EXACT
-    assert calls == [False, False, False]
+        stack = torch.cat([p.u for p in parts], dim=1).double()
+        torch.testing.assert_close(seen[-1][0], (stack * stack).sum(dim=0))
+    assert [choice for _, choice in seen] == [True, True, True]
 
 
 @pytest.mark.parametrize("name", list(CASES))
