@@ -211,6 +211,56 @@ def test_fp32_products_fall_back_to_float64_when_rounding_is_amplified(monkeypat
     assert calls == [True, False]
 
 
+def test_fp32_product_choice_is_measured_on_the_unscaled_stack(monkeypatch):
+    """The output products run on the unscaled stack (U·(D·wu)), so their rounding is
+    measured against its Gram, with the coefficients counted once (in the weights), and
+    the choice does not move when every coefficient (ΔW) is scaled by λ."""
+    seen = []
+    real = stacked._fp32_products_suffice
+
+    def spy(gram_u, *args):
+        seen.append((gram_u.diagonal().clone(), real(gram_u, *args)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(stacked, "_fp32_products_suffice", spy)
+    for scale in (1.0, 1e-6, 1e6):
+        parts = [Part(p.key, p.coeff * scale, p.u, p.v) for p in CASES["many peers"]]
+        out = merge_cached(parts, R, PairGrams())
+        assert _rel(out.u, out.v, _brute(parts, R)) <= FP32_EXACT
+        stack = torch.cat([p.u for p in parts], dim=1).double()
+        torch.testing.assert_close(seen[-1][0], (stack * stack).sum(dim=0))
+    assert [choice for _, choice in seen] == [True, True, True]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cholesky_bound_is_an_upper_bound_of_the_condition(name):
+    """The O(R²) test that picks Cholesky over eigh bounds the equilibrated Gram's κ from
+    above (never lets an ill-conditioned stack through); singular stacks fail it."""
+    from fedbip_hub.engine.lowrank import CHOLESKY_MAX_COND, _cholesky_accurate
+
+    u = torch.cat([p.u for p in CASES[name]], dim=1).double()
+    gram = (u.T @ u)[None]
+    lower, info = torch.linalg.cholesky_ex(gram)
+    scale = gram[0].diagonal().sqrt()
+    equilibrated = gram[0] / scale[:, None] / scale[None, :]
+    values = torch.linalg.eigvalsh(equilibrated)
+    cond = float(values[-1] / values[0]) if values[0] > 0 else math.inf
+    if int(info[0]) != 0:
+        assert cond > CHOLESKY_MAX_COND
+        return
+    eye = torch.eye(gram.shape[-1], dtype=F64)[None]
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+    accurate = bool(_cholesky_accurate(gram, inverse)[0])
+    size = gram.shape[-1]
+    bound = size * float((inverse[0] * scale[None, :]).square().sum())
+    assert bound >= cond * (1 - 1e-6)
+    assert accurate == (bound <= CHOLESKY_MAX_COND)
+    if name in ("many peers", "a zero weight", "K=1"):
+        assert accurate  # well-conditioned stacks keep the fast path
+    if name in ("exact duplicates", "rank-deficient factors", "near-duplicate peers"):
+        assert not accurate
+
+
 @pytest.fixture
 def federation(tmp_path):
     shapes = {"model.layers.0.self_attn.q_proj": (24, 20),

@@ -79,9 +79,11 @@ EPS64 = torch.finfo(torch.float64).eps
 # noise of a float64 Gram (its singular value is below ~√(R·ε₆₄) ≈ 2e-7 of the top one,
 # under fp32 resolution): it is dropped rather than divided by.
 NOISE_FACTOR = 1.0
-# Cholesky-QR is used when the basis it gives is orthonormal to this tolerance (measured
-# on the Gram itself); otherwise the eigendecomposition, which handles any rank.
+# Cholesky-QR is used when the Gram's condition number, once its columns are equilibrated,
+# is provably below this: the basis it gives is then orthonormal to about ε₆₄·κ ≤ 1e-9.
+# Otherwise the eigendecomposition, which handles any rank.
 ORTHONORMAL_TOL = 1e-9
+CHOLESKY_MAX_COND = ORTHONORMAL_TOL / EPS64
 
 
 @dataclass(frozen=True)
@@ -114,28 +116,44 @@ def _noise_floor(values: torch.Tensor) -> torch.Tensor:
     return values[..., -1:].clamp_min(0) * (NOISE_FACTOR * size * EPS64)
 
 
+def _cholesky_accurate(gram: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Per item, whether Cholesky-QR of the stack behind ``gram`` is orthonormal to
+    ``ORTHONORMAL_TOL``: its loss of orthogonality is about ε₆₄·κ of the column-equilibrated
+    Gram G_eq = S⁻¹·Gu·S⁻¹ (S² = diag Gu; Cholesky does not depend on that scaling), and
+    κ(G_eq) ≤ tr(G_eq)·‖L_eq⁻¹‖²_F = R·‖L⁻¹·S‖²_F, an upper bound at O(R²) given L⁻¹
+    (no R×R×R check product)."""
+    size = gram.shape[-1]
+    scale = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    bound = size * (inverse * scale[..., None, :]).square().sum(dim=(-2, -1))
+    return torch.isfinite(bound) & (bound <= CHOLESKY_MAX_COND)
+
+
 def _basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """T and C (both B×R×R) with U = (U·T)·C and U·T orthonormal, from Gu = UᵀU.
 
-    Cholesky (Gu = LLᵀ, T = L⁻ᵀ, C = Lᵀ) where it is accurate, which is checked on the
-    Gram itself (TᵀGuT = I); else the eigendecomposition Gu = PΛPᵀ with T = PΛ^-½ and
+    Cholesky (Gu = LLᵀ, T = L⁻ᵀ, C = Lᵀ) where it is provably accurate
+    (``_cholesky_accurate``); else the eigendecomposition Gu = PΛPᵀ with T = PΛ^-½ and
     C = Λ^½Pᵀ over the eigenvalues above the noise floor: duplicated, rank-deficient or
     zero factors lose their null directions instead of dividing by them.
     """
     size = gram.shape[-1]
     eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
-    t = torch.zeros_like(gram)
-    c = torch.zeros_like(gram)
     lower, info = torch.linalg.cholesky_ex(gram)
     ok = info == 0
+    if bool(ok.all()):  # the common case: no per-item indexing
+        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(gram), upper=False)
+        good = _cholesky_accurate(gram, inverse)
+        if bool(good.all()):
+            return inverse.mT, lower.mT
+    t = torch.zeros_like(gram)
+    c = torch.zeros_like(gram)
     if bool(ok.any()):
-        inv = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), size, size),
-                                            upper=False)
-        t_ok = inv.mT
-        err = (t_ok.mT @ gram[ok] @ t_ok - eye).abs().amax(dim=(-2, -1))
+        inverse = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), size, size),
+                                                upper=False)
+        accurate = _cholesky_accurate(gram[ok], inverse)
         good = torch.zeros_like(ok)
-        good[ok] = err <= ORTHONORMAL_TOL
-        t[good] = t_ok[err <= ORTHONORMAL_TOL]
+        good[ok] = accurate
+        t[good] = inverse[accurate].mT
         c[good] = lower[good].mT
         ok = good
     bad = ~ok
@@ -169,9 +187,9 @@ def gram_core(gu: torch.Tensor, gv: torch.Tensor, rank: int | None, *, rtol: flo
     """
     t, c = _basis(gu)
     h = c @ gv @ c.mT
-    values, vectors = torch.linalg.eigh((h + h.mT) / 2)
-    values, vectors = values.flip(-1), vectors.flip(-1)  # descending
-    resolved = values > _noise_floor(values.flip(-1))
+    ascending, vectors = torch.linalg.eigh((h + h.mT) / 2)
+    values = ascending.flip(-1)  # descending
+    resolved = values > _noise_floor(ascending)
     sigma = torch.where(resolved, values.clamp_min(0), 0.0).sqrt()
     if rank is None:
         keep = (resolved & (sigma > rtol * sigma[..., :1])).sum(dim=-1)
@@ -183,7 +201,7 @@ def gram_core(gu: torch.Tensor, gv: torch.Tensor, rank: int | None, *, rtol: flo
     live = torch.arange(cols, device=gu.device) < keep[:, None]
     root = torch.where(live, sigma[..., :cols], 0.0).sqrt()
     inv_root = torch.where(live, 1.0 / torch.where(live, root, 1.0), 0.0)
-    x = vectors[..., :cols]
+    x = vectors[..., vectors.shape[-1] - cols:].flip(-1)  # the top ones only, descending
     wu = t @ (x * root[:, None, :])
     wv = (x * inv_root[:, None, :]).mT @ c
     if cols < width:  # pad: zero directions keep ΔW exact and the shapes PEFT expects

@@ -228,6 +228,8 @@ def personalize(
         order = (_locality_order(weights, module, plan) if isinstance(deltas, LazyDeltas)
                  else range(len(plan.targets)))
         grams = PairGrams()  # this module's peer-pair Gram blocks, shared by its targets
+        last_base: tuple[LoraAdapter | None, tuple[torch.Tensor, torch.Tensor] | None] | None
+        last_base = None  # first-round targets all start from the initial adapter: read once
         pending = _Pending(batched, rank=None if refactor == "cat" else rank)
         for index in order:
             out, target, latest = outputs[index], plan.targets[index], plan.latest[index]
@@ -237,7 +239,11 @@ def personalize(
                                      personal_heads, dtype)
                 _emit(out, index, MergedModule(module, dense=value.cpu()), sink)
                 continue
-            base = _latest_factors(latest, module, space, dtype)
+            if last_base is not None and last_base[0] is latest:
+                base = last_base[1]
+            else:
+                base = _latest_factors(latest, module, space, dtype)
+                last_base = (latest, base)
             if space == "params":
                 if base is not None:
                     check_params_ranks(module, [ParamsDelta(base[1], base[0]), deltas[0]],
