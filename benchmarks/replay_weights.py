@@ -7,6 +7,7 @@ candidate strategy on it, and compares the weights with the oracle's (uniform wi
 true group): the mean mass on self, same-group and cross-group peers, the L1 distance to
 the oracle's row, and the rows of clients with no true peer.
 
+Each view also carries the round's own cosines from its record (the round gate's).
 Round 1's views are the same for every rule (round 1 starts from the federation's initial
 adapter); later rounds' depend on the rule that ran, so judge round 1 and confirm end to
 end. Run from the repository root::
@@ -44,6 +45,8 @@ class ReplayRound:
     clients: list[str]
     groups: list[str]
     grams: dict[str, torch.Tensor]  # layer → the memory's K×K Gram (Σ γ^age ⟨τ_i, τ_j⟩)
+    # this round's own cosines, from the record (the evidence rule's round gate reads them)
+    current: SimilarityView | None = None
 
     def view(self) -> SimilarityView:
         total = sum(self.grams.values())
@@ -56,7 +59,18 @@ class ReplayRound:
             {"model": {MODEL_KEY: cosine_from_gram(total)},
              "layer": {k: cosine_from_gram(g) for k, g in self.grams.items()}},
             {"model": {MODEL_KEY: norms(total)},
-             "layer": {k: norms(g) for k, g in self.grams.items()}})
+             "layer": {k: norms(g) for k, g in self.grams.items()}},
+            this_round=self.current)  # type: ignore[arg-type]
+
+
+def record_cosines(record: dict) -> SimilarityView:
+    """This round's model and per-layer cosines as the round record stores them."""
+    def matrix(rows: list[list[float]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float64)
+
+    return SimilarityView(list(record["clients"]), {
+        "model": {MODEL_KEY: matrix(record["cosine"]["model"])},
+        "layer": {k: matrix(v) for k, v in record["cosine"]["layers"].items()}})
 
 
 def memory_grams(memory: SimilarityMemory, clients: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -86,7 +100,7 @@ def load_dump(dump: Path, method: str = "fedbip-l") -> list[ReplayRound]:
             clients = record["clients"]
             rounds.append(ReplayRound(folder.name, int(number), clients,
                                       [groups[c] for c in clients],
-                                      memory_grams(memory, clients)))
+                                      memory_grams(memory, clients), record_cosines(record)))
     return rounds
 
 

@@ -96,6 +96,11 @@ def _replay_reproduces_the_rounds(dump: Path) -> None:
             torch.testing.assert_close(table.matrices[key],
                                        torch.tensor(rows, dtype=torch.float64), atol=1e-5,
                                        rtol=0)
+        # the view carries the round's own cosines (the evidence rule's round gate)
+        current = rnd.view().this_round
+        assert current is not None
+        torch.testing.assert_close(current.model_cosine(), torch.tensor(
+            record["cosine"]["model"], dtype=torch.float64))
     oracle = replay_weights.replay(rounds, {"oracle": {"method": "oracle", "groups": {
         c: g for r in rounds for c, g in zip(r.clients, r.groups, strict=True)}}})
     assert oracle["oracle"]["all"]["l1"] == pytest.approx(0.0, abs=1e-12)

@@ -151,7 +151,7 @@ class SimilarityMemory:
                 # a client's remembered norm: its own sum over the most rounds compared
                 norms[level][key] = (own.max(dim=1).values if own.numel()
                                      else own.new_zeros(0)).clamp_min(0).sqrt()
-        return SimilarityView(list(report.clients), cosines, norms)
+        return SimilarityView(list(report.clients), cosines, norms, this_round=report)
 
     # -- storage -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -210,6 +210,8 @@ class SimilarityView:
     by_level: dict[Granularity, dict[str, torch.Tensor]]
     # level → key → K remembered norms √Σγ^age‖τ_i‖² (the evidence rule's centring)
     norms_by_level: dict[Granularity, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # this round's own cosines, for the evidence rule's round gate (fedbip_hub.engine.evidence)
+    this_round: SimilarityReport | None = None
 
     def cosines(self, granularity: Granularity) -> dict[str, torch.Tensor]:
         if granularity not in self.by_level:

@@ -13,16 +13,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedbip_hub.engine.evidence import evidence_caps, evidence_inputs, round_source
 from fedbip_hub.engine.layers import layer_of
 from fedbip_hub.engine.similarity import MODEL_KEY, CosineSource, Granularity
 from fedbip_hub.engine.task_vectors import Space
 from fedbip_hub.engine.weighting import (
     RuleName,
     WeightOptions,
-    centred_cosine,
     group_weights,
     local_weights,
-    model_credibility,
     similarity_weights,
     size_weights,
     uniform_weights,
@@ -100,6 +99,10 @@ class Strategy(BaseModel):
         False, description="With centring, a pair also needs evidence in the raw "
         "(uncentred) model-level cosines: subtracting the mean makes small groups that "
         "both differ from a large one look alike.")
+    evidence_round_gate: bool = Field(
+        False, description="Reading the similarity memory, a pair's credibility is also "
+        "capped by its credibility in this round's own cosines (fedbip_hub.engine.evidence): "
+        "clients whose updates have stopped agreeing stop sharing weight.")
     evidence_centre_min_clients: int = Field(
         4, ge=3, description="Centre only from this many clients on; below, the raw "
         "cosines are used (two centred vectors are always opposite).")
@@ -274,21 +277,6 @@ class WeightTable:
                 for k, v in self.matrices.items()}
 
 
-def _centred(report: CosineSource, mode: str, granularity: Granularity,
-             model_cos: torch.Tensor, cosines: dict[str, torch.Tensor],
-             population: torch.Tensor | None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model-level and per-key cosines of the centred task vectors."""
-    def norms(level: Granularity) -> dict[str, torch.Tensor]:
-        read = getattr(report, "level_norms", None)  # a source without norms: unit
-        return read(level) if mode == "gram" and read is not None else {}
-
-    model_norms, key_norms = norms("model"), norms(granularity)
-    return (centred_cosine(model_cos, model_norms.get(MODEL_KEY), population),
-            {key: centred_cosine(cos, key_norms.get(key), population)
-             for key, cos in cosines.items()})
-
-
 def compute_weights(
     strategy: Strategy,
     *,
@@ -318,29 +306,23 @@ def compute_weights(
             raise ConfigError(f"{strategy.method} needs task-vector similarities.")
         granularity = strategy.effective_granularity or "model"
         options = strategy.weight_options
-        model_cos = report.model_cosine()
-        cosines = report.cosines(granularity)
-        raw_cap = None
-        if (options.rule == "evidence" and strategy.evidence_centre != "off"
-                and k >= strategy.evidence_centre_min_clients):
-            if strategy.evidence_centre_raw_gate:
-                raw_cap = model_credibility(model_cos, options, population)
-            model_cos, cosines = _centred(report, strategy.evidence_centre, granularity,
-                                          model_cos, cosines, population)
-        if (options.rule == "evidence" and granularity != "model"
-                and strategy.evidence_layer_shrinkage > 0):
-            lam = strategy.evidence_layer_shrinkage
-            cosines = {key: lam * model_cos.to(cos.dtype) + (1 - lam) * cos
-                       for key, cos in cosines.items()}
-        cap = (model_credibility(model_cos, options, population)
-               if options.rule == "evidence" and strategy.evidence_model_gate
-               and granularity != "model" else None)
-        if raw_cap is not None:  # centred evidence must also stand out in the raw cosines
-            cap = raw_cap if cap is None else torch.minimum(cap, raw_cap)
-        matrices = {key: similarity_weights(cos, options, allowed, cap=cap,
+        if options.rule != "evidence":
+            matrices = {key: similarity_weights(cos, options, allowed)
+                        for key, cos in report.cosines(granularity).items()}
+            fallback = (similarity_weights(report.model_cosine(), options, allowed)
+                        if granularity != "model" else None)
+            return WeightTable(granularity, matrices, fallback)
+        inputs = evidence_inputs(strategy, report, granularity, k, population)
+        caps = {key: inputs.cap for key in inputs.cosines}
+        fallback_cap = inputs.fallback_cap
+        current = round_source(report) if strategy.evidence_round_gate else None
+        if current is not None:
+            caps, fallback_cap = evidence_caps(strategy, inputs, current, granularity, k,
+                                               population)
+        matrices = {key: similarity_weights(cos, options, allowed, cap=caps[key],
                                             population=population)
-                    for key, cos in cosines.items()}
-        fallback = (similarity_weights(model_cos, options, allowed, cap=raw_cap,
+                    for key, cos in inputs.cosines.items()}
+        fallback = (similarity_weights(inputs.model_cos, options, allowed, cap=fallback_cap,
                                        population=population)
                     if granularity != "model" else None)
         return WeightTable(granularity, matrices, fallback)

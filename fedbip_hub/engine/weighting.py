@@ -4,38 +4,9 @@ Each rule maps one client's row of cosines to weights over the peers it may draw
 (the self term always included). Rules are registered by name; merge methods (FedBip,
 FedAvg, …) are declared in ``fedbip_hub.engine.strategies``.
 
-The default, the **evidence rule**, weighs a peer by how far its cosine stands out from
-the background that unrelated clients show, not by its rank within the row:
-
-* background: over the K(K−1)/2 client pairs of the matrix, the level b is the median
-  cosine and the noise σ the lower semi-MAD, 1.4826·median(b − c) over pairs below b,
-  floored at ``evidence_spread_floor``. Same-task pairs are a minority above the median,
-  so neither is pulled up by them. With fewer than ``evidence_min_pairs`` pairs (K = 2)
-  the priors b₀ = ``evidence_prior_background`` and σ₀ = ``evidence_prior_spread`` stand in;
-* evidence z_ik = (c_ik − b)/σ, and credibility q_ik = clip((z_ik − z_lo)/(z_hi − z_lo), 0, 1)
-  with z_lo = ``evidence_low`` (1) and z_hi = ``evidence_high`` (3);
-* weights w_ik = q_ik / (1 + Σ_j q_ij) and w_ii = 1 / (1 + Σ_j q_ij): a conclusive peer weighs
-  as much as the client's own update (m of them give the oracle's 1/(m+1)), a peer inside
-  the background's noise gets nothing, and the self share grows as the evidence weakens.
-
-On a real pretrained encoder every client's update shares a component (the head, the
-common input distribution), so cross-task cosines are positive; rules that rank within a
-row (``zscore``, the paper's ``normalize``) turn that background into weight.
-
-Centring (``Strategy.evidence_centre``, default "unit", applied by ``compute_weights``
-from ``evidence_centre_min_clients`` = 4 clients on): the cosines above are taken between
-centred task vectors, exactly from the cosine matrix (``centred_cosine``). "unit" centres
-the directions u_i = τ_i/‖τ_i‖: with G = cos (the Gram of the u_i), p the background's
-population (copies and held-back updates left out, so they cannot move the mean) and
-C = I − 1pᵀ/|P|, the centred Gram is G̃ = C·G·Cᵀ, the Gram of u_i − ū, and
-c̃_ik = G̃_ik/√(G̃_ii·G̃_kk). "gram" centres τ_i themselves, G = diag(n)·cos·diag(n) with
-n the norms (of the round, or the similarity memory's √Σγ^age‖τ_i‖²); one large update
-then moves the mean for everyone. Subtracting the mean removes the component every
-update shares, but when one large group dominates it, two small groups that both differ
-from it come out alike; with ``evidence_centre_raw_gate`` a pair's credibility is
-therefore capped by its credibility in the raw model-level cosines: q_ik = min(q̃_ik,
-q_ik^raw). Below 4 clients the raw cosines are used: two centred vectors are exactly
-opposite, and three are bound to sum to zero.
+The default, the **evidence rule** (``fedbip_hub.engine.evidence``, where its maths is
+documented), weighs a peer by how far its cosine stands out from the background that
+unrelated clients show, not by its rank within the row.
 """
 
 from __future__ import annotations
@@ -46,6 +17,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from fedbip_hub.engine.evidence import (  # noqa: F401  (re-exported: the rule's maths lives there)
+    Background,
+    background_of,
+    centred_cosine,
+    evidence_credibility,
+    evidence_weights,
+    model_credibility,
+)
 
 RuleName = Literal["evidence", "normalize", "softmax", "zscore"]
 
@@ -152,119 +132,6 @@ def _zscore(row: torch.Tensor, i: int, mask: torch.Tensor, opts: WeightOptions
         return out
     out[peers] = (1.0 - opts.self_share) * z / z.sum()
     out[i] = opts.self_share
-    return out
-
-
-@dataclass(frozen=True)
-class Background:
-    """What unrelated clients' cosines look like in one matrix: their level and spread."""
-
-    level: float
-    spread: float
-    estimated: bool  # False: too few pairs, the priors were used
-
-
-def background_of(cos: torch.Tensor, population: torch.Tensor | None, opts: WeightOptions
-                  ) -> Background:
-    """The background of a cosine matrix: what the pairs of unrelated clients show.
-
-    Most pairs of a federation with several tasks are unrelated, so the median pair is
-    one: same-task pairs are a minority that stands above it. Their noise is measured
-    below the median only (the lower semi-MAD, scaled to a standard deviation), where
-    same-task pairs do not inflate it; it is floored at ``evidence_spread_floor``. With
-    fewer than ``evidence_min_pairs`` pairs neither can be estimated, and the priors
-    (``evidence_prior_background`` and ``evidence_prior_spread``) stand in.
-
-    ``population`` (K bools, default all) names the clients whose pairs make up the
-    background: copies of another member and updates the sign guard holds back are left
-    out, so they cannot move it.
-    """
-    k = cos.shape[0]
-    members = (torch.ones(k, dtype=torch.bool) if population is None
-               else population.to(torch.bool))
-    pairs = torch.triu(members[:, None] & members[None, :], diagonal=1)
-    values = cos[pairs]
-    if values.numel() < max(1, opts.evidence_min_pairs):
-        return Background(opts.evidence_prior_background,
-                          max(opts.evidence_prior_spread, opts.evidence_spread_floor),
-                          estimated=False)
-    level = float(values.median())
-    below = level - values[values < level]
-    spread = 1.4826 * float(below.median()) if below.numel() else 0.0
-    return Background(level, max(spread, opts.evidence_spread_floor), estimated=True)
-
-
-def model_credibility(cos: torch.Tensor, opts: WeightOptions,
-                      population: torch.Tensor | None = None) -> torch.Tensor:
-    """The evidence rule's credibility of every pair at one level (the model's, say)."""
-    cos = cos.to(torch.float64).clone()
-    cos.fill_diagonal_(1.0)
-    return evidence_credibility(cos, background_of(cos, population, opts), opts)
-
-
-def evidence_credibility(cos: torch.Tensor, background: Background, opts: WeightOptions
-                         ) -> torch.Tensor:
-    """q_ik ∈ [0, 1]: how credibly peer k shares client i's task.
-
-    z = (c_ik − level) / spread is how many noise units the pair stands above the
-    background. q ramps linearly from 0 at z = evidence_low to 1 at z = evidence_high.
-    """
-    z = (cos - background.level) / background.spread
-    width = max(opts.evidence_high - opts.evidence_low, 1e-12)
-    return ((z - opts.evidence_low) / width).clamp(0.0, 1.0)
-
-
-def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tensor,
-                     background: Background | None = None,
-                     cap: torch.Tensor | None = None) -> torch.Tensor:
-    """The evidence rule: w_ik = q_ik / (1 + Σ_j q_ij), w_ii = 1 / (1 + Σ_j q_ij).
-
-    A peer with conclusive evidence (q = 1) weighs as much as the client's own update, so
-    a client with m such peers gets the oracle's uniform 1/(m+1); a peer whose cosine
-    does not stand out from the background gets nothing; weak evidence keeps the weight
-    at home. The self share follows from the evidence instead of being fixed. ``cap``
-    (K×K) bounds q: a layer's weights use the model-level credibility as the cap, so a
-    peer needs evidence in the layer and overall.
-    """
-    background = background or background_of(cos, None, opts)
-    q = evidence_credibility(cos, background, opts)
-    if cap is not None:
-        q = torch.minimum(q, cap.to(q.dtype))
-    q = torch.where(allowed, q, torch.zeros_like(q))
-    q.fill_diagonal_(1.0)
-    return q / q.sum(dim=1, keepdim=True)
-
-
-def centred_cosine(cos: torch.Tensor, norms: torch.Tensor | None = None,
-                   population: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosines of the centred task vectors τ_i − τ̄, from a cosine matrix alone.
-
-    With G = diag(n)·cos·diag(n) the Gram of the task vectors (n their norms; None: unit
-    vectors, each client's direction counting alike) and τ̄ the mean over ``population``
-    (K bools, default all: copies and held-back updates are left out, so they cannot move
-    it), C = I − 1pᵀ/|P| and the centred Gram is C·G·Cᵀ, exactly the Gram of the centred
-    vectors; its cosines are returned. The
-    component every update shares (the head, the common input distribution) leaves the
-    cosine, so unrelated clients' background falls to about −1/(K−1). A client whose
-    vector equals the mean has cosine 0 with everyone. Degenerate for K = 2 (the two
-    centred vectors are opposite): callers centre from a few clients on only.
-    """
-    k = cos.shape[0]
-    cos = cos.to(torch.float64).clone()
-    cos.fill_diagonal_(1.0)
-    n = (torch.ones(k, dtype=torch.float64) if norms is None
-         else norms.to(torch.float64).clamp_min(0))
-    gram = cos * n[:, None] * n[None, :]
-    members = (torch.ones(k, dtype=torch.float64) if population is None
-               else population.to(torch.float64))
-    centre = torch.eye(k, dtype=torch.float64) - members[None, :] / max(float(members.sum()), 1)
-    gram = centre @ gram @ centre.T
-    d = gram.diagonal().clamp_min(0).sqrt()
-    scale = d[:, None] * d[None, :]
-    tol = 1e-12 * float(scale.max()) if k else 0.0  # a vector at the mean: no direction
-    out = torch.where(scale > tol, gram / scale.clamp_min(1e-300), torch.zeros_like(gram))
-    out = out.clamp(-1.0, 1.0)
-    out.fill_diagonal_(1.0)
     return out
 
 
