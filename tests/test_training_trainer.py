@@ -629,7 +629,7 @@ def test_the_qlora_activation_estimate_matches_what_autograd_keeps(tmp_path: Pat
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fedbip_hub.federation.repo import FederationConfig, LoraSpec
+    from fedbip_hub.federation.config import FederationConfig, LoraSpec
     from fedbip_hub.training.memory_estimate import (
         WORKSPACE_HIDDEN_TERMS,
         WORKSPACE_INTERMEDIATE_TERMS,

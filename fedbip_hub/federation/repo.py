@@ -21,24 +21,18 @@ from fedbip_hub.federation.config import (
     FEDERATION_FILE,
     INIT_DIR,
     MEMBERS_DIR,
-    MERGE_RECORD,  # noqa: F401
-    PERSONALIZED_DIR,  # noqa: F401
     ROUNDS_DIR,
     STATE_FILE,
     FederationConfig,
     FederationState,
     Member,
     RoundRecordHeader,
-    dump_json,  # noqa: F401
     round_record_path,
-    utc_now,  # noqa: F401
 )
 from fedbip_hub.identity import client_name_problem
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.stores import HubStore, LocalStore, Store, is_hub_address
 
-# The noqa'd names above are re-exported: the round code (fedbip_hub.server) imports them
-# from here, with the handle.
 LOCAL_FEDERATION_REPO = "federation"
 MAX_MEMBER_FILE_BYTES = 64 * KIB
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from fedbip_hub.adapters.lora import LoraAdapter
 from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import FedbipError, StoreError
-from fedbip_hub.federation.repo import INIT_DIR, FederationConfig
+from fedbip_hub.federation.config import INIT_DIR, FederationConfig
 from fedbip_hub.federation.skip_reasons import (
     exception_text,
     internal_reason,

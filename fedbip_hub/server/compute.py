@@ -20,7 +20,7 @@ from fedbip_hub.engine.strategies import Strategy, WeightTable
 from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import FedbipError, RoundInProgressError, StoreError
 from fedbip_hub.federation.client import commit_with_retry
-from fedbip_hub.federation.repo import STATE_FILE, FederationConfig, dump_json
+from fedbip_hub.federation.config import STATE_FILE, FederationConfig, dump_json
 from fedbip_hub.federation.skip_reasons import exception_text, one_line, reason
 from fedbip_hub.secrets import redact
 from fedbip_hub.server.collect import Collected

@@ -16,7 +16,7 @@ from fedbip_hub.engine.compute import resolve_device
 from fedbip_hub.engine.memory import SimilarityMemory
 from fedbip_hub.engine.strategies import oracle_groups
 from fedbip_hub.errors import ConflictError, RoundInProgressError, StoreError
-from fedbip_hub.federation.repo import (
+from fedbip_hub.federation.config import (
     INIT_DIR,
     STATE_FILE,
     FederationConfig,

@@ -16,7 +16,7 @@ from fedbip_hub.engine.compute import resolve_device, resolve_dtype
 from fedbip_hub.engine.merge import MergedAdapter, MergePlan, personalize
 from fedbip_hub.engine.strategies import Strategy
 from fedbip_hub.engine.task_vectors import TaskVector
-from fedbip_hub.federation.repo import FederationConfig
+from fedbip_hub.federation.config import FederationConfig
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import PinnedInput
 from fedbip_hub.server.streaming import StagingArea, resident_peers

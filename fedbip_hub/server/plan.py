@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbip_hub.adapters.metadata import describe_error
 from fedbip_hub.errors import ConfigError, RoundInProgressError
-from fedbip_hub.federation.repo import FederationConfig, FederationState
+from fedbip_hub.federation.config import FederationConfig, FederationState
 from fedbip_hub.server.context import RoundContext
 
 

@@ -17,12 +17,7 @@ from fedbip_hub.engine.similarity import CosineSource
 from fedbip_hub.engine.strategies import Strategy, WeightTable
 from fedbip_hub.errors import ConflictError, StoreError, VisibilityError
 from fedbip_hub.federation.client import PUBLISH_TITLE
-from fedbip_hub.federation.repo import (
-    MERGE_RECORD,
-    PERSONALIZED_DIR,
-    FederationConfig,
-    dump_json,
-)
+from fedbip_hub.federation.config import MERGE_RECORD, PERSONALIZED_DIR, FederationConfig, dump_json
 from fedbip_hub.federation.skip_reasons import one_line, publish_skip_reason, reason
 from fedbip_hub.safe_json import KIB, JsonLimitError, loads_bounded
 from fedbip_hub.secrets import redact

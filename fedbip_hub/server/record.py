@@ -13,7 +13,7 @@ from fedbip_hub.engine.memory import MEMORY_FILE, SimilarityView
 from fedbip_hub.engine.strategies import Strategy
 from fedbip_hub.errors import ConfigError, ConflictError
 from fedbip_hub.federation.client import commit_with_retry
-from fedbip_hub.federation.repo import (
+from fedbip_hub.federation.config import (
     STATE_FILE,
     FederationConfig,
     dump_json,

@@ -12,12 +12,7 @@ import fedbip_hub
 from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME, UploadMetadata, upload_staleness
 from fedbip_hub.adapters.upload_files import check_upload_listing, upload_id
 from fedbip_hub.errors import FedbipError, NotFoundError, StoreError
-from fedbip_hub.federation.repo import (
-    MERGE_RECORD,
-    PERSONALIZED_DIR,
-    FederationState,
-    Member,
-)
+from fedbip_hub.federation.config import MERGE_RECORD, PERSONALIZED_DIR, FederationState, Member
 from fedbip_hub.federation.skip_reasons import one_line, reason, refusal_reason
 from fedbip_hub.secrets import redact
 from fedbip_hub.server.context import RoundContext

@@ -15,7 +15,7 @@ from fedbip_hub.adapters.lora import WEIGHTS_NAME, LoraAdapter
 from fedbip_hub.adapters.upload_files import UPLOAD_FILES
 from fedbip_hub.engine.task_vectors import TaskVector
 from fedbip_hub.errors import FedbipError, StoreError
-from fedbip_hub.federation.repo import INIT_DIR, PERSONALIZED_DIR, FederationConfig
+from fedbip_hub.federation.config import INIT_DIR, PERSONALIZED_DIR, FederationConfig
 from fedbip_hub.federation.skip_reasons import InternalError, describe, public_paths
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import PinnedInput, RoundPlan
