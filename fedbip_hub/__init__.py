@@ -75,40 +75,65 @@ def __dir__() -> list[str]:
 
 
 # Modules moved into subpackages (0.1 layout -> 0.2): old import paths keep working, with
-# a DeprecationWarning, so existing scripts do not break.
-MOVED_MODULES: dict[str, str] = {
-    "adapter_config": "adapters.config", "adapter_io": "adapters.lora",
-    "patterns": "adapters.patterns", "upload_files": "adapters.upload_files",
-    "upload_metadata": "adapters.metadata",
-    "layers": "engine.layers", "compute": "engine.compute", "lowrank": "engine.lowrank",
-    "stacked_merge": "engine.stacked_merge", "task_vectors": "engine.task_vectors",
-    "similarity": "engine.similarity", "sketch": "engine.sketch",
-    "weighting": "engine.weighting", "strategies": "engine.strategies",
-    "merge": "engine.merge", "memory": "engine.memory", "robust": "engine.robust",
-    "locations": "stores.locations",
-    "federation": "federation.repo", "client": "federation.client",
-    "status": "federation.status", "modelcard": "federation.modelcard",
-    "skip_reasons": "federation.skip_reasons", "plotting": "federation.plotting",
-    "offline": "federation.offline",
-    "rounds": "server.rounds", "streaming": "server.streaming",
-    "validation": "server.validation", "resources": "server.resources",
-    "data": "training.data", "training": "training.trainer",
-    "hf_trainer": "training.hf_trainer", "training_args": "training.args",
-    "evaluation": "training.evaluation", "models": "training.models",
-    "meta_init": "training.meta_init", "quantization": "training.quantization",
-    "memory_estimate": "training.memory_estimate",
-    "trainer_integration": "training.integration",
-    "scheduling": "scheduling.jobs", "webhooks": "scheduling.webhooks",
+# a DeprecationWarning, so existing scripts do not break. An old module that was split
+# lists every module its names went to.
+MOVED_MODULES: dict[str, tuple[str, ...]] = {
+    "adapter_config": ("adapters.config",), "adapter_io": ("adapters.lora",),
+    "patterns": ("adapters.patterns",), "upload_files": ("adapters.upload_files",),
+    "upload_metadata": ("adapters.metadata",),
+    "layers": ("engine.layers",), "compute": ("engine.compute",),
+    "lowrank": ("engine.lowrank",), "stacked_merge": ("engine.stacked_merge",),
+    "task_vectors": ("engine.task_vectors",), "similarity": ("engine.similarity",),
+    "sketch": ("engine.sketch",), "weighting": ("engine.weighting",),  # re-exports evidence
+    "strategies": ("engine.strategies",), "merge": ("engine.merge",),
+    "memory": ("engine.memory",), "robust": ("engine.robust",),
+    "locations": ("stores.locations",),
+    "federation": ("federation.repo", "federation.config"),
+    "client": ("federation.client",), "status": ("federation.status",),
+    "modelcard": ("federation.modelcard",), "skip_reasons": ("federation.skip_reasons",),
+    "plotting": ("federation.plotting",), "offline": ("federation.offline",),
+    "rounds": ("server.rounds",), "streaming": ("server.streaming",),
+    "validation": ("server.validation",), "resources": ("server.resources",),
+    "data": ("training.data", "training.data_files"),
+    "training": ("training.trainer", "training.numerics", "training.start",
+                 "training.memory_check"),
+    "hf_trainer": ("training.hf_trainer",), "training_args": ("training.args",),
+    "evaluation": ("training.evaluation",), "models": ("training.models",),
+    "meta_init": ("training.meta_init",), "quantization": ("training.quantization",),
+    "memory_estimate": ("training.memory_estimate",),
+    "trainer_integration": ("training.integration",),
+    "scheduling": ("scheduling.jobs",),
+    "webhooks": ("scheduling.webhooks", "scheduling.followups", "scheduling.webhook_setup"),
 }
+# Old modules whose name is now a subpackage: the package answers for their names.
+_PACKAGES = {"federation", "training", "scheduling"}
+
+
+def _deprecated(old: str, stacklevel: int) -> None:
+    """Warn at the caller's line (the import system's own frames are skipped)."""
+    new = " / ".join(f"{__name__}.{m}" for m in MOVED_MODULES[old])
+    warnings.warn(f"{__name__}.{old} moved to {new}; import from there, or from fedbip_hub "
+                  "for the public API", DeprecationWarning, stacklevel=stacklevel)
+
+
+def moved_attribute(old: str, name: str) -> Any:
+    """``name`` of the 0.1 module ``fedbip_hub.<old>``, from the module it moved to."""
+    if old in _PACKAGES and importlib.util.find_spec(f"{__name__}.{old}.{name}"):
+        # a submodule of the package that replaced the module (``from fedbip_hub.training
+        # import data``): the import system loads it next, and nothing else gets imported
+        raise AttributeError(f"module '{__name__}.{old}' has no attribute {name!r}")
+    if not name.startswith("__"):
+        for new in MOVED_MODULES[old]:
+            module = importlib.import_module(f"{__name__}.{new}")
+            if hasattr(module, name):
+                _deprecated(old, stacklevel=4)
+                return getattr(module, name)
+    raise AttributeError(f"module '{__name__}.{old}' has no attribute {name!r}")
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Resolves ``fedbip_hub.<old>`` to the module at its new path (the same object).
-
-    Only old names that are no longer packages themselves are aliased: ``federation``,
-    ``training`` and ``scheduling`` are now subpackages, so ``import fedbip_hub.training``
-    gets the package, and its old contents live at the new paths in MOVED_MODULES.
-    """
+    """Resolves ``fedbip_hub.<old>`` to the module at its new path: the same object
+    where the module moved whole, else a module that finds each name where it went."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         old = fullname.removeprefix(__name__ + ".")
@@ -117,20 +142,24 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec: Any) -> Any:
-        new = f"{__name__}.{MOVED_MODULES[spec.name.removeprefix(__name__ + '.')]}"
-        warnings.warn(f"{spec.name} moved to {new}; import from there, or from fedbip_hub "
-                      "for the public API", DeprecationWarning, stacklevel=2)
-        module = importlib.import_module(new)
+        old = spec.name.removeprefix(__name__ + ".")
+        _deprecated(old, stacklevel=3)
+        targets = MOVED_MODULES[old]
+        if len(targets) > 1:
+            return None  # a fresh module; exec_module makes it forward
+        module = importlib.import_module(f"{__name__}.{targets[0]}")
         spec.loader_state = module.__spec__
         return module
 
     def exec_module(self, module: Any) -> None:
+        old = module.__spec__.name.removeprefix(__name__ + ".")
+        if len(MOVED_MODULES[old]) > 1:
+            module.__getattr__ = lambda name: moved_attribute(old, name)
+            return
         # The module already ran at its new path; the import system has just set its
         # __spec__ to the alias's, so give it back its own.
         module.__spec__ = module.__spec__.loader_state
 
-
-_PACKAGES = {"federation", "training", "scheduling"}
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
     sys.meta_path.append(_MovedModuleFinder())

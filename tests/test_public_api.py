@@ -76,30 +76,67 @@ def test_import_is_light() -> None:
     assert json.loads(out) == []
 
 
-@pytest.mark.parametrize("old", ["client", "adapter_io", "rounds", "merge", "data"])
+@pytest.mark.parametrize("old", ["client", "adapter_io", "rounds", "merge", "offline"])
 def test_old_module_paths_still_import_with_a_warning(old: str) -> None:
+    """A module that moved whole: the old path gives the same module object."""
     import importlib
 
-    new = importlib.import_module(f"fedbip_hub.{fedbip_hub.MOVED_MODULES[old]}")
+    (target,) = fedbip_hub.MOVED_MODULES[old]
+    new = importlib.import_module(f"fedbip_hub.{target}")
     sys.modules.pop(f"fedbip_hub.{old}", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         aliased = importlib.import_module(f"fedbip_hub.{old}")
     assert aliased is new
     assert new.__spec__.name == new.__name__  # the alias does not take over its spec
-    assert any(issubclass(w.category, DeprecationWarning)
-               and fedbip_hub.MOVED_MODULES[old] in str(w.message) for w in caught)
+    assert any(issubclass(w.category, DeprecationWarning) and target in str(w.message)
+               for w in caught)
 
 
-def test_every_old_path_maps_to_a_module_that_exists() -> None:
-    for old, new in fedbip_hub.MOVED_MODULES.items():
-        path = ROOT / "fedbip_hub" / (new.replace(".", "/") + ".py")
-        assert path.exists(), (old, new)
+# 0.1 modules that were split (or became packages), and names that went to each part.
+SPLIT_NAMES = {
+    "federation": {"Federation": "federation.repo", "FederationConfig": "federation.config",
+                   "dump_json": "federation.config"},
+    "data": {"load_examples": "training.data_files", "prepare_dataset": "training.data"},
+    "training": {"train_adapter": "training.trainer",
+                 "resolve_precision": "training.numerics"},
+    "webhooks": {"run_job": "scheduling.webhooks",
+                 "run_with_followups": "scheduling.followups"},
+    "scheduling": {"DEFAULT_SCHEDULE": "scheduling.jobs"},
+}
+
+
+@pytest.mark.parametrize("old", sorted(SPLIT_NAMES))
+def test_names_of_split_modules_resolve_from_their_old_path(old: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"fedbip_hub.{old}")
+    for name, home in SPLIT_NAMES[old].items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = getattr(module, name)
+        assert value is getattr(importlib.import_module(f"fedbip_hub.{home}"), name)
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        module.nope  # noqa: B018
+
+
+def test_every_old_path_maps_to_modules_that_exist() -> None:
+    for old, targets in fedbip_hub.MOVED_MODULES.items():
+        for new in targets:
+            assert (ROOT / "fedbip_hub" / (new.replace(".", "/") + ".py")).exists(), new
         assert not (ROOT / "fedbip_hub" / f"{old}.py").exists(), old
 
 
-def test_subpackage_names_are_packages_not_aliases() -> None:
-    import fedbip_hub.training
-
-    assert fedbip_hub.training.__path__  # the package, not the old training module
-    assert not hasattr(fedbip_hub.training, "train_adapter")
+def test_a_subpackage_import_imports_only_that_submodule() -> None:
+    """``from fedbip_hub.training import data_files`` is the submodule, and the package's
+    compatibility lookup imports nothing else (no trainer, no torch)."""
+    code = ("import json, sys\n"
+            "from fedbip_hub.training import data_files\n"
+            "from fedbip_hub.federation import status\n"
+            "print(json.dumps([data_files.__name__, status.__name__, 'torch' in sys.modules,"
+            " 'fedbip_hub.training.trainer' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == ["fedbip_hub.training.data_files",
+                               "fedbip_hub.federation.status", False, False]
