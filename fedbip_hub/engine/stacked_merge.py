@@ -111,17 +111,31 @@ class PairGrams:
 
 
 class _Stack:
-    """A target's stacked factors, as given (for fp32 output products), and in float64
-    on first use (Gram rows, float64 output products), upcast once."""
+    """A target's stacked factors, concatenated as given and in float64 on first use
+    (Gram rows, the exact "cat", float64 output products), each built once; the fp32
+    output products run part by part and need neither."""
 
     def __init__(self, parts: Sequence[Part]):
-        self.u = torch.cat([p.u for p in parts], dim=1)
-        self.v = torch.cat([p.v for p in parts], dim=0)
+        self.parts = parts
         self.bounds = [0]
         for p in parts:
             self.bounds.append(self.bounds[-1] + p.rank)
+        self._u: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
         self._u64: torch.Tensor | None = None
         self._v64: torch.Tensor | None = None
+
+    @property
+    def u(self) -> torch.Tensor:
+        if self._u is None:
+            self._u = torch.cat([p.u for p in self.parts], dim=1)
+        return self._u
+
+    @property
+    def v(self) -> torch.Tensor:
+        if self._v is None:
+            self._v = torch.cat([p.v for p in self.parts], dim=0)
+        return self._v
 
     @property
     def u64(self) -> torch.Tensor:
@@ -213,12 +227,27 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
     wu, wv = scale[:, None] * core.wu[0, :, :width], core.wv[0, :width]
     dtype = parts[0].u.dtype
     if _fp32_products_suffice(gram_u, gram_v, wu, wv, core.sigma[0, :width], dtype):
-        u_out = stack.u @ wu.to(dtype)
-        v_out = wv.to(dtype) @ stack.v
+        u_out, v_out = _products_by_part(parts, stack.bounds, wu.to(dtype), wv.to(dtype))
     else:
         u_out = (stack.u64 @ wu).to(dtype)
         v_out = (wv @ stack.v64).to(dtype)
     return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
+
+
+def _products_by_part(parts: Sequence[Part], bounds: Sequence[int], wu: torch.Tensor,
+                      wv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U·wu and wv·V as sums of per-part products accumulated into one output each, so
+    the d-sized factors are read in place instead of copied into a stack first."""
+    u_out = v_out = None
+    for m, p in enumerate(parts):
+        rows = slice(bounds[m], bounds[m + 1])
+        if u_out is None or v_out is None:
+            u_out, v_out = p.u @ wu[rows], wv[:, rows] @ p.v
+        else:
+            u_out.addmm_(p.u, wu[rows])
+            v_out.addmm_(wv[:, rows], p.v)
+    assert u_out is not None and v_out is not None  # parts is not empty
+    return u_out, v_out
 
 
 def _balanced_stack(u: torch.Tensor, v: torch.Tensor, norms_u: torch.Tensor,
