@@ -84,7 +84,7 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "layers": ("engine.layers",), "compute": ("engine.compute",),
     "lowrank": ("engine.lowrank",), "stacked_merge": ("engine.stacked_merge",),
     "task_vectors": ("engine.task_vectors",), "similarity": ("engine.similarity",),
-    "sketch": ("engine.sketch",), "weighting": ("engine.weighting",),  # re-exports evidence
+    "sketch": ("engine.sketch",), "weighting": ("engine.weighting", "engine.evidence"),
     "strategies": ("engine.strategies",), "merge": ("engine.merge",),
     "memory": ("engine.memory",), "robust": ("engine.robust",),
     "locations": ("stores.locations",),

@@ -23,6 +23,15 @@ TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidde
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
 
 
+def modules_loaded_by(code: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after running ``code`` at the repo
+    root (this test process's own imports do not count)."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    return set(json.loads(out))
+
+
 def save_tiny_base(path: Path, *, num_labels: int = 3, seed: int = 0) -> Path:
     """A 2-layer Llama for sequence classification, built from a config (no download)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from federation_helpers import modules_loaded_by
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fedbip_hub"
@@ -73,14 +71,10 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
 
 def test_importing_the_engine_loads_no_hub_store_or_training_code() -> None:
     """What actually gets imported at run time, transitively, not just what files say."""
-    code = ("import importlib, json, pkgutil, sys\n"
-            "import fedbip_hub.engine as engine\n"
-            "for m in pkgutil.iter_modules(engine.__path__):\n"
-            "    importlib.import_module('fedbip_hub.engine.' + m.name)\n"
-            "print(json.dumps(sorted(sys.modules)))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    loaded = set(json.loads(out))
+    loaded = modules_loaded_by("import importlib, pkgutil\n"
+                               "import fedbip_hub.engine as engine\n"
+                               "for m in pkgutil.iter_modules(engine.__path__):\n"
+                               "    importlib.import_module('fedbip_hub.engine.' + m.name)")
     assert len([m for m in loaded if m.startswith("fedbip_hub.engine.")]) >= 10
     leaked = {m for m in loaded if m.split(".")[0] in FRAMEWORKS - {"tqdm"}  # torch's own
               or m.startswith(("fedbip_hub.stores", "fedbip_hub.training",
@@ -94,7 +88,6 @@ def test_no_module_over_400_lines() -> None:
     sources = [*PACKAGE.rglob("*.py"), *(ROOT / "cli").rglob("*.py"),
                *(ROOT / "server_job").rglob("*.py")]
     long = {str(path.relative_to(ROOT)): n for path in sources
-            if "testing" not in path.relative_to(PACKAGE if path.is_relative_to(PACKAGE)
-                                                 else ROOT).parts
+            if PACKAGE / "testing" not in path.parents
             and (n := len(path.read_text().splitlines())) > 400}
     assert not long, long

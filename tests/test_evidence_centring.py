@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from fedbip_hub.engine.evidence import centred_cosine
 from fedbip_hub.engine.memory import SimilarityMemory
 from fedbip_hub.engine.similarity import SimilarityReport
 from fedbip_hub.engine.strategies import Strategy, compute_weights
-from fedbip_hub.engine.weighting import WeightOptions, centred_cosine, similarity_weights
+from fedbip_hub.engine.weighting import WeightOptions, similarity_weights
 
 
 def _cosine_rows(x: torch.Tensor) -> torch.Tensor:

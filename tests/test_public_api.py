@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from federation_helpers import modules_loaded_by
 
 import fedbip_hub
 
@@ -67,13 +66,9 @@ def test_user_facing_signatures_are_stable(name: str) -> None:
 
 def test_import_is_light() -> None:
     """``import fedbip_hub`` (and reading its API list) loads no torch or Hub client."""
-    code = ("import json, sys, fedbip_hub\n"
-            "names = fedbip_hub.__all__\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "{'torch', 'transformers', 'peft', 'huggingface_hub', 'datasets'})))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    assert json.loads(out) == []
+    loaded = modules_loaded_by("import fedbip_hub\nnames = fedbip_hub.__all__")
+    heavy = {"torch", "transformers", "peft", "huggingface_hub", "datasets"}
+    assert not {m for m in loaded if m.split(".")[0] in heavy}
 
 
 @pytest.mark.parametrize("old", ["client", "adapter_io", "rounds", "merge", "offline"])
@@ -131,12 +126,10 @@ def test_every_old_path_maps_to_modules_that_exist() -> None:
 def test_a_subpackage_import_imports_only_that_submodule() -> None:
     """``from fedbip_hub.training import data_files`` is the submodule, and the package's
     compatibility lookup imports nothing else (no trainer, no torch)."""
-    code = ("import json, sys\n"
-            "from fedbip_hub.training import data_files\n"
-            "from fedbip_hub.federation import status\n"
-            "print(json.dumps([data_files.__name__, status.__name__, 'torch' in sys.modules,"
-            " 'fedbip_hub.training.trainer' in sys.modules]))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    assert json.loads(out) == ["fedbip_hub.training.data_files",
-                               "fedbip_hub.federation.status", False, False]
+    loaded = modules_loaded_by(
+        "from fedbip_hub.training import data_files\n"
+        "from fedbip_hub.federation import status\n"
+        "assert data_files.__name__ == 'fedbip_hub.training.data_files'\n"
+        "assert status.__name__ == 'fedbip_hub.federation.status'")
+    assert "torch" not in loaded
+    assert "fedbip_hub.training.trainer" not in loaded

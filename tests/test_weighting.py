@@ -10,6 +10,7 @@ from factories import brute_cosine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedbip_hub.engine.evidence import model_credibility
 from fedbip_hub.engine.lowrank import cosine_from_gram, dense_gram
 from fedbip_hub.engine.similarity import SimilarityReport
 from fedbip_hub.engine.strategies import METHODS, Strategy, compute_weights
@@ -17,7 +18,6 @@ from fedbip_hub.engine.weighting import (
     WeightOptions,
     group_weights,
     local_weights,
-    model_credibility,
     similarity_weights,
     size_weights,
     uniform_weights,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -120,34 +121,22 @@ class _Stack:
         self.bounds = [0]
         for p in parts:
             self.bounds.append(self.bounds[-1] + p.rank)
-        self._u: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._u64: torch.Tensor | None = None
-        self._v64: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def u(self) -> torch.Tensor:
-        if self._u is None:
-            self._u = torch.cat([p.u for p in self.parts], dim=1)
-        return self._u
+        return torch.cat([p.u for p in self.parts], dim=1)
 
-    @property
+    @cached_property
     def v(self) -> torch.Tensor:
-        if self._v is None:
-            self._v = torch.cat([p.v for p in self.parts], dim=0)
-        return self._v
+        return torch.cat([p.v for p in self.parts], dim=0)
 
-    @property
+    @cached_property
     def u64(self) -> torch.Tensor:
-        if self._u64 is None:
-            self._u64 = self.u.to(F64)
-        return self._u64
+        return self.u.to(F64)
 
-    @property
+    @cached_property
     def v64(self) -> torch.Tensor:
-        if self._v64 is None:
-            self._v64 = self.v.to(F64)
-        return self._v64
+        return self.v.to(F64)
 
 
 def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
@@ -238,15 +227,12 @@ def _products_by_part(parts: Sequence[Part], bounds: Sequence[int], wu: torch.Te
                       wv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """U·wu and wv·V as sums of per-part products accumulated into one output each, so
     the d-sized factors are read in place instead of copied into a stack first."""
-    u_out = v_out = None
-    for m, p in enumerate(parts):
+    first = slice(bounds[0], bounds[1])
+    u_out, v_out = parts[0].u @ wu[first], wv[:, first] @ parts[0].v
+    for m in range(1, len(parts)):
         rows = slice(bounds[m], bounds[m + 1])
-        if u_out is None or v_out is None:
-            u_out, v_out = p.u @ wu[rows], wv[:, rows] @ p.v
-        else:
-            u_out.addmm_(p.u, wu[rows])
-            v_out.addmm_(wv[:, rows], p.v)
-    assert u_out is not None and v_out is not None  # parts is not empty
+        u_out.addmm_(parts[m].u, wu[rows])
+        v_out.addmm_(wv[:, rows], parts[m].v)
     return u_out, v_out
 
 

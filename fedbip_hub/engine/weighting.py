@@ -18,14 +18,7 @@ from typing import Literal
 
 import torch
 
-from fedbip_hub.engine.evidence import (  # noqa: F401  (re-exported: the rule's maths lives there)
-    Background,
-    background_of,
-    centred_cosine,
-    evidence_credibility,
-    evidence_weights,
-    model_credibility,
-)
+from fedbip_hub.engine.evidence import background_of, evidence_weights
 
 RuleName = Literal["evidence", "normalize", "softmax", "zscore"]
 
