@@ -181,6 +181,11 @@ class FederationState(BaseModel):
     round: int = Field(0, ge=0)
     in_progress: dict | None = None
     clients: dict[str, ClientState] = Field(default_factory=dict)
+    # The merge settings the last completed round ran under (fedbip_hub.federation.
+    # settings) and their SHA-256: a round that finds them changed re-merges everyone.
+    # None: no round recorded them yet (a federation from before fedbip recorded them).
+    merge_settings: dict | None = None
+    merge_fingerprint: str | None = None
 
     def client(self, name: str) -> ClientState:
         return self.clients.setdefault(name, ClientState())

@@ -60,16 +60,18 @@ class Computed:
 
 
 def compute(ctx: RoundContext, strategy: Strategy, config: FederationConfig,
-            collected: Collected, stored: SimilarityMemory | None) -> Computed:
+            collected: Collected, stored: SimilarityMemory | None, *,
+            remerge: bool = False) -> Computed:
     """The maths, run again without the culprits until it passes (each pass drops at
-    least one client); raises when the failure cannot be pinned on some clients."""
+    least one client); raises when the failure cannot be pinned on some clients.
+    ``remerge``: the merge settings changed, every input is merged (fresh or not)."""
     plan, vectors, inputs = collected.plan, collected.vectors, collected.inputs
     skipped, refused = dict(collected.skipped), dict(collected.refused)
     evicted = dict(collected.evicted)
     while True:
         try:
             return _attempt(ctx, plan, strategy, config, collected, vectors, inputs,
-                            skipped, refused, evicted, stored)
+                            skipped, refused, evicted, stored, remerge)
         except Exception as exc:
             drops = _culprits(ctx, exc, plan, strategy, config, collected, vectors, inputs)
             if not drops:
@@ -88,11 +90,12 @@ def compute(ctx: RoundContext, strategy: Strategy, config: FederationConfig,
 def _attempt(ctx: RoundContext, plan: RoundPlan, strategy: Strategy,
              config: FederationConfig, collected: Collected, vectors: list[TaskVector],
              inputs: list[PinnedInput], skipped: dict[str, str], refused: dict[str, str],
-             evicted: dict[str, str], stored: SimilarityMemory | None) -> Computed:
+             evicted: dict[str, str], stored: SimilarityMemory | None,
+             remerge: bool = False) -> Computed:
     """Similarity, copies, guards, memory and merge over the clients that passed the
-    gate."""
+    gate (with no fresh one, only to re-merge under changed settings)."""
     skipped, refused = dict(skipped), dict(refused)
-    if not any(p.fresh for p in inputs):
+    if not inputs or not (remerge or any(p.fresh for p in inputs)):
         return Computed(plan, vectors, inputs, skipped, refused, evicted)
     cosine = similarity(ctx, strategy, vectors, inputs)
     # Copies first: the guards' statistics and the weights then count each set once.
@@ -103,7 +106,7 @@ def _attempt(ctx: RoundContext, plan: RoundPlan, strategy: Strategy,
     vectors, inputs = screened.vectors, screened.inputs
     if copies is not None:
         copies = copies.remap([p.client for p in before], [p.client for p in inputs])
-    if not any(p.fresh for p in inputs):
+    if not inputs or not (remerge or any(p.fresh for p in inputs)):
         return Computed(plan, vectors, inputs, skipped, refused, evicted, screened.report,
                         cosine.info, norm_guard=screened.details,
                         duplicates=(describe_duplicates(copies, [p.client for p in inputs])
@@ -112,7 +115,7 @@ def _attempt(ctx: RoundContext, plan: RoundPlan, strategy: Strategy,
                           stored=stored, evicted=evicted)
     blocked, signs = screen_signs(ctx, strategy, remembered.cosines, inputs, copies)
     weighed = weigh(plan, strategy, inputs, remembered.cosines, screened.scale, blocked,
-                    copies, groups=ctx.groups)
+                    copies, groups=ctx.groups, remerge=remerge)
     merged = merge(ctx, strategy, config, collected.init, vectors, inputs, weighed,
                    collected.latest_folders)
     try:

@@ -15,7 +15,7 @@ from fedbip_hub.adapters.lora import LoraAdapter
 from fedbip_hub.engine.compute import resolve_device
 from fedbip_hub.engine.memory import SimilarityMemory
 from fedbip_hub.engine.strategies import oracle_groups
-from fedbip_hub.errors import ConflictError, RoundInProgressError, StoreError
+from fedbip_hub.errors import ConfigError, ConflictError, RoundInProgressError, StoreError
 from fedbip_hub.federation.config import (
     INIT_DIR,
     STATE_FILE,
@@ -23,6 +23,7 @@ from fedbip_hub.federation.config import (
     FederationState,
     dump_json,
 )
+from fedbip_hub.federation.settings import changed_settings, merge_settings
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import RoundPlan, read_lease, round_deadline
 from fedbip_hub.server.scan import scan_members, waiting_reason, waits
@@ -48,6 +49,9 @@ class Planned:
     resumed: bool  # this job resumes a plan another job made (it may have published)
     fed_head: str | None  # the federation head this job last saw holding its lease
     memory: SimilarityMemory | None  # the stored similarity memory (None: not used)
+    # setting → [before, now]: the merge settings that changed since the last completed
+    # round (fedbip_hub.federation.settings); the round then re-merges every input.
+    settings_changed: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,16 @@ def take_lease(ctx: RoundContext) -> Planned | NothingNew:
             ctx.store.deadline = round_deadline(config, ctx.store.deadline)
         if attempt == 0 and state.in_progress is not None:
             first_holder = str(state.in_progress.get("job_id"))
-        proposal = plan_or_resume(ctx, head, config, state, first_holder=first_holder)
+        changes = settings_changes(config, state)
+        proposal = plan_or_resume(ctx, head, config, state, first_holder=first_holder,
+                                  settings_changed=bool(changes))
         plan, resumed = proposal.plan, resumed or proposal.resumed
         if plan is None:
             ctx.log("Nothing new since the last round: no commit.")
             return NothingNew(state.round, proposal.skipped)
         memory = preflight(ctx, config, plan)
         if ctx.dry_run:
-            return Planned(plan, config, resumed, None, memory)
+            return Planned(plan, config, resumed, None, memory, changes)
         # Planning a round and resuming one both commit the lease with the head as
         # parent: of concurrent jobs (takeovers included) exactly one wins it.
         verb = "started" if state.in_progress is None else "resumed"
@@ -88,11 +94,23 @@ def take_lease(ctx: RoundContext) -> Planned | NothingNew:
             fed_head = ctx.store.commit(
                 ctx.fed.repo_id, {STATE_FILE: dump_json(state)},
                 message=f"fedbip: round {plan.round} {verb}", parent=head)
-            return Planned(plan, config, resumed, fed_head, memory)
+            return Planned(plan, config, resumed, fed_head, memory, changes)
         except ConflictError:
             ctx.log("The federation repo moved while planning; planning again.")
     raise StoreError("the federation repo kept moving while planning the round.",
                      hint="Retry in a moment.")
+
+
+def settings_changes(config: FederationConfig, state: FederationState
+                     ) -> dict[str, list]:
+    """The merge settings changed since the last completed round recorded them (empty:
+    none, or none recorded yet). Read from the config and state already at hand: an idle
+    round costs no call more. A strategy that does not validate changes nothing here; a
+    round with news reports it (``preflight``)."""
+    try:
+        return changed_settings(state.merge_settings, merge_settings(config))
+    except ConfigError:
+        return {}
 
 
 def preflight(ctx: RoundContext, config: FederationConfig, plan: RoundPlan
@@ -112,9 +130,11 @@ def preflight(ctx: RoundContext, config: FederationConfig, plan: RoundPlan
 
 
 def plan_or_resume(ctx: RoundContext, head: str, config: FederationConfig,
-                   state: FederationState, *, first_holder: str | None = None) -> Proposal:
+                   state: FederationState, *, first_holder: str | None = None,
+                   settings_changed: bool = False) -> Proposal:
     """The lease's plan when it may be taken over (its lease expired, or --takeover of
-    the job first found), a new plan when members brought news, else no plan."""
+    the job first found), a new plan when members brought news or the merge settings
+    changed (every member with an input is then re-merged), else no plan."""
     ctx.fed.check_not_rolled_back(head, state)
     if state.in_progress is not None:
         plan = read_lease(state.in_progress, ctx.fed.address)
@@ -140,7 +160,8 @@ def plan_or_resume(ctx: RoundContext, head: str, config: FederationConfig,
     skipped.update(membership.problems)  # broken members/*.json: file → why
     waiting = {name for name, pinned in inputs.items()
                if pinned.fresh and waits(state.client(name), pinned)}
-    if not any(p.fresh for name, p in inputs.items() if name not in waiting):
+    news = any(p.fresh for name, p in inputs.items() if name not in waiting)
+    if not news and not (settings_changed and inputs):
         for name in waiting:
             skipped[name] = waiting_reason(state.client(name).internal_error_round)
         return Proposal(None, skipped=skipped)

@@ -20,6 +20,7 @@ from fedbip_hub.federation.config import (
     round_record_path,
     utc_now,
 )
+from fedbip_hub.federation.settings import describe_changes, fingerprint, merge_settings
 from fedbip_hub.server.compute import Computed
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import check_lease
@@ -29,9 +30,11 @@ from fedbip_hub.server.weights import staleness_discount
 
 
 def round_record(ctx: RoundContext, strategy: Strategy, computed: Computed,
-                 outputs: dict[str, dict]) -> dict:
+                 outputs: dict[str, dict], *,
+                 settings_changed: dict[str, list] | None = None) -> dict:
     """The round's record (timings and Hub calls are added as the round ends). Closes
-    the staging area: everything is published by now."""
+    the staging area: everything is published by now. ``settings_changed`` (setting →
+    [before, now]) says why every member was re-merged."""
     plan, inputs, report = computed.plan, computed.inputs, computed.report
     merged, weights = computed.merged.adapters, computed.weights
     similarity = report.to_json() if report is not None else None
@@ -69,6 +72,9 @@ def round_record(ctx: RoundContext, strategy: Strategy, computed: Computed,
     record["evicted"] = dict(computed.evicted)
     record["duplicates"] = computed.duplicates
     record["compute"] = _compute_record(ctx, strategy, computed)
+    record["settings_changed"] = ({"reason": describe_changes(settings_changed),
+                                   "changes": settings_changed}
+                                  if settings_changed else None)
     return record
 
 
@@ -94,6 +100,7 @@ def complete(ctx: RoundContext, config: FederationConfig, record: dict,
     record["publish_failed"] = {name: why for name, (why, _) in failed.items()}
     record["skipped"].update({name: text for name, (_, text) in failed.items()})
     cosines = computed.cosines
+    settings = merge_settings(config)
     heatmap = None
     if cosines is not None:
         heatmap = published.heatmap if published.heatmap is not None else heatmap_png(cosines)
@@ -157,6 +164,10 @@ def complete(ctx: RoundContext, config: FederationConfig, record: dict,
             client_state.seen_head = None  # looked at again each round, see scan.waits
         state.round = plan.round
         state.in_progress = None
+        # Committed with the completed round only: a round stopped before this commit
+        # finds the settings still changed when it resumes, and re-merges.
+        state.merge_settings = settings
+        state.merge_fingerprint = fingerprint(settings)
         files = {STATE_FILE: dump_json(state),
                  round_record_path(plan.round): dump_json(record),
                  "README.md": dashboard_card(config, ctx.fed.members(head), state,

@@ -10,6 +10,7 @@ from typing import Any
 
 from fedbip_hub.engine.strategies import Strategy
 from fedbip_hub.federation.repo import Federation
+from fedbip_hub.federation.settings import describe_changes
 from fedbip_hub.server.collect import collect
 from fedbip_hub.server.compute import Computed, compute
 from fedbip_hub.server.context import LogFn, ProgressFn, RoundContext, quiet_progress
@@ -100,13 +101,17 @@ def run_stages(ctx: RoundContext) -> dict:
     collected = collect(ctx, planned.plan, config)
     ctx.clock.lap("download_validate")
     ctx.checkpoint("downloaded")
-    computed = compute(ctx, strategy, config, collected, planned.memory)
+    remerge = bool(planned.settings_changed)
+    if remerge:
+        ctx.log(f"Re-merging every member: {describe_changes(planned.settings_changed)}.")
+    computed = compute(ctx, strategy, config, collected, planned.memory, remerge=remerge)
     try:  # a round stopped by an error frees its staging disk
         ctx.clock.lap("compute")
         ctx.checkpoint("computed")
         published = _publish(ctx, planned, strategy, computed, collected.init.config)
         ctx.clock.lap("publish")
-        record = round_record(ctx, strategy, computed, published.outputs)
+        record = round_record(ctx, strategy, computed, published.outputs,
+                              settings_changed=planned.settings_changed)
         if not ctx.dry_run:
             ctx.checkpoint("before-record")
             record["timings"] = ctx.clock.timings()  # the committed record keeps them

@@ -34,9 +34,11 @@ def staleness_discount(staleness: int, beta: float) -> float:
 def weigh(plan: RoundPlan, strategy: Strategy, inputs: list[PinnedInput],
           cosines: CosineSource, scale: torch.Tensor, blocked: list[int],
           copies: DuplicateGroups | None = None, *,
-          groups: Mapping[str, str] | None = None) -> Weighed:
+          groups: Mapping[str, str] | None = None, remerge: bool = False) -> Weighed:
     """The weights over ``inputs`` and the targets they change (see ``changed_targets``);
-    ``groups`` are the oracle's true task groups (benchmarks only)."""
+    ``groups`` are the oracle's true task groups (benchmarks only). ``remerge`` (the
+    merge settings changed since the last round) makes every input a target: an adapter
+    no fresh update reaches is still one the old settings built."""
     k = len(inputs)
     fresh = torch.tensor([p.fresh for p in inputs], dtype=torch.bool)
     fresh[blocked] = False  # the weighting forces the diagonal back on: self is kept
@@ -56,8 +58,9 @@ def weigh(plan: RoundPlan, strategy: Strategy, inputs: list[PinnedInput],
         [staleness_discount(p.staleness, strategy.staleness_beta) if p.fresh else 0.0
          for p in inputs], dtype=torch.float64) * scale
     weights = _bounded(weights, strategy, fresh & (contribution > 0))
-    targets = changed_targets(weights, contribution,
-                              [plan.latest.get(p.client) is not None for p in inputs])
+    targets = (list(range(k)) if remerge else
+               changed_targets(weights, contribution,
+                               [plan.latest.get(p.client) is not None for p in inputs]))
     return Weighed(weights, contribution, targets)
 
 
