@@ -26,6 +26,7 @@ from fedbip_hub.federation.config import (
 from fedbip_hub.federation.settings import changed_settings, merge_settings
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import RoundPlan, read_lease, round_deadline
+from fedbip_hub.server.replay import replay_last_round
 from fedbip_hub.server.scan import scan_members, waiting_reason, waits
 from fedbip_hub.server.similarity_stage import stored_memory
 
@@ -165,15 +166,21 @@ def plan_or_resume(ctx: RoundContext, head: str, config: FederationConfig,
         for name in waiting:
             skipped[name] = waiting_reason(state.client(name).internal_error_round)
         return Proposal(None, skipped=skipped)
-    now = datetime.now(timezone.utc)
     latest = {name: None if name in scan.restarted else
               (state.client(name).personalized_history or [None])[-1]
               for name in inputs}
+    replay = None
+    if not news and not waiting:  # settings changed, nothing fresh: replay the last round
+        replay = replay_last_round(ctx, head, state, scan)
+        if replay is not None:
+            inputs, latest = replay.inputs, replay.latest
+    now = datetime.now(timezone.utc)
     return Proposal(RoundPlan(
         plan_id=uuid.uuid4().hex, round=state.round + 1, job_id=uuid.uuid4().hex[:12],
         started_at=now.isoformat(timespec="seconds"),
         lease_until=(now + timedelta(minutes=config.lease_minutes)).isoformat(
             timespec="seconds"),
         federation_revision=head, inputs=inputs, latest=latest, skipped=skipped,
-        restarted=scan.restarted, fallbacks=scan.fallbacks, heads=scan.heads),
-        skipped=skipped)
+        restarted=scan.restarted, fallbacks=scan.fallbacks, heads=scan.heads,
+        replay_of=replay.round if replay else None,
+        memory_revision=replay.memory_revision if replay else None), skipped=skipped)

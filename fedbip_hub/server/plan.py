@@ -69,6 +69,11 @@ class RoundPlan(BaseModel):
     # the end (no store error); the completed round records it as the client's
     # ``seen_head``, so the next round skips the member while its head stays there.
     heads: dict[str, str] = Field(default_factory=dict)
+    # A settings change with no fresh upload replays this completed round under the new
+    # settings (fedbip_hub.server.replay); its similarity memory is the one stored at
+    # ``memory_revision`` (the revision that round started from), not the latest.
+    replay_of: int | None = None
+    memory_revision: str | None = None
 
     def lease_expired(self) -> bool:
         return datetime.fromisoformat(self.lease_until) < datetime.now(timezone.utc)

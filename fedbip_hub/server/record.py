@@ -72,6 +72,10 @@ def round_record(ctx: RoundContext, strategy: Strategy, computed: Computed,
     record["evicted"] = dict(computed.evicted)
     record["duplicates"] = computed.duplicates
     record["compute"] = _compute_record(ctx, strategy, computed)
+    # What each target was merged onto, for a later replay of this round (replay.py).
+    record["latest"] = dict(plan.latest)
+    record["replay"] = ({"round": plan.replay_of, "memory_revision": plan.memory_revision}
+                        if plan.replay_of is not None else None)
     record["settings_changed"] = ({"reason": describe_changes(settings_changed),
                                    "changes": settings_changed}
                                   if settings_changed else None)

@@ -101,9 +101,13 @@ def run_stages(ctx: RoundContext) -> dict:
     collected = collect(ctx, planned.plan, config)
     ctx.clock.lap("download_validate")
     ctx.checkpoint("downloaded")
-    remerge = bool(planned.settings_changed)
-    if remerge:
-        ctx.log(f"Re-merging every member: {describe_changes(planned.settings_changed)}.")
+    # Changed merge settings re-merge every input (a replay's too, even if they were
+    # changed back meanwhile: its plan replaces the round it replays for everyone).
+    remerge = bool(planned.settings_changed) or planned.plan.replay_of is not None
+    if planned.settings_changed:
+        replay = planned.plan.replay_of
+        ctx.log(f"Re-merging every member ({describe_changes(planned.settings_changed)})"
+                + (f", replaying round {replay}'s updates." if replay else "."))
     computed = compute(ctx, strategy, config, collected, planned.memory, remerge=remerge)
     try:  # a round stopped by an error frees its staging disk
         ctx.clock.lap("compute")

@@ -68,13 +68,15 @@ def require_finite(report: SimilarityReport) -> None:
 
 def stored_memory(ctx: RoundContext, plan: RoundPlan, strategy: Strategy
                   ) -> SimilarityMemory:
-    """The memory at the plan's pinned revision (empty when there is none), read once by
-    the preflight for the whole round (memories are never mutated)."""
+    """The memory at the plan's pinned revision (a replay's: the one the round it replays
+    started from), empty when there is none, read once by the preflight for the whole
+    round (memories are never mutated)."""
     keyed = storage_granularity(strategy.effective_granularity or "layer")
     memory = SimilarityMemory(granularity=keyed)
-    if ctx.store.file_exists(ctx.fed.repo_id, MEMORY_FILE, plan.federation_revision):
+    revision = plan.memory_revision or plan.federation_revision
+    if ctx.store.file_exists(ctx.fed.repo_id, MEMORY_FILE, revision):
         memory = SimilarityMemory.from_bytes(
-            ctx.store.read_bytes(ctx.fed.repo_id, MEMORY_FILE, plan.federation_revision),
+            ctx.store.read_bytes(ctx.fed.repo_id, MEMORY_FILE, revision),
             granularity=keyed)
     return memory
 

@@ -1,0 +1,297 @@
+"""A change of the federation's merge settings between rounds re-merges and republishes
+every member with an input, even with no fresh upload; an idle round with the same
+settings still writes nothing (fedbip_hub.federation.settings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from federation_helpers import (
+    CLIENTS,
+    Crash,
+    crash_at,
+    new_local_federation,
+    peft_delta,
+    publish_commits,
+    pull_and_push,
+    set_strategy,
+)
+
+from fedbip_hub.engine.strategies import Strategy
+from fedbip_hub.federation.client import latest_personalized_revision
+from fedbip_hub.federation.config import (
+    FEDERATION_FILE,
+    PERSONALIZED_DIR,
+    FederationConfig,
+    LoraSpec,
+    dump_json,
+)
+from fedbip_hub.federation.settings import (
+    changed_settings,
+    describe_changes,
+    fingerprint,
+    merge_settings,
+)
+from fedbip_hub.server.rounds import RoundRunner, run_round
+
+
+def _edit_config(fed, **fields) -> None:
+    """Commit federation.json with top-level ``fields`` replaced."""
+    config = fed.config().model_copy(update=fields)
+    fed.store.commit(fed.repo_id, {FEDERATION_FILE: dump_json(config)},
+                     message="test: edit the config")
+
+
+def _published_folder(fed, client: str):
+    repo = fed.member(client).repo_id
+    return fed.store.fetch_folder(repo, latest_personalized_revision(fed, repo),
+                                  PERSONALIZED_DIR)
+
+
+def _peft_rank(tiny_base, folder) -> int:
+    """r as PEFT loads it, checked against the loaded lora_A factors' shapes."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_base)
+    model = PeftModel.from_pretrained(base, str(folder))
+    ranks = {module.lora_A["default"].weight.shape[0] for name, module in
+             model.named_modules() if hasattr(module, "lora_A") and "default" in
+             getattr(module, "lora_A", {})}
+    assert len(ranks) == 1, ranks
+    assert model.peft_config["default"].r == next(iter(ranks))
+    return next(iter(ranks))
+
+
+def test_an_output_rank_change_republishes_every_member_at_the_new_rank(tmp_path,
+                                                                          tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    first = run_round(fed)
+    assert first["status"] == "completed" and first["settings_changed"] is None
+    assert {_peft_rank(tiny_base, _published_folder(fed, c)) for c in CLIENTS} == {4}
+    assert run_round(fed)["status"] == "nothing-new"
+    commits = {c: publish_commits(fed, c) for c in CLIENTS}
+    before = {c: peft_delta(tiny_base, _published_folder(fed, c)) for c in CLIENTS}
+
+    set_strategy(fed, rank=2)
+    record = run_round(fed)
+    assert record["status"] == "completed" and record["round"] == 2
+    # Nothing fresh: round 1 is replayed under the new settings, its inputs pinned as
+    # its record lists them, each target merged onto what round 1 merged it onto.
+    assert record["replay"] == {"round": 1,
+                                "memory_revision": first["federation_revision"]}
+    assert record["inputs"] == first["inputs"]
+    assert record["latest"] == first["latest"] == dict.fromkeys(CLIENTS)
+    assert record["weights"] == first["weights"]  # the same strategy otherwise
+    assert sorted(record["outputs"]) == sorted(CLIENTS) and record["unchanged"] == {}
+    assert record["settings_changed"]["changes"] == {"output_rank": [4, 2]}
+    assert record["settings_changed"]["reason"] == "settings changed: output_rank 4 → 2"
+    for client in CLIENTS:
+        assert publish_commits(fed, client) == commits[client] + 1
+        folder = _published_folder(fed, client)
+        assert _peft_rank(tiny_base, folder) == 2
+        after = peft_delta(tiny_base, folder)
+        # Round 1's merge at rank 2: the best rank-2 approximation of the same sum,
+        # i.e. of round 1's rank-4 ΔW (Eckart–Young truncations nest); the head as it was.
+        for key, old in before[client].items():
+            if key.startswith("score"):
+                assert torch.allclose(after[key], old, atol=1e-6), key
+                continue
+            u, s, vh = torch.linalg.svd(old)
+            best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+            assert torch.allclose(after[key], best, atol=1e-5), key
+            assert not torch.allclose(after[key], old, atol=1e-5), key
+    state = fed.state()
+    assert state.merge_settings["output_rank"] == 2
+    assert state.merge_fingerprint == fingerprint(merge_settings(fed.config()))
+    # The next idle round, same settings: nothing to do, nothing republished.
+    assert run_round(fed)["status"] == "nothing-new"
+    assert {c: publish_commits(fed, c) for c in CLIENTS} == {
+        c: n + 1 for c, n in commits.items()}
+
+
+def _tensors_of(fed) -> dict[str, dict[str, torch.Tensor]]:
+    return {c: peft_delta(fed.config().base_model, _published_folder(fed, c)) for c in CLIENTS}
+
+
+def test_a_rule_change_replays_the_last_round_under_the_new_rule(tmp_path, tiny_base):
+    """No upload since round 1, then the strategy becomes uniform: round 2 redoes round
+    1's merge with uniform weights, exactly what round 1 would have published under them."""
+    fed = new_local_federation(tmp_path / "changed", tiny_base)
+    first = run_round(fed)
+    set_strategy(fed, method="uniform")
+    record = run_round(fed)
+    assert record["status"] == "completed" and record["replay"]["round"] == 1
+    assert record["settings_changed"]["changes"]["method"] == ["fedbip-l", "uniform"]
+    k = len(CLIENTS)
+    assert record["weights"] == {"model": [[round(1 / k, 6)] * k] * k}  # the new rule
+    assert record["weights"] != first["weights"]
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+    replayed = _tensors_of(fed)
+
+    # The same members and uploads, uniform from the start.
+    reference = new_local_federation(tmp_path / "reference", tiny_base, method="uniform")
+    assert run_round(reference)["weights"] == record["weights"]
+    expected = _tensors_of(reference)
+    for client in CLIENTS:
+        for key, delta in expected[client].items():
+            assert torch.allclose(replayed[client][key], delta, atol=1e-6), (client, key)
+    # Uniform weights give every member the same adapter; round 1's did not.
+    assert all(torch.allclose(replayed["alice"][key], replayed["carol"][key], atol=1e-6)
+               for key in replayed["alice"])
+    # Nothing was consumed again: the state's uploads are round 1's, and the next
+    # round with nothing new does nothing.
+    state = fed.state()
+    for client in CLIENTS:
+        assert state.clients[client].consumed_upload == first["inputs"][client]["upload_id"]
+        assert len(state.clients[client].personalized_history) == 2
+    assert run_round(fed)["status"] == "nothing-new"
+
+
+def test_a_self_share_change_reweighs_with_the_new_share(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    set_strategy(fed, rule="zscore", self_share=0.3)
+    first = run_round(fed)
+    before = _tensors_of(fed)
+    set_strategy(fed, self_share=0.8)
+    record = run_round(fed)
+    assert record["settings_changed"]["changes"] == {"self_share": [0.3, 0.8]}
+    after = _tensors_of(fed)
+    shared = 0
+    for key, matrix in record["weights"].items():
+        for i, row in enumerate(matrix):
+            old = first["weights"][key][i]
+            assert sum(row) == pytest.approx(1.0, abs=1e-5)
+            if old[i] == 1.0:  # no peer stood out: self only, whatever the share
+                assert row[i] == 1.0, key
+                continue
+            shared += 1  # the same peers, the new self share
+            assert old[i] == pytest.approx(0.3, abs=1e-6), key
+            assert row[i] == pytest.approx(0.8, abs=1e-6), key
+            assert [x > 0 for x in row] == [x > 0 for x in old]
+    assert shared
+    assert any(not torch.allclose(after[c][key], before[c][key], atol=1e-6)
+               for c in CLIENTS for key in before[c])
+
+
+def test_with_fresh_uploads_the_members_no_update_reaches_are_republished_too(tmp_path,
+                                                                            tiny_base):
+    """"local" shares nothing: before, only the member who pushed was republished and the
+    others kept their rank-4 adapters under a rank-2 federation."""
+    fed = new_local_federation(tmp_path, tiny_base, method="local")
+    run_round(fed)
+    before = _tensors_of(fed)
+    pull_and_push(fed, tmp_path, "alice", seed=40, group=0)
+    set_strategy(fed, rank=2)
+    record = run_round(fed)
+    assert record["replay"] is None  # news: an ordinary round under the new settings
+    assert {c: p["fresh"] for c, p in record["inputs"].items()} == {
+        "alice": True, "bob": False, "carol": False}
+    assert sorted(record["outputs"]) == sorted(CLIENTS) and record["unchanged"] == {}
+    after = _tensors_of(fed)
+    for client in ("bob", "carol"):  # their own adapter, at the new rank
+        assert _peft_rank(tiny_base, _published_folder(fed, client)) == 2
+        for key, old in before[client].items():
+            if key.startswith("score"):
+                assert torch.allclose(after[client][key], old, atol=1e-6)
+                continue
+            u, s, vh = torch.linalg.svd(old)
+            assert torch.allclose(after[client][key], u[:, :2] @ torch.diag(s[:2]) @ vh[:2],
+                                  atol=1e-5), (client, key)
+    assert _peft_rank(tiny_base, _published_folder(fed, "alice")) == 2
+    assert run_round(fed)["status"] == "nothing-new"
+
+
+IGNORED = {
+    "lease_minutes": lambda fed: _edit_config(fed, lease_minutes=30.0),
+    "limits": lambda fed: _edit_config(fed, limits=fed.config().limits.model_copy(
+        update={"max_rank": 64, "max_adapter_mb": 100.0})),
+    "allow_public_members": lambda fed: _edit_config(fed, allow_public_members=True),
+    "a default spelled out": lambda fed: set_strategy(fed, self_share=0.3, top_k=None,
+                                                      refactor="svd"),
+    "lora.r under an explicit rank": lambda fed: (
+        set_strategy(fed, rank=4),
+        _edit_config(fed, lora=fed.config().lora.model_copy(update={"r": 16}))),
+}
+
+
+@pytest.mark.parametrize("case", list(IGNORED))
+def test_settings_that_do_not_change_the_merge_trigger_nothing(case, tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    commits = {c: publish_commits(fed, c) for c in CLIENTS}
+    IGNORED[case](fed)
+    record = run_round(fed)
+    assert record["status"] == "nothing-new", record
+    assert {c: publish_commits(fed, c) for c in CLIENTS} == commits
+
+
+def test_the_federations_lora_r_is_the_output_rank_when_the_strategy_sets_none(tmp_path,
+                                                                             tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    _edit_config(fed, lora=fed.config().lora.model_copy(update={"r": 2}))
+    record = run_round(fed)
+    assert record["settings_changed"]["changes"] == {"output_rank": [4, 2]}
+    assert {_peft_rank(tiny_base, _published_folder(fed, c)) for c in CLIENTS} == {2}
+
+
+def test_the_settings_diff():
+    config = FederationConfig(name="t", base_model="b", lora=LoraSpec(r=8))
+    settings = merge_settings(config)
+    assert settings["output_rank"] == 8 and "rank" not in settings
+    assert set(settings) == set(Strategy.model_fields) - {"rank"} | {"output_rank"}
+    assert changed_settings(None, settings) == {}  # nothing recorded yet
+    assert changed_settings(settings, settings) == {}
+    wider = merge_settings(config.model_copy(update={"strategy": {"rank": 16, "top_k": 2}}))
+    assert changed_settings(settings, wider) == {"output_rank": [8, 16], "top_k": [None, 2]}
+    assert (describe_changes(changed_settings(settings, wider))
+            == "settings changed: output_rank 8 → 16, top_k null → 2")
+    # A field one side lacks (added or removed by a fedbip version) is no change.
+    assert changed_settings({**settings, "retired_option": 1}, settings) == {}
+    assert changed_settings(settings, {**settings, "new_option": 1}) == {}
+    # The fingerprint is of the canonical JSON: key order does not matter.
+    assert fingerprint(dict(reversed(list(settings.items())))) == fingerprint(settings)
+    assert fingerprint(wider) != fingerprint(settings)
+
+
+@pytest.mark.parametrize("step", ["planned", "published:bob", "before-record"])
+def test_a_remerge_stopped_at_any_step_resumes_and_still_remerges(step, tmp_path,
+                                                                 tiny_base):
+    """The settings are committed with the completed round only: a resumed re-merge still
+    sees them changed and ends as the uninterrupted one does."""
+    reference = new_local_federation(tmp_path / "clean", tiny_base)
+    run_round(reference)
+    set_strategy(reference, rank=2, self_share=0.5)
+    run_round(reference)
+    expected = _tensors_of(reference)
+
+    fed = new_local_federation(tmp_path / "crashed", tiny_base)
+    run_round(fed)
+    set_strategy(fed, rank=2, self_share=0.5)
+    with pytest.raises(Crash):
+        RoundRunner(fed, checkpoint=crash_at(step)).run()
+    assert fed.state().merge_settings["output_rank"] == 4  # not committed yet
+    record = run_round(fed, takeover=True)
+    assert record["status"] == "completed" and record["round"] == 2
+    assert record["replay"]["round"] == 1
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+    for client, tensors in _tensors_of(fed).items():
+        assert publish_commits(fed, client) == 2  # one per plan, resumed or not
+        for key, value in expected[client].items():
+            assert torch.allclose(tensors[key], value, atol=1e-6), (client, key)
+    assert fed.state().merge_settings["output_rank"] == 2
+    assert run_round(fed)["status"] == "nothing-new"
+
+
+def test_a_round_planned_before_the_change_applies_it_when_resumed(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base, method="local")
+    run_round(fed)
+    pull_and_push(fed, tmp_path, "alice", seed=41, group=0)
+    with pytest.raises(Crash):
+        RoundRunner(fed, checkpoint=crash_at("planned")).run()
+    set_strategy(fed, rank=2)  # while the round's lease is held
+    record = run_round(fed, takeover=True)
+    assert record["settings_changed"]["changes"] == {"output_rank": [4, 2]}
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+    assert {_peft_rank(tiny_base, _published_folder(fed, c)) for c in CLIENTS} == {2}
