@@ -10,6 +10,7 @@ from federation_helpers import (
     CLIENTS,
     Crash,
     crash_at,
+    new_hub_federation,
     new_local_federation,
     peft_delta,
     publish_commits,
@@ -26,6 +27,7 @@ from fedbip_hub.federation.config import (
     LoraSpec,
     dump_json,
 )
+from fedbip_hub.federation.repo import Federation
 from fedbip_hub.federation.settings import (
     changed_settings,
     describe_changes,
@@ -295,3 +297,32 @@ def test_a_round_planned_before_the_change_applies_it_when_resumed(tmp_path, tin
     assert record["settings_changed"]["changes"] == {"output_rank": [4, 2]}
     assert sorted(record["outputs"]) == sorted(CLIENTS)
     assert {_peft_rank(tiny_base, _published_folder(fed, c)) for c in CLIENTS} == {2}
+
+
+@pytest.mark.parametrize("k", [4, 12])
+def test_over_the_hub_a_settings_change_costs_its_publishes(hub, tmp_path, tiny_base, k):
+    """Idle rounds cost what they did (≤ 5 API calls, no commit) before and after the
+    change; the re-merge round costs a round's fixed calls and ≤ 3 per republished
+    member (its publish's preupload and commit, and the lease check before it)."""
+    members = {f"m{i:02d}": i % 3 for i in range(k)}
+    new_hub_federation(f"fedorg/settings{k}", tiny_base, tmp_path, members)
+    fed = Federation.at(f"fedorg/settings{k}", cache_dir=tmp_path / "server-cache")
+    assert run_round(fed)["status"] == "completed"
+
+    def counted() -> tuple[dict, dict[str, int]]:
+        since = len(hub.requests)
+        record = run_round(fed)
+        return record, hub.request_counts(since)
+
+    record, idle = counted()
+    assert record["status"] == "nothing-new" and idle["api"] <= 5 and idle["commits"] == 0
+    set_strategy(fed, rank=2)
+    record, counts = counted()
+    republished = len(record["outputs"])
+    assert republished == k and record["replay"]["round"] == 1
+    assert counts["commits"] == 2 + republished  # the lease, each publish, the record
+    # What the idle round costs (the heads), the lease commit (2), the publish stage's
+    # heads listing (1), the record commit (3), and 3 per republished member.
+    assert counts["api"] <= idle["api"] + 6 + 3 * republished, counts
+    record, after = counted()
+    assert record["status"] == "nothing-new" and after["api"] <= 5 and after["commits"] == 0
