@@ -220,7 +220,18 @@ def status(fed: FedArg, token: TokenOption = None, json_output: JsonOption = Fal
     out_console.print(status_table(report))
     for path, why in (report.get("member_problems") or {}).items():
         out_console.print(f"[yellow]left out[/] {path}: {why}", markup=True, highlight=False)
+    from rich.markup import escape
+
     last = report["last_round"]
+    if last and last.get("settings_changed"):
+        replayed = (f", replaying round {last['replay_of']}'s updates"
+                    if last.get("replay_of") else "")
+        out_console.print(f"round {last['round']} re-merged every member "
+                          f"({escape(last['settings_changed'])}){replayed}", highlight=False)
+    if report.get("settings_pending"):
+        out_console.print(f"[yellow]{escape(report['settings_pending'])}[/] since round "
+                          f"{report['round']}: the next round re-merges every member",
+                          highlight=False)
     if last and last.get("model_cosine"):
         out_console.print(matrix_table(f"round {last['round']}: model-level cosine",
                                        last["clients"], last["model_cosine"]))

@@ -15,6 +15,7 @@ from federation_helpers import (
     peft_delta,
     publish_commits,
     pull_and_push,
+    run_cli,
     set_strategy,
 )
 
@@ -34,6 +35,7 @@ from fedbip_hub.federation.settings import (
     fingerprint,
     merge_settings,
 )
+from fedbip_hub.federation.status import federation_status
 from fedbip_hub.server.rounds import RoundRunner, run_round
 
 
@@ -326,3 +328,24 @@ def test_over_the_hub_a_settings_change_costs_its_publishes(hub, tmp_path, tiny_
     assert counts["api"] <= idle["api"] + 6 + 3 * republished, counts
     record, after = counted()
     assert record["status"] == "nothing-new" and after["api"] <= 5 and after["commits"] == 0
+
+
+def test_status_says_a_change_is_pending_then_why_the_round_re_merged(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    assert federation_status(fed)["settings_pending"] is None
+    set_strategy(fed, rank=2)
+    why = "settings changed: output_rank 4 → 2"
+    assert federation_status(fed)["settings_pending"] == why
+    env = {"FEDBIP_CACHE": str(tmp_path / "cli-cache"), "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200"}
+    shown = run_cli(["status", fed.address], env).stdout
+    assert f"{why} since round 1: the next round re-merges every member" in shown
+    run_round(fed)
+    status = federation_status(fed)
+    assert status["settings_pending"] is None
+    assert status["last_round"]["settings_changed"] == why
+    assert status["last_round"]["replay_of"] == 1
+    shown = run_cli(["status", fed.address], env).stdout
+    assert f"round 2 re-merged every member ({why}), replaying round 1's updates" in shown
+    assert "next round re-merges" not in shown

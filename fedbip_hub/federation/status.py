@@ -9,6 +9,7 @@ from fedbip_hub.adapters.upload_files import check_upload_listing, upload_id
 from fedbip_hub.errors import FedbipError, StoreError
 from fedbip_hub.federation.config import ClientState
 from fedbip_hub.federation.repo import Federation
+from fedbip_hub.federation.settings import changed_settings, describe_changes, merge_settings
 from fedbip_hub.federation.skip_reasons import describe_guards, refusal_reason
 
 
@@ -52,7 +53,19 @@ def federation_status(fed: Federation) -> dict[str, Any]:
         "round_in_progress": state.in_progress is not None,
         "members": members, "member_problems": membership.problems,
         "last_round": _round_summary(last_record),
+        "settings_pending": _settings_pending(config, state),
     }
+
+
+def _settings_pending(config: Any, state: Any) -> str | None:
+    """The merge settings changed since the last completed round (the next round
+    re-merges every member), from the config and state already read; None: unchanged,
+    none recorded yet, or a strategy that does not validate (a round reports that)."""
+    try:
+        changes = changed_settings(state.merge_settings, merge_settings(config))
+    except FedbipError:
+        return None
+    return describe_changes(changes) if changes else None
 
 
 def _upload(fed: Federation, name: str, repo_id: str, client_state: ClientState | None,
@@ -100,5 +113,8 @@ def _round_summary(record: dict | None) -> dict | None:
             "outputs": {k: v.get("commit") for k, v in (record.get("outputs") or {}).items()},
             "unchanged": record.get("unchanged") or {},
             "hub_calls": record.get("hub"),  # API calls and downloads, up to its record
+            # why it re-merged every member, and the round it replayed (None: neither)
+            "settings_changed": (record.get("settings_changed") or {}).get("reason"),
+            "replay_of": (record.get("replay") or {}).get("round"),
             "most_similar_peers": nearest, "model_cosine": cosine,
             "guards": describe_guards(record)}
