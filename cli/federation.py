@@ -1,4 +1,5 @@
-"""``fedbip init|join|push|pull|status``: the member's side of a federation."""
+"""``fedbip init|join|push|pull|status|strategy``: the member's side of a federation
+(and the coordinator's strategy changes)."""
 
 from __future__ import annotations
 
@@ -268,8 +269,48 @@ def _short_time(stamp: str | None) -> str:
     return stamp.replace("T", " ")[:16]
 
 
+@handle_errors
+def strategy(
+    fed: FedArg,
+    options: Annotated[list[str], typer.Argument(
+        help="Strategy options as key=value (values as JSON, else text; null: back to "
+        "the default), e.g. rank=16 rule=zscore self_share=0.5.", show_default=False)],
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Change the federation's strategy (its coordinator): one commit of federation.json.
+
+    The next round sees the merge settings changed and re-merges every member under
+    them, uploads or not.
+
+    Examples:
+
+      fedbip strategy acme/fed rank=16
+
+      fedbip strategy ./myfed rule=zscore self_share=0.5
+
+      fedbip strategy ./myfed top_k=null --json
+    """
+    from rich.markup import escape
+
+    from fedbip_hub.federation.reconfigure import parse_options, set_strategy_options
+    from fedbip_hub.federation.settings import describe_changes
+
+    update = set_strategy_options(_fed(fed, token), parse_options(options))
+    if json_output:
+        print_json({"ok": True, "strategy": update.strategy, "commit": update.commit,
+                    "settings_changed": update.changes})
+        return
+    if update.commit is None:
+        out_console.print("The strategy already has these options: nothing committed.")
+        return
+    what = (f"{escape(describe_changes(update.changes))}; the next round re-merges every "
+            "member" if update.changes else "no merge setting changed")
+    out_console.print(f"Strategy updated @ {update.commit[:12]} ({what}).", highlight=False)
+
+
 def register_federation_commands(app: typer.Typer) -> None:
-    for command in (init, join, push, pull, status):
+    for command in (init, join, push, pull, status, strategy):
         app.command()(command)
 
 

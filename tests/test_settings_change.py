@@ -4,12 +4,15 @@ settings still writes nothing (fedbip_hub.federation.settings)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from federation_helpers import (
     CLIENTS,
     Crash,
     crash_at,
+    json_output,
     new_hub_federation,
     new_local_federation,
     peft_delta,
@@ -28,6 +31,7 @@ from fedbip_hub.federation.config import (
     LoraSpec,
     dump_json,
 )
+from fedbip_hub.federation.reconfigure import set_strategy_options
 from fedbip_hub.federation.repo import Federation
 from fedbip_hub.federation.settings import (
     changed_settings,
@@ -349,3 +353,43 @@ def test_status_says_a_change_is_pending_then_why_the_round_re_merged(tmp_path, 
     shown = run_cli(["status", fed.address], env).stdout
     assert f"round 2 re-merged every member ({why}), replaying round 1's updates" in shown
     assert "next round re-merges" not in shown
+
+
+def test_fedbip_strategy_commits_the_options_and_the_next_round_applies_them(tmp_path,
+                                                                            tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    env = {"FEDBIP_CACHE": str(tmp_path / "cli-cache"), "OMP_NUM_THREADS": "1"}
+    result = json_output(run_cli(["strategy", fed.address, "rank=2", "rule=zscore",
+                                  "self_share=0.5", "--json"], env))
+    assert result["settings_changed"] == {"output_rank": [4, 2], "rule": ["evidence", "zscore"],
+                                          "self_share": [0.3, 0.5]}
+    assert fed.config().strategy == {"method": "fedbip-l", "rank": 2, "rule": "zscore",
+                                     "self_share": 0.5}
+    record = run_round(fed)
+    assert record["settings_changed"]["changes"] == result["settings_changed"]
+    assert {_peft_rank(tiny_base, _published_folder(fed, c)) for c in CLIENTS} == {2}
+    # The same options again: nothing to commit; null puts an option back to its default.
+    head = fed.head()
+    assert set_strategy_options(fed, {"rank": 2}).commit is None and fed.head() == head
+    update = set_strategy_options(fed, {"self_share": None})
+    assert update.changes == {"self_share": [0.5, 0.3]}
+    assert "self_share" not in fed.config().strategy
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["self_shar=0.5"], "self_share"),  # a near match is named
+    (["self_share=2"], "self_share"),
+    (["method=oracle"], "groups"),
+    (["rank"], "key=value"),
+])
+def test_fedbip_strategy_refuses_bad_options_and_commits_nothing(options, message, tmp_path,
+                                                                 tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    head = fed.head()
+    env = {"FEDBIP_CACHE": str(tmp_path / "cli-cache"), "OMP_NUM_THREADS": "1"}
+    result = run_cli(["strategy", fed.address, *options, "--json"], env, check=False)
+    assert result.returncode != 0
+    error = json.loads(result.stdout)
+    assert error["error"] == "ConfigError" and message in error["message"] + error["hint"]
+    assert fed.head() == head
