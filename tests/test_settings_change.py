@@ -23,6 +23,7 @@ from federation_helpers import (
 )
 
 from fedbip_hub.engine.strategies import Strategy
+from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation.client import latest_personalized_revision
 from fedbip_hub.federation.config import (
     FEDERATION_FILE,
@@ -393,3 +394,15 @@ def test_fedbip_strategy_refuses_bad_options_and_commits_nothing(options, messag
     error = json.loads(result.stdout)
     assert error["error"] == "ConfigError" and message in error["message"] + error["hint"]
     assert fed.head() == head
+
+
+def test_a_replay_whose_record_does_not_read_stops_before_its_lease(tmp_path, tiny_base):
+    fed = new_local_federation(tmp_path, tiny_base)
+    run_round(fed)
+    fed.store.commit(fed.repo_id, {"rounds/000001.json": b"{not json"},
+                     message="test: break the record")
+    set_strategy(fed, rank=2)
+    head = fed.head()
+    with pytest.raises(ConfigError, match=r"rounds/000001\.json"):
+        run_round(fed)
+    assert fed.head() == head and fed.state().in_progress is None

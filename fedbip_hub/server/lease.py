@@ -172,8 +172,7 @@ def plan_or_resume(ctx: RoundContext, head: str, config: FederationConfig,
     replay = None
     if not news and not waiting:  # settings changed, nothing fresh: replay the last round
         replay = replay_last_round(ctx, head, state, scan)
-        if replay is not None:
-            inputs, latest = replay.inputs, replay.latest
+        inputs, latest = replay.inputs, replay.latest
     now = datetime.now(timezone.utc)
     return Proposal(RoundPlan(
         plan_id=uuid.uuid4().hex, round=state.round + 1, job_id=uuid.uuid4().hex[:12],

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedbip_hub.errors import FedbipError
 from fedbip_hub.federation.config import FederationState
 from fedbip_hub.server.context import RoundContext
 from fedbip_hub.server.plan import PinnedInput
@@ -37,15 +36,11 @@ class Replay:
 
 
 def replay_last_round(ctx: RoundContext, head: str, state: FederationState, scan: Scan
-                      ) -> Replay | None:
-    """The last completed round's replay over ``scan``'s members, or None when its
-    record cannot be read (the round then re-merges each member from its latest)."""
-    try:
-        record = ctx.fed.round_record(state.round, head)
-    except FedbipError as exc:
-        ctx.log(f"Could not read round {state.round}'s record to replay it "
-                f"({exc.message}); re-merging each member from its latest adapter.")
-        return None
+                      ) -> Replay:
+    """The last completed round's replay over ``scan``'s members. A round record that
+    does not read stops the round before its lease, naming the file and how to restore
+    it, as any broken federation file does (``Federation.round_record``)."""
+    record = ctx.fed.round_record(state.round, head)
     replayed = record.get("replay") if isinstance(record.get("replay"), dict) else {}
     used = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
     outputs = record.get("outputs") if isinstance(record.get("outputs"), dict) else {}
