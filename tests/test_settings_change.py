@@ -21,7 +21,9 @@ from federation_helpers import (
     run_cli,
     set_strategy,
 )
+from safetensors.torch import load_file, save_file
 
+from fedbip_hub.adapters.metadata import UPLOAD_METADATA_NAME
 from fedbip_hub.engine.strategies import Strategy
 from fedbip_hub.errors import ConfigError
 from fedbip_hub.federation.client import latest_personalized_revision
@@ -406,3 +408,38 @@ def test_a_replay_whose_record_does_not_read_stops_before_its_lease(tmp_path, ti
     with pytest.raises(ConfigError, match=r"rounds/000001\.json"):
         run_round(fed)
     assert fed.head() == head and fed.state().in_progress is None
+
+
+def test_a_remerge_whose_only_fresh_upload_is_refused_still_republishes(tmp_path,
+                                                                       tiny_base):
+    """The round planned on alice's fresh upload, under a rank change; the gate refuses
+    it (NaN) and her last consumed one stands in: nothing fresh is left, and every member
+    is still re-merged from its latest adapter at the new rank."""
+    fed = new_local_federation(tmp_path, tiny_base, method="local")
+    run_round(fed)
+    before = _tensors_of(fed)
+    repo = fed.member("alice").repo_id
+    head = fed.store.head(repo)
+    folder = fed.store.fetch_folder(repo, head)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors[next(k for k in tensors if "lora_B" in k)][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "poisoned.safetensors", metadata={"format": "pt"})
+    metadata = json.loads((folder / UPLOAD_METADATA_NAME).read_text())
+    metadata["upload_nonce"] = "poisoned"
+    fed.store.commit(repo, {"adapter_model.safetensors": tmp_path / "poisoned.safetensors",
+                            UPLOAD_METADATA_NAME: json.dumps(metadata).encode()},
+                     message="test: past the client gate", parent=head)
+    set_strategy(fed, rank=2)
+    record = run_round(fed)
+    assert record["replay"] is None and "NaN" in record["skipped"]["alice"]
+    assert not any(p["fresh"] for p in record["inputs"].values())
+    assert sorted(record["outputs"]) == sorted(CLIENTS)
+    after = _tensors_of(fed)
+    for client in CLIENTS:
+        assert _peft_rank(tiny_base, _published_folder(fed, client)) == 2
+        for key, old in before[client].items():
+            if not key.startswith("score"):
+                u, s, vh = torch.linalg.svd(old)
+                old = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+            assert torch.allclose(after[client][key], old, atol=1e-5), (client, key)
+    assert run_round(fed)["status"] == "nothing-new"
