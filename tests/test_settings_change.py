@@ -41,6 +41,7 @@ from fedbip_hub.federation.settings import (
     describe_changes,
     fingerprint,
     merge_settings,
+    stated_changes,
 )
 from fedbip_hub.federation.status import federation_status
 from fedbip_hub.server.rounds import RoundRunner, run_round
@@ -261,6 +262,12 @@ def test_the_settings_diff():
     # A field one side lacks (added or removed by a fedbip version) is no change.
     assert changed_settings({**settings, "retired_option": 1}, settings) == {}
     assert changed_settings(settings, {**settings, "new_option": 1}) == {}
+    # What `fedbip status` sees without validating (torch-free): the config's own options.
+    assert stated_changes(config, settings) == {}
+    spelled = config.model_copy(update={"strategy": {"self_share": 0.3, "rank": 8}})
+    assert stated_changes(spelled, settings) == {}
+    assert stated_changes(config.model_copy(update={"strategy": {"rank": 16, "top_k": 2}}),
+                          settings) == changed_settings(settings, wider)
     # The fingerprint is of the canonical JSON: key order does not matter.
     assert fingerprint(dict(reversed(list(settings.items())))) == fingerprint(settings)
     assert fingerprint(wider) != fingerprint(settings)

@@ -45,6 +45,18 @@ def merge_settings(config: FederationConfig) -> dict[str, Any]:
     return {**strategy, OUTPUT_RANK: rank if rank is not None else config.lora.r}
 
 
+def stated_changes(config: FederationConfig, before: dict[str, Any] | None
+                   ) -> dict[str, list[Any]]:
+    """``changed_settings`` from ``before`` for what ``config`` states itself (its
+    strategy's own options and the output rank), without validating the strategy, which
+    would load torch (``fedbip status`` starts without it). An option taken out of the
+    config (back to its default) is left out here; the round sees it."""
+    stated = {key: value for key, value in config.strategy.items() if key != "rank"}
+    rank = config.strategy.get("rank")
+    stated[OUTPUT_RANK] = rank if rank is not None else config.lora.r
+    return changed_settings(before, stated)
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     """The SHA-256 of the settings' canonical JSON (sorted keys, no spaces)."""
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))

@@ -9,7 +9,7 @@ from fedbip_hub.adapters.upload_files import check_upload_listing, upload_id
 from fedbip_hub.errors import FedbipError, StoreError
 from fedbip_hub.federation.config import ClientState
 from fedbip_hub.federation.repo import Federation
-from fedbip_hub.federation.settings import changed_settings, describe_changes, merge_settings
+from fedbip_hub.federation.settings import describe_changes, stated_changes
 from fedbip_hub.federation.skip_reasons import describe_guards, refusal_reason
 
 
@@ -58,13 +58,10 @@ def federation_status(fed: Federation) -> dict[str, Any]:
 
 
 def _settings_pending(config: Any, state: Any) -> str | None:
-    """The merge settings changed since the last completed round (the next round
-    re-merges every member), from the config and state already read; None: unchanged,
-    none recorded yet, or a strategy that does not validate (a round reports that)."""
-    try:
-        changes = changed_settings(state.merge_settings, merge_settings(config))
-    except FedbipError:
-        return None
+    """The merge settings the config changes since the last completed round (the next
+    round re-merges every member), from the config and state already read; None:
+    unchanged, or none recorded yet (see ``settings.stated_changes``)."""
+    changes = stated_changes(config, state.merge_settings)
     return describe_changes(changes) if changes else None
 
 
