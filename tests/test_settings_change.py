@@ -450,3 +450,43 @@ def test_a_remerge_whose_only_fresh_upload_is_refused_still_republishes(tmp_path
                 old = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
             assert torch.allclose(after[client][key], old, atol=1e-5), (client, key)
     assert run_round(fed)["status"] == "nothing-new"
+
+
+def test_replays_chain_onto_what_the_replayed_round_merged_onto(tmp_path, tiny_base):
+    """Round 2 (alice's second upload) is replayed twice under two successive changes:
+    the end state is round 2 run under the final settings, as in a federation that
+    changed them before round 2, whose round 2 re-merges (rank, weights) with news."""
+    def federation(root):
+        fed = new_local_federation(root, tiny_base)
+        run_round(fed)
+        return fed
+
+    fed = federation(tmp_path / "a")
+    pull_and_push(fed, tmp_path / "a", "alice", seed=40, group=0)
+    second = run_round(fed)
+    set_strategy(fed, rank=2, rule="softmax")
+    third = run_round(fed)
+    assert third["replay"] == {"round": 2, "memory_revision": second["federation_revision"]}
+    assert third["latest"] == second["latest"]
+    assert third["inputs"] == second["inputs"]
+    set_strategy(fed, temperature=0.5)
+    fourth = run_round(fed)
+    assert fourth["settings_changed"]["changes"] == {"temperature": [0.1, 0.5]}
+    assert fourth["replay"] == third["replay"] and fourth["latest"] == second["latest"]
+    assert sorted(fourth["outputs"]) == sorted(CLIENTS)
+
+    reference = federation(tmp_path / "b")
+    set_strategy(reference, rank=2, rule="softmax", temperature=0.5)
+    pull_and_push(reference, tmp_path / "b", "alice", seed=40, group=0)
+    expected = run_round(reference)
+    assert expected["replay"] is None and sorted(expected["outputs"]) == sorted(CLIENTS)
+    assert fourth["weights"] == expected["weights"]
+    assert fourth["weights"] != second["weights"]
+    replayed, wanted = _tensors_of(fed), _tensors_of(reference)
+    for client in CLIENTS:
+        assert _peft_rank(tiny_base, _published_folder(fed, client)) == 2
+        for key, delta in wanted[client].items():
+            assert torch.allclose(replayed[client][key], delta, atol=1e-6), (client, key)
+    # alice's round-2 upload was consumed once: her state still names it.
+    assert (fed.state().clients["alice"].consumed_upload
+            == second["inputs"]["alice"]["upload_id"])

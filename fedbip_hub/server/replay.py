@@ -48,15 +48,13 @@ def replay_last_round(ctx: RoundContext, head: str, state: FederationState, scan
     inputs: dict[str, PinnedInput] = {}
     latest: dict[str, str | None] = {}
     for name, current in scan.inputs.items():
-        client_state = state.client(name)
-        history = [] if name in scan.restarted else client_state.personalized_history
-        pinned = _replayed_input(used.get(name), current)
-        if pinned is None:
-            inputs[name], latest[name] = current, (history or [None])[-1]
-            continue
-        inputs[name] = pinned
-        published = (outputs.get(name) or {}).get("commit")
-        if published and history and history[-1] == published:  # that round's adapter
+        history = [] if name in scan.restarted else state.client(name).personalized_history
+        inputs[name] = _replayed_input(used.get(name), current) or current
+        output = outputs.get(name)
+        published = output.get("commit") if isinstance(output, dict) else None
+        if published and history and history[-1] == published:
+            # That round's adapter: merged again onto what that round merged it onto
+            # (records from before "latest" was recorded: the version before).
             latest[name] = (bases.get(name) if bases is not None and name in bases
                             else (history[-2] if len(history) > 1 else None))
         else:  # that round left it as it was (or could not publish it)
