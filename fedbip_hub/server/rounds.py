@@ -5,7 +5,9 @@ callbacks, the Hub call counter and the phase clock); ``runner.run_stages`` chai
 
 1. plan (``lease.take_lease``; members scanned by ``scan.scan_members``) → ``Planned``:
    the ``RoundPlan`` (every input pinned to a commit) committed as the lease, or
-   ``NothingNew``. Checkpoint "planned".
+   ``NothingNew``. Changed merge settings (``federation.settings``) re-merge every
+   input; with nothing fresh, the last round is replayed (``replay``). Checkpoint
+   "planned".
 2. collect (``collect.collect``; one input by ``vectors.read_input``) → ``Collected``:
    each input's task vector, what the gate refused, and why the others sit out.
    Checkpoint "downloaded".
