@@ -31,7 +31,7 @@ MARKS = ("SECRETtoken", "REVOKEDtoken", "WRONGtoken")
 # Every command of both CLIs; a new command fails test_every_command_is_covered until it
 # is added to the runs below.
 FEDBIP_COMMANDS = {"init", "join", "push", "pull", "status", "similarity", "merge", "train",
-                   "eval", "demo"}
+                   "eval", "demo", "strategy"}
 SERVER_COMMANDS = {"run", "schedule create", "webhook create"}
 
 
@@ -96,6 +96,7 @@ def _bad_token_runs(root: Path, base: Path, token: str, tag: str, *, flag: bool,
         "pull": (["pull", FED, "--client", "alice", "--out", str(root / f"pull-{tag}")],
                  False),
         "status": (["status", FED], False),
+        "strategy": (["strategy", FED, "rank=4"], False),
         "train": (["train", FED, "--client", "alice", "--data", str(data), "--out",
                    str(root / f"train-{tag}"), "--max-steps", "1", "--device", "cpu"], False),
         "eval": (["eval", FED, "--client", "alice", "--data", str(data), "--device", "cpu"],
@@ -154,6 +155,8 @@ def world(hub_server: HubServer, hub_env: dict[str, str],
         "pull": (["pull", FED, "--client", "alice", "--out", str(root / "pulled")], SECRET,
                  False),
         "status": (["status", FED], SECRET, False),
+        # the output rank stays the federation's r: the CLI's round is the same either way
+        "strategy": (["strategy", FED, "rank=4"], SECRET, False),
         "similarity": (["similarity", *up, "--plot", str(root / "sim.png")], SECRET, False),
         "merge": (["merge", *up, "--for", "0", "--out", str(root / "merged")], SECRET, False),
         "train": (["train", FED, "--client", "bob", "--data", str(data), "--out",
@@ -204,7 +207,7 @@ def test_no_output_shows_a_token(world: World):
 
 def test_a_revoked_or_wrong_token_gives_one_clear_error(world: World):
     bad = {n: r for n, r in world.results.items() if ":" in n}
-    assert len(bad) == 10 + len(WRONG_TOKEN_COMMANDS)
+    assert len(bad) == 11 + len(WRONG_TOKEN_COMMANDS)
     for name, result in bad.items():
         assert result.returncode != 0, (name, result.stdout)
         assert "Traceback" not in result.stderr + result.stdout, (name, result.stderr)
