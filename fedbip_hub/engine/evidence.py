@@ -51,6 +51,7 @@ q_ik = min(q_ik^memory, q_ik^round). It can only move weight back to self.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -115,16 +116,53 @@ def model_credibility(cos: torch.Tensor, opts: WeightOptions,
     return evidence_credibility(cos, background_of(cos, population, opts), opts)
 
 
+def _tail_integral(z: float) -> float:
+    """G(z) = φ(z) − z·Q(z), with Q = 1 − Φ: G' = −Q, so ∫ₐᵇ Q = G(a) − G(b)."""
+    tail = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi) - z * tail
+
+
+def chance_credibility(low: float, high: float) -> float:
+    """E[q] for one unrelated peer, z ~ N(0, 1): E[clip((z − a)/(b − a), 0, 1)] =
+    (1/(b − a))·∫ₐᵇ Q(z) dz = (G(a) − G(b))/(b − a)."""
+    return (_tail_integral(low) - _tail_integral(high)) / max(high - low, 1e-12)
+
+
+def ramp_shift(peers: int, low: float, high: float, row_noise: float | None) -> float:
+    """The least s ≥ 0 with peers·E[q] ≤ ``row_noise`` on the ramp (low + s, high + s).
+
+    A row with K − 1 unrelated peers draws (K − 1)·E[q] credibility by chance, which
+    grows with K at a fixed ramp: at K = 24 the ramp 1–3 expects about 1.0, as much as
+    a conclusive peer, and the row gives a third of its weight to other tasks. Shifting
+    the ramp keeps that chance mass constant (Bonferroni-like, on the expected mass
+    rather than the probability of any false peer). Bisection: E[q] falls with s.
+    """
+    if row_noise is None or peers * chance_credibility(low, high) <= row_noise:
+        return 0.0
+    lo, hi = 0.0, 40.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if peers * chance_credibility(low + mid, high + mid) > row_noise:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def evidence_credibility(cos: torch.Tensor, background: Background, opts: WeightOptions
                          ) -> torch.Tensor:
     """q_ik ∈ [0, 1]: how credibly peer k shares client i's task.
 
     z = (c_ik − level) / spread is how many noise units the pair stands above the
-    background. q ramps linearly from 0 at z = evidence_low to 1 at z = evidence_high.
+    background. q ramps linearly from 0 at z = evidence_low to 1 at z = evidence_high,
+    both shifted up by ``ramp_shift`` for the K − 1 peers of a row when
+    ``evidence_row_noise`` is set (and the background was estimated from the matrix).
     """
     z = (cos - background.level) / background.spread
+    shift = (ramp_shift(cos.shape[0] - 1, opts.evidence_low, opts.evidence_high,
+                        opts.evidence_row_noise) if background.estimated else 0.0)
     width = max(opts.evidence_high - opts.evidence_low, 1e-12)
-    return ((z - opts.evidence_low) / width).clamp(0.0, 1.0)
+    return ((z - opts.evidence_low - shift) / width).clamp(0.0, 1.0)
 
 
 def evidence_weights(cos: torch.Tensor, opts: WeightOptions, allowed: torch.Tensor,

@@ -81,6 +81,11 @@ class Strategy(BaseModel):
     evidence_prior_background: float = Field(0.0, ge=-1, le=1)
     evidence_prior_spread: float = Field(0.1, gt=0, le=2)
     evidence_spread_floor: float = Field(0.05, gt=0, le=2)
+    evidence_row_noise: float | None = Field(
+        None, gt=0, le=100, description="Expected credibility a client's row draws from "
+        "unrelated peers by chance (Gaussian background): with more peers the evidence "
+        "ramp shifts up to keep it (engine.evidence.ramp_shift); 0.37 is what the ramp "
+        "1-3 gives at K=10. None: a fixed ramp.")
     evidence_model_gate: bool = Field(
         True, description="Per-layer (module) credibility is capped by the model-level "
         "credibility: a peer needs evidence in the layer and overall.")
@@ -207,7 +212,8 @@ class Strategy(BaseModel):
                              evidence_min_pairs=self.evidence_min_pairs,
                              evidence_prior_background=self.evidence_prior_background,
                              evidence_prior_spread=self.evidence_prior_spread,
-                             evidence_spread_floor=self.evidence_spread_floor)
+                             evidence_spread_floor=self.evidence_spread_floor,
+                             evidence_row_noise=self.evidence_row_noise)
 
     @classmethod
     def parse(cls, method: str, **options: object) -> Strategy:
