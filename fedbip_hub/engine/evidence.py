@@ -128,21 +128,24 @@ def chance_credibility(low: float, high: float) -> float:
     return (_tail_integral(low) - _tail_integral(high)) / max(high - low, 1e-12)
 
 
-def ramp_shift(peers: int, low: float, high: float, row_noise: float | None) -> float:
-    """The least s ≥ 0 with peers·E[q] ≤ ``row_noise`` on the ramp (low + s, high + s).
+def ramp_shift(peers: int, low: float, high: float, reference_peers: int | None) -> float:
+    """The least s ≥ 0 with peers·E[q] on the ramp (low + s, high + s) at most what
+    ``reference_peers`` peers draw on the ramp itself, reference_peers·E[q](low, high).
 
     A row with K − 1 unrelated peers draws (K − 1)·E[q] credibility by chance, which
     grows with K at a fixed ramp: at K = 24 the ramp 1–3 expects about 1.0, as much as
     a conclusive peer, and the row gives a third of its weight to other tasks. Shifting
-    the ramp keeps that chance mass constant (Bonferroni-like, on the expected mass
-    rather than the probability of any false peer). Bisection: E[q] falls with s.
+    the ramp keeps that chance mass at its level for the federation size the ramp was
+    chosen on (Bonferroni-like, on the expected mass rather than the probability of any
+    false peer); smaller federations keep the ramp. Bisection: E[q] falls with s.
     """
-    if row_noise is None or peers * chance_credibility(low, high) <= row_noise:
+    if reference_peers is None or peers <= reference_peers:
         return 0.0
+    target = reference_peers * chance_credibility(low, high)
     lo, hi = 0.0, 40.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if peers * chance_credibility(low + mid, high + mid) > row_noise:
+        if peers * chance_credibility(low + mid, high + mid) > target:
             lo = mid
         else:
             hi = mid
@@ -155,12 +158,12 @@ def evidence_credibility(cos: torch.Tensor, background: Background, opts: Weight
 
     z = (c_ik − level) / spread is how many noise units the pair stands above the
     background. q ramps linearly from 0 at z = evidence_low to 1 at z = evidence_high,
-    both shifted up by ``ramp_shift`` for the K − 1 peers of a row when
-    ``evidence_row_noise`` is set (and the background was estimated from the matrix).
+    both shifted up by ``ramp_shift`` for the K − 1 peers of a row beyond
+    ``evidence_ramp_peers`` (when the background was estimated from the matrix).
     """
     z = (cos - background.level) / background.spread
     shift = (ramp_shift(cos.shape[0] - 1, opts.evidence_low, opts.evidence_high,
-                        opts.evidence_row_noise) if background.estimated else 0.0)
+                        opts.evidence_ramp_peers) if background.estimated else 0.0)
     width = max(opts.evidence_high - opts.evidence_low, 1e-12)
     return ((z - opts.evidence_low - shift) / width).clamp(0.0, 1.0)
 

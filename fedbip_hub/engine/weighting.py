@@ -42,9 +42,9 @@ class WeightOptions:
             are estimated from the matrix; below it, the priors are used.
         evidence_prior_background, evidence_prior_spread: the background cosine and its
             noise assumed with too few pairs (K=2); evidence_spread_floor: the least noise.
-        evidence_row_noise: the credibility a row may draw from unrelated peers by chance;
-            with more peers the ramp shifts up to keep it (``evidence.ramp_shift``).
-            None: the ramp is fixed.
+        evidence_ramp_peers: the number of peers the ramp is meant for: a row with more
+            shifts it up to draw no more credibility from unrelated peers by chance
+            (``evidence.ramp_shift``). None: the ramp is fixed.
     """
 
     rule: RuleName = "normalize"
@@ -59,7 +59,7 @@ class WeightOptions:
     evidence_prior_background: float = 0.0
     evidence_prior_spread: float = 0.1
     evidence_spread_floor: float = 0.05
-    evidence_row_noise: float | None = None
+    evidence_ramp_peers: int | None = None
 
 
 RowRule = Callable[[torch.Tensor, int, torch.Tensor, WeightOptions], torch.Tensor]

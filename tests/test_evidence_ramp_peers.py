@@ -1,6 +1,6 @@
-"""The evidence ramp's shift with the number of peers (``evidence_row_noise``): the chance
-credibility of an unrelated peer against numerical integration, the shift that holds a
-row's chance mass, and the weights it gives, by hand."""
+"""The evidence ramp's shift with the number of peers (``evidence_ramp_peers``): the
+chance credibility of an unrelated peer against numerical integration, the shift that
+holds a row's chance mass, and the weights it gives, by hand."""
 
 from __future__ import annotations
 
@@ -36,24 +36,22 @@ def test_chance_credibility_is_the_expected_ramp_under_the_noise(low: float, hig
     assert chance_credibility(low, high) == pytest.approx(integrated(low, high), rel=1e-6)
 
 
-@pytest.mark.parametrize("peers", [9, 11, 23, 63, 255])
-def test_the_shift_holds_the_rows_chance_mass(peers: int) -> None:
-    shift = ramp_shift(peers, 1.0, 3.0, 0.37)
-    mass = peers * chance_credibility(1.0 + shift, 3.0 + shift)
-    if peers * chance_credibility(1.0, 3.0) <= 0.37:
-        assert shift == 0.0
-    else:
-        assert mass == pytest.approx(0.37, rel=1e-9)
+@pytest.mark.parametrize(("low", "high"), [(1.0, 3.0), (1.0, 2.0)])
+@pytest.mark.parametrize("peers", [11, 23, 63, 255])
+def test_the_shift_holds_the_rows_chance_mass(peers: int, low: float, high: float) -> None:
+    shift = ramp_shift(peers, low, high, 9)
+    target = 9 * chance_credibility(low, high)
+    assert peers * chance_credibility(low + shift, high + shift) == pytest.approx(
+        target, rel=1e-9)
     # the least such shift: a little less lets more chance mass in
-    if shift > 0:
-        assert peers * chance_credibility(1.0 + shift * 0.99, 3.0 + shift * 0.99) > 0.37
+    assert peers * chance_credibility(low + shift * 0.99, high + shift * 0.99) > target
 
 
-def test_the_shift_grows_with_the_peers_and_is_off_by_default() -> None:
-    shifts = [ramp_shift(p, 1.0, 3.0, 0.37) for p in (9, 11, 23, 63, 255)]
-    assert shifts == sorted(shifts) and shifts[0] < 0.01 < shifts[1] and shifts[-1] > 1.0
+def test_the_shift_grows_with_the_peers_and_none_turns_it_off() -> None:
+    shifts = [ramp_shift(p, 1.0, 3.0, 9) for p in (1, 5, 9, 11, 23, 63, 255)]
+    assert shifts[:3] == [0.0, 0.0, 0.0]  # up to the reference: the ramp as configured
+    assert shifts == sorted(shifts) and 0.05 < shifts[3] < shifts[4] and shifts[-1] > 1.0
     assert ramp_shift(255, 1.0, 3.0, None) == 0.0
-    assert ramp_shift(1, 1.0, 3.0, 0.37) == 0.0  # K = 2: one peer is within the mass
 
 
 def test_credibility_by_hand_with_a_shifted_ramp() -> None:
@@ -61,10 +59,10 @@ def test_credibility_by_hand_with_a_shifted_ramp() -> None:
     cos = torch.zeros(k, k, dtype=torch.float64)
     cos[0, 1] = cos[1, 0] = 0.30  # z = 3 above a background at 0 ± 0.1
     cos[0, 2] = cos[2, 0] = 0.20  # z = 2
-    opts = WeightOptions(rule="evidence", evidence_row_noise=0.37)
+    opts = WeightOptions(rule="evidence", evidence_ramp_peers=9)
     background = Background(0.0, 0.1, estimated=True)
     q = evidence_credibility(cos, background, opts)
-    s = ramp_shift(k - 1, 1.0, 3.0, 0.37)
+    s = ramp_shift(k - 1, 1.0, 3.0, 9)
     assert q[0, 1] == pytest.approx((3.0 - 1.0 - s) / 2.0)
     assert q[0, 2] == pytest.approx((2.0 - 1.0 - s) / 2.0)
     fixed = evidence_credibility(cos, background, WeightOptions(rule="evidence"))
@@ -86,10 +84,10 @@ def test_a_large_federation_of_unrelated_clients_keeps_more_at_home() -> None:
 
     report = SimilarityReport([f"c{i}" for i in range(k)], {"layers.0.q": u @ u.T})
     selves = {}
-    for label, noise in (("fixed", None), ("shifted", 0.37)):
-        table = compute_weights(Strategy(method="fedbip", evidence_row_noise=noise), k=k,
+    for label, peers in (("fixed", None), ("shifted", 9)):
+        table = compute_weights(Strategy(method="fedbip", evidence_ramp_peers=peers), k=k,
                                 report=report)
         selves[label] = float(next(iter(table.matrices.values())).diagonal().mean())
     assert selves["shifted"] > selves["fixed"]
-    # what the shift promises: 1/(1 + chance mass) on average, about 0.73 at 0.37
+    # what the shift promises: about 1/(1 + 9·E[q]) = 0.73 on average, as at K = 10
     assert selves["shifted"] > 0.65
