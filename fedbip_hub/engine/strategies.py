@@ -83,7 +83,7 @@ class Strategy(BaseModel):
     evidence_spread_floor: float = Field(0.05, gt=0, le=2)
     # Chosen on bench_realmodel.py and bench_quality.py together: federations of up to
     # 10 clients keep the ramp; at K = 24 the worst group against local training went
-    # from −13.1 to −2.9 points (k12: −0.5 on the mean; bench_quality: −0.04).
+    # from −13.1 to −2.9 points (k12: −0.5 on the mean; bench_quality: −0.1).
     evidence_ramp_peers: int | None = Field(
         9, ge=1, le=1_000_000, description="The number of peers the evidence ramp is "
         "meant for: a client with more shifts the ramp up so that unrelated peers lend "
