@@ -10,7 +10,10 @@ not by its rank within the row:
   so neither is pulled up by them. With fewer than ``evidence_min_pairs`` pairs (K = 2)
   the priors b₀ = ``evidence_prior_background`` and σ₀ = ``evidence_prior_spread`` stand in;
 * evidence z_ik = (c_ik − b)/σ, and credibility q_ik = clip((z_ik − z_lo)/(z_hi − z_lo), 0, 1)
-  with z_lo = ``evidence_low`` (1) and z_hi = ``evidence_high`` (3);
+  with z_lo = ``evidence_low`` (1) and z_hi = ``evidence_high`` (3), both raised by s
+  (``ramp_shift``) when a row has more than ``evidence_ramp_peers`` (9) peers: the least
+  s with (K − 1)·E[q](z_lo + s, z_hi + s) ≤ 9·E[q](z_lo, z_hi) for z ~ N(0, 1), so the
+  credibility unrelated peers lend a row by chance does not grow with K;
 * weights w_ik = q_ik / (1 + Σ_j q_ij) and w_ii = 1 / (1 + Σ_j q_ij): a conclusive peer weighs
   as much as the client's own update (m of them give the oracle's 1/(m+1)), a peer inside
   the background's noise gets nothing, and the self share grows as the evidence weakens.
