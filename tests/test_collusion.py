@@ -179,8 +179,13 @@ def test_three_sybils_count_as_one(tmp_path, tiny_base):
     guards = describe_guards(record)
     assert "duplicate of sybil-1" in guards["sybil-2"] and "duplicate" not in guards.get(
         "sybil-1", "")
-    # the copies did not move the norm guard either: sybil-1 is judged as when alone
-    assert record["norm_guard"]["sybil-1"] == reference["norm_guard"]["sybil-1"]
+    # the copies did not move the norm guard either: sybil-1 is judged as when alone (to
+    # rounding: the norms come from Grams of different sizes, which BLAS blocks differently)
+    judged, alone = record["norm_guard"]["sybil-1"], reference["norm_guard"]["sybil-1"]
+    assert judged.keys() == alone.keys()
+    for key, value in alone.items():
+        assert judged[key] == (pytest.approx(value, rel=1e-7)
+                               if isinstance(value, float) else value), key
 
     # Without the guard, under a rule that ranks peers within a row (zscore), the copies
     # take far more of an honest row than one copy does. (The evidence rule resists them on

@@ -197,6 +197,26 @@ def test_pair_blocks_are_formed_once_per_pair_of_peers():
     assert cache.computed == 2 * 6
 
 
+def test_peer_factors_are_converted_once_while_they_fit_and_change_nothing():
+    """The float64 factor cache: each peer is upcast once per module while it fits (a
+    target's own part every time), evicted least recently used first, and the results
+    do not depend on it."""
+    jobs = _jobs()[:6]
+    roomy, none = PairGrams(), PairGrams(factor_bytes=0)
+    for parts in jobs:
+        a, b = merge_cached(parts, R, roomy), merge_cached(parts, R, none)
+        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+    own = len(jobs)  # one latest adapter (key None) per target
+    assert roomy.upcasts == 6 + own
+    assert none.upcasts > roomy.upcasts
+    one_peer = 8 * R * (D_OUT + D_IN)
+    group = PairGrams(factor_bytes=3 * one_peer)  # room for one task group's peers
+    for parts in jobs:
+        merge_cached(parts, R, group)
+        assert group._factor_bytes <= 3 * one_peer
+    assert group.upcasts == roomy.upcasts  # the groups' targets run one after another
+
+
 def test_fp32_products_fall_back_to_float64_when_rounding_is_amplified(monkeypatch):
     calls = []
     real = stacked._fp32_products_suffice

@@ -88,11 +88,14 @@ def projection(d: int, spec: SketchSpec, seed: int, *, dtype: torch.dtype = torc
     if spec.size >= d:
         return None
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn in float32 (5× faster than float64 for the Gaussian, which was a third of a
+    # sketched round's similarity): any fixed matrix of i.i.d. draws is as good a sketch
     if spec.kind == "gaussian":
-        matrix = torch.randn(d, spec.size, generator=gen, dtype=torch.float64)
+        matrix = torch.randn(d, spec.size, generator=gen, dtype=torch.float32)
     else:
-        matrix = torch.randint(0, 2, (d, spec.size), generator=gen).to(torch.float64) * 2 - 1
-    return (matrix / math.sqrt(spec.size)).to(device=device or CPU, dtype=dtype)
+        matrix = torch.randint(0, 2, (d, spec.size), generator=gen,
+                               dtype=torch.int8).to(torch.float32) * 2 - 1
+    return (matrix * (1 / math.sqrt(spec.size))).to(device=device or CPU, dtype=dtype)
 
 
 def module_projections(module: str, d_out: int, d_in: int, spec: SketchSpec, *,

@@ -23,9 +23,9 @@ when a sum nearly cancels (near-duplicate clients); float64 inputs go through QR
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -39,6 +39,10 @@ FP32_AMPLIFICATION = 4.0
 # Bytes of stacked float64 factors (U and V) one batched chunk may hold: large on a GPU,
 # small on the CPU, where a chunk's stacks count towards the round's peak RSS.
 BATCH_BYTES = {"cuda": 1024 * 2**20, "cpu": 64 * 2**20}
+# Bytes of peers' float64 factor copies one module's PairGrams keeps (LRU): in locality
+# order a peer is then converted once per module, not once per target that stacks it
+# (16 peers of a 4096×4096 r=16 module); bounded, so the round's peak RSS stays flat in K.
+FACTOR_CACHE_BYTES = 16 * 2**20
 
 
 def batch_bytes(device: torch.device) -> int:
@@ -88,17 +92,23 @@ def merge_exact_dtype(parts: Sequence[Part], rank: int | None) -> Merged:
 
 
 class PairGrams:
-    """One module's float64 Gram blocks between peers, U_aᵀU_b and V_aV_bᵀ (a ≤ b).
+    """One module's float64 Gram blocks between peers, U_aᵀU_b and V_aV_bᵀ (a ≤ b), and
+    a bounded cache of the peers' float64 factors they are formed from.
 
-    Unscaled (a target's coefficients enter when its Gram is assembled), so every
-    target that stacks peers a and b reuses the block. ``computed`` counts the blocks
-    formed (tests check the sharing). Use one per module and drop it after: it holds
-    r² float64 pairs per pair of peers that some target stacks together.
+    Blocks are unscaled (a target's coefficients enter when its Gram is assembled), so
+    every target that stacks peers a and b reuses the block. ``computed`` counts the
+    blocks formed and ``upcasts`` the factor pairs converted to float64 (tests check the
+    sharing). Use one per module and drop it after: it holds r² float64 pairs per pair
+    of peers that some target stacks together, and at most ``factor_bytes`` of factors.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, factor_bytes: int | None = None) -> None:
         self._blocks: dict[tuple[Hashable, Hashable], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._factors: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._factor_bytes = 0
+        self._max_factor_bytes = FACTOR_CACHE_BYTES if factor_bytes is None else factor_bytes
         self.computed = 0
+        self.upcasts = 0
 
     def get(self, a: Hashable, b: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
         if (a, b) in self._blocks:
@@ -110,77 +120,69 @@ class PairGrams:
         self._blocks[(a, b)] = (gu, gv)
         self.computed += 1
 
-
-class _Stack:
-    """A target's stacked factors, concatenated as given and in float64 on first use
-    (Gram rows, the exact "cat", float64 output products), each built once; the fp32
-    output products run part by part and need neither."""
-
-    def __init__(self, parts: Sequence[Part]):
-        self.parts = parts
-        self.bounds = [0]
-        for p in parts:
-            self.bounds.append(self.bounds[-1] + p.rank)
-
-    @cached_property
-    def u(self) -> torch.Tensor:
-        return torch.cat([p.u for p in self.parts], dim=1)
-
-    @cached_property
-    def v(self) -> torch.Tensor:
-        return torch.cat([p.v for p in self.parts], dim=0)
-
-    @cached_property
-    def u64(self) -> torch.Tensor:
-        return self.u.to(F64)
-
-    @cached_property
-    def v64(self) -> torch.Tensor:
-        return self.v.to(F64)
+    def factors(self, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and Vᵀ of ``part`` in float64, both d×r and row-major: Gram blocks are then
+        Uᵢᵀ·Uⱼ and (Vᵀ)ᵢᵀ·(Vᵀ)ⱼ, the layout the BLAS runs fastest for these skinny
+        products. Peers' pairs are kept (least recently used out) while they fit; a
+        target's own part (key None) is converted each time."""
+        if part.key is not None and part.key in self._factors:
+            self._factors.move_to_end(part.key)
+            return self._factors[part.key]
+        u64 = part.u.to(F64)
+        vt64 = torch.empty((part.v.shape[1], part.v.shape[0]), dtype=F64,
+                           device=part.v.device).copy_(part.v.T)
+        self.upcasts += 1
+        size = 8 * (u64.numel() + vt64.numel())
+        if part.key is not None and size <= self._max_factor_bytes:
+            self._factors[part.key] = (u64, vt64)
+            self._factor_bytes += size
+            while self._factor_bytes > self._max_factor_bytes:
+                _, (old_u, old_vt) = self._factors.popitem(last=False)
+                self._factor_bytes -= 8 * (old_u.numel() + old_vt.numel())
+        return u64, vt64
 
 
-def _cached_grams(parts: Sequence[Part], stack: _Stack, cache: PairGrams
+def _bounds(parts: Sequence[Part]) -> list[int]:
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + p.rank)
+    return bounds
+
+
+def _cached_grams(parts: Sequence[Part], cache: PairGrams
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled Gram matrices of the stacked parts: blocks between two peers come from
-    the cache; the part with the most blocks missing gets the run of them in one product
-    against the stack (one read of it, not one per block; a fresh stack costs one
-    triangle), until none is missing. In locality order a target then forms rows only
-    for the peers new to its group."""
-    n, bounds = len(parts), stack.bounds
+    """Unscaled Gram matrices of the stacked parts, block by block: blocks between two
+    peers come from the cache, the others are formed from the parts' float64 factors
+    (``PairGrams.factors``). In locality order a target then forms blocks only for the
+    peers new to its group and for its own part."""
+    n = len(parts)
     blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+
+    def factors_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if factors[m] is None:  # once per target, whatever the cache keeps
+            factors[m] = cache.factors(parts[m])
+        return factors[m]  # type: ignore[return-value]
+
     for i in range(n):
         for j in range(i, n):
-            if parts[i].key is not None and parts[j].key is not None:
-                hit = cache.get(parts[i].key, parts[j].key)
-                if hit is not None:
-                    blocks[(i, j)] = hit
-    while len(blocks) < n * (n + 1) // 2:
-        missing = [[j for j in range(n) if (min(i, j), max(i, j)) not in blocks]
-                   for i in range(n)]
-        i = max(range(n), key=lambda m: len(missing[m]))
-        first, last = missing[i][0], missing[i][-1]
-        rows = slice(bounds[i], bounds[i + 1])
-        span = slice(bounds[first], bounds[last + 1])  # only the missing run: a triangle
-        u, v = stack.u64, stack.v64
-        row_u, row_v = u[:, rows].T @ u[:, span], v[rows] @ v[span].T
-        for j in missing[i]:
-            cols = slice(bounds[j] - bounds[first], bounds[j + 1] - bounds[first])
-            key = (min(i, j), max(i, j))
-            pair = (row_u[:, cols], row_v[:, cols]) if i <= j else \
-                (row_u[:, cols].T, row_v[:, cols].T)
-            blocks[key] = pair
-            a, b = parts[key[0]].key, parts[key[1]].key
-            if a is not None and b is not None:
-                # copies, not views of the row: small long-lived views of short-lived rows
-                # fragment the heap (measured +120 MiB peak RSS in a K=64 round)
-                cache.put(a, b, pair[0].contiguous(), pair[1].contiguous())
+            a, b = parts[i].key, parts[j].key
+            shared = a is not None and b is not None
+            pair = cache.get(a, b) if shared else None
+            if pair is None:
+                (u_i, vt_i), (u_j, vt_j) = factors_of(i), factors_of(j)
+                pair = (u_i.T @ u_j, vt_i.T @ vt_j)
+                if shared:
+                    cache.put(a, b, *pair)
+            blocks[(i, j)] = pair
 
     def block(i: int, j: int, side: int) -> torch.Tensor:
         return blocks[(i, j)][side] if i <= j else blocks[(j, i)][side].T
 
     def assemble(side: int) -> torch.Tensor:
-        if len(set(bounds[m + 1] - bounds[m] for m in range(n))) == 1:  # equal ranks:
-            r = bounds[1]  # one stack and one copy instead of n + 1 concatenations
+        ranks = {p.rank for p in parts}
+        if len(ranks) == 1:  # equal ranks: one stack and one copy, not n + 1 concatenations
+            r = ranks.pop()
             return torch.stack([block(i, j, side) for i in range(n) for j in range(n)]
                                ).reshape(n, n, r, r).transpose(1, 2).reshape(n * r, n * r)
         return torch.cat([torch.cat([block(i, j, side) for j in range(n)], dim=1)
@@ -202,37 +204,47 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
     """
     if not parts:
         raise ValueError("nothing to merge")
-    stack = _Stack(parts)
-    gram_u, gram_v = _cached_grams(parts, stack, cache)
+    bounds = _bounds(parts)
+    gram_u, gram_v = _cached_grams(parts, cache)
     scale = _column_scale(parts, gram_u.device)
     core = gram_core((gram_u * scale[:, None] * scale[None, :])[None], gram_v[None], rank)
     # (the core's scaled Gram is not needed again: the output products use the unscaled
     # stack, so their rounding is measured against it)
     width = _width(rank, int(core.keep[0]))
-    if (rank is None and width == stack.bounds[-1]  # "cat" of a full-rank stack
+    if (rank is None and width == bounds[-1]  # "cat" of a full-rank stack
             and _stack_is_exact(gram_u.diagonal(), gram_v.diagonal(), scale, core.sigma[0],
                                 parts[0].u.dtype)):
-        return _balanced_stack(stack.u, stack.v, gram_u.diagonal(), gram_v.diagonal(), scale)
+        return _balanced_stack(torch.cat([p.u for p in parts], dim=1),
+                               torch.cat([p.v for p in parts], dim=0),
+                               gram_u.diagonal(), gram_v.diagonal(), scale)
     wu, wv = scale[:, None] * core.wu[0, :, :width], core.wv[0, :width]
     dtype = parts[0].u.dtype
     if _fp32_products_suffice(gram_u, gram_v, wu, wv, core.sigma[0, :width], dtype):
-        u_out, v_out = _products_by_part(parts, stack.bounds, wu.to(dtype), wv.to(dtype))
-    else:
-        u_out = (stack.u64 @ wu).to(dtype)
-        v_out = (wv @ stack.v64).to(dtype)
+        u_out, v_out = _products_by_part(parts, bounds, wu.to(dtype), wv.to(dtype))
+    else:  # float64, from the same float64 factors the Grams came from
+        u_out, v_out = _products_by_part([cache.factors(p) for p in parts], bounds, wu, wv,
+                                         transposed_v=True)
+        u_out, v_out = u_out.to(dtype), v_out.to(dtype)
     return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
 
 
-def _products_by_part(parts: Sequence[Part], bounds: Sequence[int], wu: torch.Tensor,
-                      wv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _products_by_part(factors: Sequence[Part] | Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      bounds: Sequence[int], wu: torch.Tensor, wv: torch.Tensor, *,
+                      transposed_v: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """U·wu and wv·V as sums of per-part products accumulated into one output each, so
-    the d-sized factors are read in place instead of copied into a stack first."""
+    the d-sized factors are read in place instead of copied into a stack first.
+    ``factors`` are parts, or (U, Vᵀ) pairs with ``transposed_v``."""
+    pairs = [(f.u, f.v) if isinstance(f, Part) else f for f in factors]
+
+    def v_of(m: int) -> torch.Tensor:
+        return pairs[m][1].T if transposed_v else pairs[m][1]
+
     first = slice(bounds[0], bounds[1])
-    u_out, v_out = parts[0].u @ wu[first], wv[:, first] @ parts[0].v
-    for m in range(1, len(parts)):
+    u_out, v_out = pairs[0][0] @ wu[first], wv[:, first] @ v_of(0)
+    for m in range(1, len(pairs)):
         rows = slice(bounds[m], bounds[m + 1])
-        u_out.addmm_(parts[m].u, wu[rows])
-        v_out.addmm_(wv[:, rows], parts[m].v)
+        u_out.addmm_(pairs[m][0], wu[rows])
+        v_out.addmm_(wv[:, rows], v_of(m))
     return u_out, v_out
 
 
