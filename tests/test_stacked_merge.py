@@ -213,8 +213,13 @@ def test_peer_factors_are_converted_once_while_they_fit_and_change_nothing():
     group = PairGrams(factor_bytes=3 * one_peer)  # room for one task group's peers
     for parts in jobs:
         merge_cached(parts, R, group)
-        assert group._factor_bytes <= 3 * one_peer
+        assert len(group._slots) <= 3
     assert group.upcasts == roomy.upcasts  # the groups' targets run one after another
+    # a slab smaller than a target's stack: its parts never evict each other
+    tight = PairGrams(factor_bytes=2 * one_peer)
+    for parts in jobs:
+        a, b = merge_cached(parts, R, tight), merge_cached(parts, R, none)
+        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
 
 
 def test_fp32_products_fall_back_to_float64_when_rounding_is_amplified(monkeypatch):
