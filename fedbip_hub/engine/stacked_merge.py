@@ -39,9 +39,9 @@ FP32_AMPLIFICATION = 4.0
 # Bytes of stacked float64 factors (U and V) one batched chunk may hold: large on a GPU,
 # small on the CPU, where a chunk's stacks count towards the round's peak RSS.
 BATCH_BYTES = {"cuda": 1024 * 2**20, "cpu": 64 * 2**20}
-# Bytes of peers' float64 factor copies one module's PairGrams keeps (LRU): in locality
-# order a peer is then converted once per module, not once per target that stacks it
-# (16 peers of a 4096×4096 r=16 module); bounded, so the round's peak RSS stays flat in K.
+# Bytes of the slab of peers' float64 factors one module's PairGrams keeps (LRU slots):
+# in locality order a peer is then converted once per module, not once per target that
+# stacks it (16 peers of a 4096×4096 r=16 module); bounded, so peak RSS stays flat in K.
 FACTOR_CACHE_BYTES = 16 * 2**20
 
 
