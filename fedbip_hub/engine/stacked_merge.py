@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,21 +183,29 @@ def _bounds(parts: Sequence[Part]) -> list[int]:
     return bounds
 
 
-def _cached_grams(parts: Sequence[Part], cache: PairGrams
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled Gram matrices of the stacked parts, block by block: blocks between two
-    peers come from the cache, the others are formed from the parts' float64 factors
-    (``PairGrams.factors``). In locality order a target then forms blocks only for the
-    peers new to its group and for its own part."""
-    n = len(parts)
-    blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+def _target_factors(parts: Sequence[Part], cache: PairGrams
+                    ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """The float64 (U, Vᵀ) of a target's part m, converted at most once per target
+    (its Grams and its float64 output products share them), whatever the cache keeps."""
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)
 
     def factors_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if factors[m] is None:  # once per target, whatever the cache keeps
+        if factors[m] is None:
             factors[m] = cache.factors(parts[m])
         return factors[m]  # type: ignore[return-value]
 
+    return factors_of
+
+
+def _cached_grams(parts: Sequence[Part], cache: PairGrams,
+                  factors_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled Gram matrices of the stacked parts, block by block: blocks between two
+    peers come from the cache, the others are formed from the parts' float64 factors
+    (``factors_of``). In locality order a target then forms blocks only for the peers
+    new to its group and for its own part."""
+    n = len(parts)
+    blocks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for i in range(n):
         for j in range(i, n):
             a, b = parts[i].key, parts[j].key
@@ -240,7 +248,8 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
         raise ValueError("nothing to merge")
     bounds = _bounds(parts)
     cache.begin_target()
-    gram_u, gram_v = _cached_grams(parts, cache)
+    factors_of = _target_factors(parts, cache)
+    gram_u, gram_v = _cached_grams(parts, cache, factors_of)
     scale = _column_scale(parts, gram_u.device)
     core = gram_core((gram_u * scale[:, None] * scale[None, :])[None], gram_v[None], rank)
     # (the core's scaled Gram is not needed again: the output products use the unscaled
@@ -257,7 +266,7 @@ def merge_cached(parts: Sequence[Part], rank: int | None, cache: PairGrams) -> M
     if _fp32_products_suffice(gram_u, gram_v, wu, wv, core.sigma[0, :width], dtype):
         u_out, v_out = _products_by_part(parts, bounds, wu.to(dtype), wv.to(dtype))
     else:  # float64, from the same float64 factors the Grams came from
-        u_out, v_out = _products_by_part([cache.factors(p) for p in parts], bounds, wu, wv,
+        u_out, v_out = _products_by_part([factors_of(m) for m in range(len(parts))], bounds, wu, wv,
                                          transposed_v=True)
         u_out, v_out = u_out.to(dtype), v_out.to(dtype)
     return Merged(u_out.cpu(), v_out.cpu(), float(core.discarded[0]))
