@@ -185,8 +185,7 @@ def _bounds(parts: Sequence[Part]) -> list[int]:
 
 def _target_factors(parts: Sequence[Part], cache: PairGrams
                     ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """The float64 (U, Vᵀ) of a target's part m, converted at most once per target
-    (its Grams and its float64 output products share them), whatever the cache keeps."""
+    """Part m's float64 (U, Vᵀ), converted once per target for its Grams and products."""
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)
 
     def factors_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
